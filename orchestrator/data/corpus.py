@@ -1,0 +1,211 @@
+"""Data stage: raw corpora as documents of sentences — the embedded synthetic grammar and raw text files."""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from orchestrator.errors import DataError
+
+Document = list[str]  # a document is a list of sentences
+
+# Bump when the grammar changes: it is part of every cache key built on the synthetic corpus.
+GRAMMAR_VERSION = 1
+
+_SYLLABLES = ["ka", "lo", "mir", "ta", "ven", "so", "dra", "bel", "quin", "zor", "mu", "rae", "fen", "tho", "li"]
+_ANIMALS = {  # animal -> (plural, sound, home)
+    "dog": ("dogs", "barks", "kennel"),
+    "cat": ("cats", "meows", "basket"),
+    "cow": ("cows", "moos", "barn"),
+    "owl": ("owls", "hoots", "tree"),
+    "horse": ("horses", "neighs", "stable"),
+    "duck": ("ducks", "quacks", "pond"),
+    "lion": ("lions", "roars", "den"),
+    "bee": ("bees", "buzzes", "hive"),
+    "frog": ("frogs", "croaks", "marsh"),
+    "sheep": ("sheep", "bleats", "field"),
+}
+_FOODS = {  # food -> (utensil, taste)
+    "soup": ("spoon", "warm"),
+    "steak": ("knife", "salty"),
+    "rice": ("chopsticks", "plain"),
+    "cake": ("fork", "sweet"),
+    "lemon": ("knife", "sour"),
+    "salad": ("fork", "fresh"),
+    "noodles": ("chopsticks", "long"),
+    "yogurt": ("spoon", "cold"),
+}
+_PLACES = {  # place -> (weather, country word)
+    "the mountains": "snowy",
+    "the desert": "dry",
+    "the coast": "windy",
+    "the city": "busy",
+    "the forest": "green",
+    "the island": "sunny",
+    "the valley": "quiet",
+    "the north": "cold",
+}
+_VEHICLES = ["train", "bus", "bike", "boat", "car", "plane"]
+_NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+_DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
+_COLORS = ["red", "blue", "green", "yellow", "white", "black"]
+_JOBS = {"baker": "bread", "farmer": "wheat", "potter": "bowls", "weaver": "cloth", "smith": "swords", "writer": "books"}
+
+
+def _names(rng: random.Random, n: int) -> list[str]:
+    out: set[str] = set()
+    while len(out) < n:
+        out.add("".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))))
+    return sorted(out)
+
+
+_NAME_LIST = _names(random.Random(7), 80)
+
+
+def _synthetic_document(rng: random.Random) -> Document:
+    """One document about one person: entities repeat across its sentences, so context predicts them."""
+    name = rng.choice(_NAME_LIST)
+    friend = rng.choice(_NAME_LIST)
+    place = rng.choice(list(_PLACES))
+    animal = rng.choice(list(_ANIMALS))
+    food = rng.choice(list(_FOODS))
+    job = rng.choice(list(_JOBS))
+    color = rng.choice(_COLORS)
+    vehicle = rng.choice(_VEHICLES)
+    plural, sound, home = _ANIMALS[animal]
+    utensil, taste = _FOODS[food]
+
+    def counting() -> str:
+        start = rng.randint(0, 5)
+        return f"{name} counts " + " ".join(_NUMBERS[start : start + rng.randint(3, 5)]) + " ."
+
+    def week() -> str:
+        i = rng.randint(0, 5)
+        return f"after {_DAYS[i]} comes {_DAYS[i + 1]} ."
+
+    templates = [
+        lambda: f"{name} lives in {place} where it is {_PLACES[place]} .",
+        lambda: f"{name} has a {color} {animal} that {sound} in the {home} .",
+        lambda: f"the {animal} {sound} when {name} comes home .",
+        lambda: f"{name} eats {food} with a {utensil} because the {food} is {taste} .",
+        lambda: f"{name} works as a {job} and makes {_JOBS[job]} in {place} .",
+        lambda: f"every {rng.choice(_DAYS)} {name} travels by {vehicle} to see {friend} .",
+        lambda: f"{friend} and {name} are friends and both like {food} .",
+        lambda: f"{name} has {rng.choice(_NUMBERS[1:])} {plural} and one {color} {vehicle} .",
+        counting,
+        week,
+        lambda: f"in {place} the {plural} sleep in the {home} .",
+        lambda: f"the {job} from {place} is called {name} .",
+    ]
+    n_sent = rng.randint(6, 14)
+    return [rng.choice(templates)() for _ in range(n_sent)]
+
+
+def synthetic_documents(n_documents: int, seed: int) -> Iterator[Document]:
+    """The embedded corpus: a deterministic function of (n_documents, seed, GRAMMAR_VERSION)."""
+    rng = random.Random(seed)
+    for _ in range(n_documents):
+        yield _synthetic_document(rng)
+
+
+_SENT_SPLIT = re.compile(r"(?<=[.!?])\s+(?=\S)")
+
+
+def resolve_text_paths(paths: Sequence[str]) -> list[Path]:
+    """Expand files, globs and directories (recursively, *.txt) into a sorted file list; refuse what is missing."""
+    files: list[Path] = []
+    for raw in paths:
+        spec = os.path.expanduser(str(raw))
+        if any(ch in spec for ch in "*?["):
+            matches = sorted(Path(p) for p in globlib.glob(spec, recursive=True) if Path(p).is_file())
+            if not matches:
+                raise DataError(spec, "glob matches no file (data.paths)")
+            files.extend(matches)
+        elif os.path.isdir(spec):
+            matches = sorted(p for p in Path(spec).rglob("*") if p.is_file() and p.suffix in (".txt", ".text", ".raw"))
+            if not matches:
+                raise DataError(spec, "directory holds no .txt file (data.paths)")
+            files.extend(matches)
+        elif os.path.isfile(spec):
+            files.append(Path(spec))
+        else:
+            raise DataError(spec, "no such file or directory (data.paths)")
+    for f in files:
+        if not os.access(f, os.R_OK):
+            raise DataError(str(f), "file is not readable (data.paths)")
+    return files
+
+
+def read_text_documents(files: Sequence[Path]) -> Iterator[Document]:
+    """Documents are separated by blank lines; a line is split into sentences at . ! ? followed by space.
+
+    Files are streamed line by line, never loaded whole. Invalid UTF-8 is refused with the line number.
+    """
+    for path in files:
+        doc: Document = []
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8").strip()
+                except UnicodeDecodeError as exc:
+                    raise DataError(str(path), f"invalid UTF-8 at byte {exc.start} of the line", line=lineno) from None
+                if not line:
+                    if doc:
+                        yield doc
+                        doc = []
+                    continue
+                doc.extend(s for s in _SENT_SPLIT.split(line) if s)
+        if doc:
+            yield doc
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """What the corpus is, in a form that hashes: the cache key of vocabularies and token arrays."""
+
+    source: str
+    files: tuple[str, ...] = ()
+    synthetic_documents: int = 0
+    synthetic_seed: int = 0
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(f"{self.source}|{GRAMMAR_VERSION}|{self.synthetic_documents}|{self.synthetic_seed}".encode())
+        for f in self.files:
+            st = os.stat(f)
+            h.update(f"|{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
+
+    def documents(self) -> Iterator[Document]:
+        if self.source == "synthetic":
+            return synthetic_documents(self.synthetic_documents, self.synthetic_seed)
+        return read_text_documents([Path(f) for f in self.files])
+
+    def describe(self) -> str:
+        if self.source == "synthetic":
+            return f"synthetic grammar corpus ({self.synthetic_documents} documents, seed {self.synthetic_seed})"
+        return ", ".join(self.files)
+
+
+def corpus_spec(data_cfg) -> CorpusSpec:
+    if data_cfg.source == "synthetic":
+        return CorpusSpec("synthetic", (), data_cfg.synthetic_documents, data_cfg.synthetic_seed)
+    files = resolve_text_paths(list(data_cfg.paths))
+    for f in files:
+        if os.path.getsize(f) == 0:
+            raise DataError(str(f), "file is empty (data.paths)")
+    return CorpusSpec("text", tuple(str(f) for f in files))
+
+
+def is_eval_document(doc: Document, eval_fraction: float) -> bool:
+    """Held-out split by a hash of the document's text: stable whatever order files are read in."""
+    if eval_fraction <= 0:
+        return False
+    digest = hashlib.blake2b("\n".join(doc).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < eval_fraction

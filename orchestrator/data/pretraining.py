@@ -1,0 +1,473 @@
+"""Data stage: pretraining samples — tokenise once into a keyed cache, build (NSP) samples, pack rows, mask per step.
+
+Driver side (`prepare_pretraining_data`) imports no torch: it writes numpy arrays the workers memory-map.
+Worker side (`PretrainingRows`) turns a row index and an epoch into model inputs; the masking RNG is seeded
+by (seed, epoch, row), so the same row gets the same masks whatever the world size, rank or resume point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from orchestrator.data.corpus import Document, corpus_spec, is_eval_document
+from orchestrator.data.tokenizer import atomic_save_dir, get_tokenizer, tokenizer_hash
+from orchestrator.errors import DataError
+
+EVAL_EPOCH = 2**31 - 1  # masking seed of the held-out split: fixed, so evaluations are comparable
+FORMAT_VERSION = 1
+_MAX_OPEN_ROWS = 64
+
+
+# ----------------------------------------------------------------------------------------- tokenising
+def _tokenize_split(tokenizer, docs: Iterator[Document], batch_docs: int = 512):
+    """Tokenise documents into flat arrays: tokens, sentence offsets, document->sentence offsets."""
+    backend = tokenizer.backend_tokenizer
+    tokens: list[np.ndarray] = []
+    sent_lens: list[int] = []
+    doc_sents: list[int] = []
+    pending: list[Document] = []
+
+    def flush() -> None:
+        flat = [s for d in pending for s in d]
+        encs = backend.encode_batch(flat, add_special_tokens=False)  # parallel in Rust threads
+        i = 0
+        for d in pending:
+            n = 0
+            for enc in encs[i : i + len(d)]:
+                if enc.ids:
+                    tokens.append(np.asarray(enc.ids, dtype=np.int32))
+                    sent_lens.append(len(enc.ids))
+                    n += 1
+            i += len(d)
+            if n:
+                doc_sents.append(n)
+        pending.clear()
+
+    for doc in docs:
+        pending.append(doc)
+        if len(pending) >= batch_docs:
+            flush()
+    if pending:
+        flush()
+    flat_tokens = np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.int32)
+    sent_offsets = np.zeros(len(sent_lens) + 1, dtype=np.int64)
+    np.cumsum(sent_lens, out=sent_offsets[1:])
+    doc_offsets = np.zeros(len(doc_sents) + 1, dtype=np.int64)
+    np.cumsum(doc_sents, out=doc_offsets[1:])
+    return flat_tokens, sent_offsets, doc_offsets
+
+
+# ------------------------------------------------------------------------------------- building samples
+def build_samples(
+    sent_offsets: np.ndarray,
+    doc_offsets: np.ndarray,
+    max_seq_length: int,
+    nsp: bool,
+    short_seq_prob: float,
+    seed: int,
+) -> np.ndarray:
+    """Samples as token ranges into the flat array: (a_start, a_end, b_start, b_end, nsp_label).
+
+    Without NSP a sample is consecutive sentences of one document up to max_seq_length - 2 tokens
+    (RoBERTa's DOC-SENTENCES). With NSP it follows BERT's create_pretraining_data: a chunk of sentences
+    split at a random point into A and B, B replaced by sentences of another document half of the time
+    (label 1 = random next). Pairs are cut from the end of the longer segment until they fit.
+    """
+    rng = np.random.default_rng([seed, 17])
+    n_docs = len(doc_offsets) - 1
+    out: list[tuple[int, int, int, int, int]] = []
+    max_tokens = max_seq_length - (3 if nsp else 2)
+
+    def sent_range(s0: int, s1: int) -> tuple[int, int]:
+        return int(sent_offsets[s0]), int(sent_offsets[s1])
+
+    for d in range(n_docs):
+        s_begin, s_end = int(doc_offsets[d]), int(doc_offsets[d + 1])
+        target = max_tokens
+        if rng.random() < short_seq_prob:
+            target = int(rng.integers(2, max_tokens + 1))
+        chunk_start = s_begin
+        s = s_begin
+        length = 0
+        while s < s_end:
+            slen = int(sent_offsets[s + 1] - sent_offsets[s])
+            length += slen
+            last = s == s_end - 1
+            if length >= target or last:
+                c0, c1 = chunk_start, s + 1  # sentences [c0, c1)
+                if not nsp:
+                    a0, a1 = sent_range(c0, c1)
+                    a1 = min(a1, a0 + max_tokens)
+                    out.append((a0, a1, -1, -1, 0))
+                    # a very long sentence: keep its remainder as further samples
+                    rest0 = a1
+                    while rest0 < int(sent_offsets[c1]):
+                        r1 = min(int(sent_offsets[c1]), rest0 + max_tokens)
+                        out.append((rest0, r1, -1, -1, 0))
+                        rest0 = r1
+                else:
+                    n_in_chunk = c1 - c0
+                    a_end = c0 + (int(rng.integers(1, n_in_chunk)) if n_in_chunk >= 2 else 1)
+                    a0, a1 = sent_range(c0, a_end)
+                    random_next = n_in_chunk == 1 or rng.random() < 0.5
+                    if random_next and n_docs > 1:
+                        target_b = max(1, target - (a1 - a0))
+                        other = int(rng.integers(0, n_docs - 1))
+                        other = other + 1 if other >= d else other
+                        o_begin, o_end = int(doc_offsets[other]), int(doc_offsets[other + 1])
+                        o_s = int(rng.integers(o_begin, o_end))
+                        o_e = o_s
+                        blen = 0
+                        while o_e < o_end and blen < target_b:
+                            blen += int(sent_offsets[o_e + 1] - sent_offsets[o_e])
+                            o_e += 1
+                        b0, b1 = sent_range(o_s, o_e)
+                        label = 1
+                        # the unused sentences of this chunk go back into the pool, as BERT does
+                        s = a_end - 1
+                    else:
+                        b0, b1 = sent_range(a_end, c1) if a_end < c1 else (a1, a1)
+                        label = 0
+                    while (a1 - a0) + (b1 - b0) > max_tokens:
+                        if (a1 - a0) >= (b1 - b0):
+                            a1 -= 1
+                        else:
+                            b1 -= 1
+                    if a1 > a0 and b1 > b0:
+                        out.append((a0, a1, b0, b1, label))
+                chunk_start = s + 1
+                length = 0
+                target = max_tokens
+                if rng.random() < short_seq_prob:
+                    target = int(rng.integers(2, max_tokens + 1))
+            s += 1
+    return np.asarray(out, dtype=np.int64).reshape(-1, 5)
+
+
+def sample_lengths(samples: np.ndarray) -> np.ndarray:
+    a = samples[:, 1] - samples[:, 0]
+    b = np.where(samples[:, 2] >= 0, samples[:, 3] - samples[:, 2], 0)
+    return a + b + np.where(samples[:, 2] >= 0, 3, 2)
+
+
+def pack_rows(lengths: np.ndarray, max_seq_length: int, packing: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Group samples into rows of at most max_seq_length tokens (best fit over a window of open rows).
+
+    Returns (row_offsets, row_samples): row r holds samples row_samples[row_offsets[r]:row_offsets[r+1]].
+    """
+    if not packing:
+        n = len(lengths)
+        return np.arange(n + 1, dtype=np.int64), np.arange(n, dtype=np.int64)
+    closed: list[list[int]] = []
+    open_rows: list[list[int]] = []
+    room: list[int] = []
+    for i, ln in enumerate(lengths.tolist()):
+        best = -1
+        for j, r in enumerate(room):
+            if ln <= r and (best < 0 or r < room[best]):
+                best = j
+        if best < 0:
+            open_rows.append([i])
+            room.append(max_seq_length - ln)
+            best = len(room) - 1
+        else:
+            open_rows[best].append(i)
+            room[best] -= ln
+        if room[best] < 8 or len(open_rows) > _MAX_OPEN_ROWS:
+            k = best if room[best] < 8 else int(np.argmin(room))
+            closed.append(open_rows.pop(k))
+            room.pop(k)
+    closed.extend(open_rows)
+    closed.sort(key=lambda r: r[0])  # deterministic order: by first sample
+    offsets = np.zeros(len(closed) + 1, dtype=np.int64)
+    np.cumsum([len(r) for r in closed], out=offsets[1:])
+    flat = np.asarray([i for r in closed for i in r], dtype=np.int64)
+    return offsets, flat
+
+
+# ------------------------------------------------------------------------------------------ driver side
+@dataclass(frozen=True)
+class PreparedData:
+    data_dir: str
+    tokenizer_dir: str
+    train_rows: int
+    eval_rows: int
+    train_tokens: int
+    vocab_size: int
+    most_frequent_token_id: int
+    seconds: float
+    tokens_per_second: float
+    cached: bool
+
+
+def _split_docs(corpus, eval_fraction: float, want_eval: bool) -> Iterator[Document]:
+    for doc in corpus.documents():
+        if is_eval_document(doc, eval_fraction) == want_eval:
+            yield doc
+
+
+def prepare_pretraining_data(job) -> PreparedData:
+    """Tokenise the corpus (cached by corpus and tokenizer) and build packed rows (cached by task settings)."""
+    t0 = time.perf_counter()
+    cache_dir = Path(os.path.expanduser(job.data.cache_dir)).resolve()
+    corpus = corpus_spec(job.data)
+    tokenizer, tok_dir = get_tokenizer(job.tokenizer, corpus, cache_dir)
+    tok_key = tokenizer_hash(tok_dir)
+    t = job.task
+    key_src = json.dumps(
+        {
+            "v": FORMAT_VERSION,
+            "corpus": corpus.fingerprint(),
+            "tok": tok_key,
+            "eval_fraction": job.data.eval_fraction,
+            "seq": t.max_seq_length,
+            "nsp": t.nsp,
+            "short": t.short_seq_prob,
+            "packing": t.packing,
+            "seed": job.train.seed,
+        },
+        sort_keys=True,
+    )
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    out = cache_dir / "datasets" / key
+    cached = (out / "meta.json").is_file()
+    if not cached:
+
+        def build(tmp: Path) -> None:
+            for split, want_eval in (("train", False), ("eval", True)):
+                toks, sent_off, doc_off = _tokenize_split(tokenizer, _split_docs(corpus, job.data.eval_fraction, want_eval))
+                samples = build_samples(sent_off, doc_off, t.max_seq_length, t.nsp, t.short_seq_prob, job.train.seed)
+                row_off, row_samples = pack_rows(sample_lengths(samples), t.max_seq_length, t.packing)
+                d = tmp / split
+                d.mkdir()
+                np.save(d / "tokens.npy", toks)
+                np.save(d / "samples.npy", samples)
+                np.save(d / "row_offsets.npy", row_off)
+                np.save(d / "row_samples.npy", row_samples)
+            counts = np.bincount(np.load(tmp / "train" / "tokens.npy"), minlength=len(tokenizer.get_vocab()))
+            meta = {
+                "key": json.loads(key_src),
+                "corpus": corpus.describe(),
+                "tokenizer_dir": str(tok_dir),
+                "vocab_size": len(tokenizer.get_vocab()),
+                "most_frequent_token_id": int(counts.argmax()) if counts.sum() else -1,
+                "train_tokens": int(counts.sum()),
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+
+        atomic_save_dir(build, out)
+    meta = json.loads((out / "meta.json").read_text())
+    train_rows = len(np.load(out / "train" / "row_offsets.npy", mmap_mode="r")) - 1
+    eval_rows = len(np.load(out / "eval" / "row_offsets.npy", mmap_mode="r")) - 1
+    if train_rows == 0 or meta["train_tokens"] == 0:
+        raise DataError(corpus.describe(), "corpus holds no text to train on (all documents empty or held out)")
+    secs = time.perf_counter() - t0
+    return PreparedData(
+        data_dir=str(out),
+        tokenizer_dir=str(tok_dir),
+        train_rows=train_rows,
+        eval_rows=eval_rows,
+        train_tokens=meta["train_tokens"],
+        vocab_size=meta["vocab_size"],
+        most_frequent_token_id=meta["most_frequent_token_id"],
+        seconds=secs,
+        tokens_per_second=(meta["train_tokens"] / secs) if not cached and secs > 0 else 0.0,
+        cached=cached,
+    )
+
+
+# ------------------------------------------------------------------------------------------ worker side
+@dataclass(frozen=True)
+class MaskingSpec:
+    mlm_probability: float
+    mask_replace_prob: float
+    random_replace_prob: float
+    unit: str  # token | whole_word | span
+    span_geometric_p: float
+    span_max_length: int
+    mask_id: int
+    cls_id: int
+    sep_id: int
+    pad_id: int
+
+
+class PretrainingRows:
+    """Memory-mapped rows of one split; `row(i, epoch)` builds the masked model inputs of row i."""
+
+    def __init__(self, split_dir: str | os.PathLike, spec: MaskingSpec, vocab_size: int, continuation: np.ndarray,
+                 seed: int, nsp: bool, special_ids: np.ndarray):
+        d = Path(split_dir)
+        self.tokens = np.load(d / "tokens.npy", mmap_mode="r")
+        self.samples = np.load(d / "samples.npy", mmap_mode="r")
+        self.row_offsets = np.load(d / "row_offsets.npy", mmap_mode="r")
+        self.row_samples = np.load(d / "row_samples.npy", mmap_mode="r")
+        self.spec = spec
+        self.seed = seed
+        self.nsp = nsp
+        self.continuation = continuation  # bool per vocab id: WordPiece "##" piece
+        candidates = np.setdiff1d(np.arange(vocab_size), special_ids)
+        self.random_ids = candidates.astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.row_offsets) - 1
+
+    def row_tokens(self, i: int) -> int:
+        s = self.samples[self.row_samples[self.row_offsets[i] : self.row_offsets[i + 1]]]
+        return int(sample_lengths(np.asarray(s)).sum())
+
+    def row(self, i: int, epoch: int) -> dict[str, np.ndarray]:
+        sp = self.spec
+        ids: list[np.ndarray] = []
+        types: list[np.ndarray] = []
+        pos: list[np.ndarray] = []
+        seq: list[np.ndarray] = []
+        cls_positions: list[int] = []
+        nsp_labels: list[int] = []
+        cursor = 0
+        for k, s_idx in enumerate(self.row_samples[self.row_offsets[i] : self.row_offsets[i + 1]]):
+            a0, a1, b0, b1, label = (int(x) for x in self.samples[s_idx])
+            parts = [np.asarray([sp.cls_id]), self.tokens[a0:a1], np.asarray([sp.sep_id])]
+            tparts = [np.zeros(a1 - a0 + 2, dtype=np.int64)]
+            if b0 >= 0:
+                parts += [self.tokens[b0:b1], np.asarray([sp.sep_id])]
+                tparts.append(np.ones(b1 - b0 + 1, dtype=np.int64))
+            sample_ids = np.concatenate(parts).astype(np.int64)
+            n = len(sample_ids)
+            ids.append(sample_ids)
+            types.append(np.concatenate(tparts))
+            pos.append(np.arange(n, dtype=np.int64))
+            seq.append(np.full(n, k + 1, dtype=np.int64))
+            cls_positions.append(cursor)
+            nsp_labels.append(label)
+            cursor += n
+        input_ids = np.concatenate(ids)
+        rng = np.random.default_rng([self.seed, epoch & 0x7FFFFFFF, i])
+        masked, labels = self.mask(input_ids, rng)
+        out = {
+            "input_ids": masked,
+            "token_type_ids": np.concatenate(types),
+            "position_ids": np.concatenate(pos),
+            "sequence_ids": np.concatenate(seq),
+            "mlm_labels": labels,
+            "cls_positions": np.asarray(cls_positions, dtype=np.int64),
+        }
+        if self.nsp:
+            out["nsp_labels"] = np.asarray(nsp_labels, dtype=np.int64)
+        return out
+
+    def mask(self, input_ids: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Select ~mlm_probability of the non-special tokens by unit; 80/10/10 [MASK]/random/keep per unit."""
+        sp = self.spec
+        special = (input_ids == sp.cls_id) | (input_ids == sp.sep_id) | (input_ids == sp.pad_id)
+        cand = np.flatnonzero(~special)
+        labels = np.full(len(input_ids), -100, dtype=np.int64)
+        out = input_ids.copy()
+        if len(cand) == 0:
+            return out, labels
+        budget = max(1, int(round(len(cand) * sp.mlm_probability)))
+        units = self._units(input_ids, cand, special, budget, rng)
+        for unit in units:
+            labels[unit] = input_ids[unit]
+            r = rng.random()
+            if r < sp.mask_replace_prob:
+                out[unit] = sp.mask_id
+            elif r < sp.mask_replace_prob + sp.random_replace_prob:
+                out[unit] = rng.choice(self.random_ids, size=len(unit))
+        return out, labels
+
+    def _words(self, input_ids: np.ndarray, cand: np.ndarray) -> list[np.ndarray]:
+        cont = self.continuation[input_ids[cand]]
+        # a new word starts at a non-continuation piece or after a gap (special token) in the candidates
+        gap = np.ones(len(cand), dtype=bool)
+        gap[1:] = np.diff(cand) != 1
+        starts = np.flatnonzero(~cont | gap)
+        return np.split(cand, starts[1:])
+
+    def _units(self, input_ids, cand, special, budget, rng) -> list[np.ndarray]:
+        sp = self.spec
+        if sp.unit == "token":
+            chosen = rng.choice(cand, size=budget, replace=False)
+            return [np.asarray([c]) for c in np.sort(chosen)]
+        words = self._words(input_ids, cand)
+        if sp.unit == "whole_word":
+            units: list[np.ndarray] = []
+            total = 0
+            for w in rng.permutation(len(words)):
+                if total + len(words[w]) > budget:
+                    continue
+                units.append(words[w])
+                total += len(words[w])
+                if total >= budget:
+                    break
+            return units
+        # span: SpanBERT — geometric span lengths (in words), clipped; spans never cross a special token
+        word_seg = np.cumsum(special)[np.asarray([w[0] for w in words])]
+        taken = np.zeros(len(words), dtype=bool)
+        units = []
+        total = 0
+        for _ in range(10 * budget):
+            if total >= budget:
+                break
+            length = min(int(rng.geometric(sp.span_geometric_p)), sp.span_max_length)
+            start = int(rng.integers(len(words)))
+            span: list[int] = []
+            for w in range(start, min(start + length, len(words))):
+                if taken[w] or word_seg[w] != word_seg[start]:
+                    break
+                span.append(w)
+            if not span:
+                continue
+            span_tokens = np.concatenate([words[w] for w in span])
+            if total + len(span_tokens) > budget:
+                span_tokens = span_tokens[: budget - total]
+                if len(span_tokens) == 0:
+                    continue
+            taken[span] = True
+            units.append(span_tokens)
+            total += len(span_tokens)
+        return units
+
+
+def continuation_mask(tokenizer) -> np.ndarray:
+    vocab = tokenizer.get_vocab()
+    mask = np.zeros(len(vocab), dtype=bool)
+    for tok, idx in vocab.items():
+        if tok.startswith("##") and idx < len(mask):
+            mask[idx] = True
+    return mask
+
+
+def open_split(data_dir: str, split: str, job, tokenizer) -> PretrainingRows:
+    t = job.task
+    spec = MaskingSpec(
+        mlm_probability=t.mlm_probability,
+        mask_replace_prob=t.mask_replace_prob,
+        random_replace_prob=t.random_replace_prob,
+        unit=t.masking,
+        span_geometric_p=t.span_geometric_p,
+        span_max_length=t.span_max_length,
+        mask_id=tokenizer.mask_token_id,
+        cls_id=tokenizer.cls_token_id,
+        sep_id=tokenizer.sep_token_id,
+        pad_id=tokenizer.pad_token_id,
+    )
+    special_ids = np.asarray(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
+    return PretrainingRows(
+        Path(data_dir) / split, spec, len(tokenizer.get_vocab()), continuation_mask(tokenizer), job.train.seed,
+        t.nsp, special_ids,
+    )
+
+
+def most_frequent_baseline(labels: np.ndarray, most_frequent_token_id: Optional[int]) -> float:
+    sel = labels[labels != -100]
+    if len(sel) == 0 or most_frequent_token_id is None or most_frequent_token_id < 0:
+        return 0.0
+    return float((sel == most_frequent_token_id).mean())

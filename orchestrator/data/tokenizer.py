@@ -1,0 +1,131 @@
+"""Data stage: WordPiece vocabularies — trained on the corpus with `tokenizers` (cached) or loaded from a directory."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from orchestrator.errors import ConfigError
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _hf_tokenizer_from_vocab(vocab: dict[str, int], lowercase: bool):
+    from transformers import BertTokenizer
+
+    return BertTokenizer(vocab=vocab, do_lower_case=lowercase, strip_accents=None if lowercase else False)
+
+
+def train_wordpiece(sentences: Iterable[str], vocab_size: int, min_frequency: int, lowercase: bool):
+    """Train a BERT WordPiece vocabulary and return a transformers BertTokenizer built on it."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=None if lowercase else False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS, show_progress=False
+    )
+    tok.train_from_iterator(_batched(sentences), trainer=trainer)
+    return _hf_tokenizer_from_vocab(tok.get_vocab(), lowercase)
+
+
+def _batched(sentences: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for s in sentences:
+        batch.append(s)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def load_tokenizer_dir(path: str):
+    """Load a tokenizer directory (tokenizer.json and/or vocab.txt); refuse one without a vocabulary."""
+    p = Path(os.path.expanduser(path))
+    if not p.is_dir():
+        raise ConfigError("tokenizer.path", f"'{path}' is not a directory")
+    has_json = (p / "tokenizer.json").is_file()
+    has_vocab = (p / "vocab.txt").is_file()
+    if not (has_json or has_vocab):
+        raise ConfigError("tokenizer.path", f"'{path}' holds neither vocab.txt nor tokenizer.json")
+    from transformers import BertTokenizer
+
+    try:
+        if has_json:
+            tok = BertTokenizer.from_pretrained(str(p), local_files_only=True)
+        else:
+            tok = BertTokenizer(vocab=_read_vocab_txt(p / "vocab.txt"))
+    except Exception as exc:  # corrupt files: say which directory
+        raise ConfigError("tokenizer.path", f"cannot load a tokenizer from '{path}': {exc}") from None
+    missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
+    if missing:
+        raise ConfigError("tokenizer.path", f"vocabulary in '{path}' lacks special tokens {missing}")
+    return tok
+
+
+def _read_vocab_txt(path: Path) -> dict[str, int]:
+    vocab: dict[str, int] = {}
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh):
+            tok = line.rstrip("\n")
+            if tok:
+                vocab[tok] = i
+    if not vocab:
+        raise ConfigError("tokenizer.path", f"'{path}' is empty")
+    return vocab
+
+
+def tokenizer_cache_key(corpus_fingerprint: str, vocab_size: int, min_frequency: int, lowercase: bool) -> str:
+    raw = f"wordpiece|{corpus_fingerprint}|{vocab_size}|{min_frequency}|{lowercase}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def tokenizer_hash(tokenizer_dir: str | os.PathLike) -> str:
+    """Content hash of a saved tokenizer: the cache key of token arrays built with it."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(tokenizer_dir)):
+        if name.endswith((".json", ".txt")):
+            h.update(name.encode())
+            h.update(Path(tokenizer_dir, name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def atomic_save_dir(save_fn, final_dir: Path) -> Path:
+    """Run save_fn(tmp_dir) then rename tmp_dir to final_dir, so a crash never leaves a half-written dir."""
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent))
+    try:
+        save_fn(tmp)
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        os.replace(tmp, final_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final_dir
+
+
+def get_tokenizer(tok_cfg, corpus, cache_dir: Path) -> tuple[object, Path]:
+    """Return (tokenizer, saved dir): a cached trained vocabulary, or the configured directory."""
+    if tok_cfg.source == "dir":
+        tok = load_tokenizer_dir(tok_cfg.path)
+        return tok, Path(os.path.expanduser(tok_cfg.path)).resolve()
+    key = tokenizer_cache_key(corpus.fingerprint(), tok_cfg.vocab_size, tok_cfg.min_frequency, tok_cfg.lowercase)
+    out = cache_dir / "tokenizers" / key
+    if (out / "tokenizer.json").is_file():
+        from transformers import BertTokenizer
+
+        return BertTokenizer.from_pretrained(str(out), local_files_only=True), out
+    from orchestrator.data.corpus import is_eval_document  # noqa: F401  (vocab trains on all documents)
+
+    sentences = (s for doc in corpus.documents() for s in doc)
+    tok = train_wordpiece(sentences, tok_cfg.vocab_size, tok_cfg.min_frequency, tok_cfg.lowercase)
+    atomic_save_dir(lambda d: tok.save_pretrained(str(d)), out)
+    return tok, out

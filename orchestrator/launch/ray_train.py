@@ -1,0 +1,96 @@
+"""Launch stage: Ray Train V2 TorchTrainer — one DeepSpeed worker per GPU (gloo CPU workers without GPUs)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from orchestrator.plan.job_plan import JobPlan
+
+log = logging.getLogger("orchestrator.launch")
+
+# Passed through to every worker when the driver has them: W&B, DeepSpeed op cache, threading.
+_FORWARD_ENV = (
+    "WANDB_MODE",
+    "WANDB_API_KEY",
+    "WANDB_DIR",
+    "WANDB_BASE_URL",
+    "WANDB_SILENT",
+    "TORCH_EXTENSIONS_DIR",
+    "DS_ACCELERATOR",
+    "HF_HUB_OFFLINE",
+    "BERT_ORCH_CACHE",
+    "BERT_ORCH_FAULT",
+)
+
+
+def worker_env(plan: JobPlan) -> dict[str, str]:
+    job = plan.job
+    env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
+    pkg_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)
+    env["OMP_NUM_THREADS"] = str(job.compute.cpus_per_worker)
+    env.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub from a worker
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def connect(plan: JobPlan) -> bool:
+    """Join launcher.address / RAY_ADDRESS (a cluster, or the one a Ray job runs in), else start a local Ray.
+
+    Returns True when this call started Ray (and so should shut it down).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    job = plan.job
+    address = job.launcher.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    ray.init(address="local", num_cpus=job.launcher.num_cpus, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def launch_ray(plan: JobPlan) -> dict[str, Any]:
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.worker.entry import ray_train_loop
+
+    job = plan.job
+    started = connect(plan)
+    try:
+        resources = {"CPU": float(job.compute.cpus_per_worker)}
+        if job.compute.use_gpu:
+            resources["GPU"] = 1.0
+        scaling = ScalingConfig(
+            num_workers=plan.world_size,
+            use_gpu=job.compute.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=job.compute.placement_strategy,
+        )
+        run_dir = Path(plan.run_dir).resolve()
+        # storage_path/name is the run dir itself: our checkpoints are Ray's checkpoints, nothing is copied
+        run_config = RunConfig(
+            name=run_dir.name,
+            storage_path=str(run_dir.parent),
+            failure_config=FailureConfig(max_failures=job.launcher.max_failures),
+            worker_runtime_env={"env_vars": worker_env(plan)},
+        )
+        trainer = TorchTrainer(
+            ray_train_loop,
+            train_loop_config={"plan": plan.to_dict()},
+            scaling_config=scaling,
+            run_config=run_config,
+        )
+        trainer.fit()
+        return json.loads((run_dir / "summary.json").read_text())
+    finally:
+        if started:
+            ray.shutdown()

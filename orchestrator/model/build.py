@@ -1,0 +1,87 @@
+"""Model stage: Hugging Face BERT classes with SDPA attention; the MLM decoder runs only on masked positions."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def bert_config(model_cfg, vocab_size: int, pad_token_id: int = 0):
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=model_cfg.hidden_size,
+        num_hidden_layers=model_cfg.num_hidden_layers,
+        num_attention_heads=model_cfg.num_attention_heads,
+        intermediate_size=model_cfg.intermediate_size,
+        max_position_embeddings=model_cfg.max_position_embeddings,
+        type_vocab_size=model_cfg.type_vocab_size,
+        hidden_dropout_prob=model_cfg.hidden_dropout_prob,
+        attention_probs_dropout_prob=model_cfg.attention_probs_dropout_prob,
+        hidden_act=model_cfg.hidden_act,
+        layer_norm_eps=model_cfg.layer_norm_eps,
+        initializer_range=model_cfg.initializer_range,
+        pad_token_id=pad_token_id,
+    )
+
+
+class BertPretrainingModel(nn.Module):
+    """`transformers.BertForPreTraining` driven so that only masked positions reach the vocabulary decoder.
+
+    Packed rows carry several samples: `position_ids` restart per sample, `attention_mask` is a
+    block-diagonal boolean mask [B, 1, T, T], and NSP reads each sample's own [CLS] (`cls_positions`).
+    The wrapped HF model is what gets exported (`save_pretrained`), so the export loads with
+    `BertForPreTraining` / `BertForMaskedLM` / `BertModel.from_pretrained`.
+    """
+
+    def __init__(self, config, nsp: bool):
+        super().__init__()
+        from transformers import BertForPreTraining
+
+        config._attn_implementation = "sdpa"
+        self.hf = BertForPreTraining(config)
+        self.nsp = nsp
+
+    def forward(self, input_ids, token_type_ids, position_ids, attention_mask, mlm_labels, cls_index=None, nsp_labels=None):
+        bert = self.hf.bert
+        out = bert(
+            input_ids=input_ids,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            return_dict=True,
+        )
+        hidden = out.last_hidden_state  # [B, T, H]
+        flat_labels = mlm_labels.reshape(-1)
+        masked = (flat_labels != -100).nonzero(as_tuple=True)[0]
+        masked_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, masked)
+        logits = self.hf.cls.predictions(masked_hidden)  # [M, V]: the sparse MLM head
+        targets = flat_labels.index_select(0, masked)
+        mlm_loss = nn.functional.cross_entropy(logits.float(), targets)
+        with torch.no_grad():
+            mlm_correct = (logits.argmax(-1) == targets).sum()
+        result = {
+            "loss": mlm_loss,
+            "mlm_loss": mlm_loss.detach(),
+            "mlm_correct": mlm_correct,
+            "mlm_count": torch.tensor(len(targets), device=hidden.device),
+        }
+        if self.nsp and nsp_labels is not None:
+            # cls_index: flat indices (b * T + position) of every packed sample's [CLS]
+            cls_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, cls_index)
+            pooled = bert.pooler.activation(bert.pooler.dense(cls_hidden))
+            nsp_logits = self.hf.cls.seq_relationship(pooled)
+            nsp_loss = nn.functional.cross_entropy(nsp_logits.float(), nsp_labels)
+            result["loss"] = mlm_loss + nsp_loss
+            result["nsp_loss"] = nsp_loss.detach()
+            with torch.no_grad():
+                result["nsp_correct"] = (nsp_logits.argmax(-1) == nsp_labels).sum()
+            result["nsp_count"] = torch.tensor(len(nsp_labels), device=hidden.device)
+        return result
+
+
+def build_pretraining_model(model_cfg, vocab_size: int, pad_token_id: int, nsp: bool, seed: int) -> BertPretrainingModel:
+    torch.manual_seed(seed)  # identical initial weights on every rank and every run
+    model = BertPretrainingModel(bert_config(model_cfg, vocab_size, pad_token_id), nsp=nsp)
+    return model

@@ -1,0 +1,63 @@
+"""Plan stage: batch arithmetic, global = micro x accum x data_parallel_size, given any two derive the third."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    micro_batch_size_per_gpu: int
+    grad_accum_steps: int
+    global_batch_size: int
+    data_parallel_size: int
+
+
+def resolve_batch(
+    micro_batch_size_per_gpu: int | None,
+    grad_accum_steps: int | None,
+    global_batch_size: int | None,
+    data_parallel_size: int,
+) -> BatchPlan:
+    """Fill in the one missing value of (micro, accum, global); refuse values that do not divide."""
+    if data_parallel_size < 1:
+        raise ConfigError("compute.workers_per_node", f"data-parallel size must be >= 1, got {data_parallel_size}")
+    for key, val in (
+        ("train.micro_batch_size_per_gpu", micro_batch_size_per_gpu),
+        ("train.grad_accum_steps", grad_accum_steps),
+        ("train.global_batch_size", global_batch_size),
+    ):
+        if val is not None and val < 1:
+            raise ConfigError(key, f"must be a positive integer, got {val}")
+    given = sum(v is not None for v in (micro_batch_size_per_gpu, grad_accum_steps, global_batch_size))
+    if given < 2:
+        raise ConfigError(
+            "train.global_batch_size",
+            "give at least two of micro_batch_size_per_gpu, grad_accum_steps, global_batch_size",
+        )
+    dp = data_parallel_size
+    micro, accum, glob = micro_batch_size_per_gpu, grad_accum_steps, global_batch_size
+    if glob is None:
+        glob = micro * accum * dp  # type: ignore[operator]
+    elif accum is None:
+        if glob % (micro * dp):  # type: ignore[operator]
+            raise ConfigError(
+                "train.global_batch_size",
+                f"{glob} is not divisible by micro_batch_size_per_gpu x data_parallel_size = {micro} x {dp}",
+            )
+        accum = glob // (micro * dp)  # type: ignore[operator]
+    elif micro is None:
+        if glob % (accum * dp):
+            raise ConfigError(
+                "train.global_batch_size",
+                f"{glob} is not divisible by grad_accum_steps x data_parallel_size = {accum} x {dp}",
+            )
+        micro = glob // (accum * dp)
+    elif micro * accum * dp != glob:
+        raise ConfigError(
+            "train.global_batch_size",
+            f"{glob} != micro_batch_size_per_gpu x grad_accum_steps x data_parallel_size = {micro} x {accum} x {dp}",
+        )
+    return BatchPlan(micro, accum, glob, dp)  # type: ignore[arg-type]

@@ -1,0 +1,317 @@
+"""Plan stage: validate a JobConfig and resolve it into a frozen, JSON round-trippable JobPlan (no torch/ray)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from orchestrator.config.schema import JobConfig, to_job_config
+from orchestrator.errors import ConfigError
+from orchestrator.plan.batch import BatchPlan, resolve_batch
+from orchestrator.plan.deepspeed_config import render_deepspeed_config
+
+MASKING_UNITS = ("token", "whole_word", "span")
+TASKS = ("pretrain",)
+LAUNCHERS = ("local", "ray")
+LOGGERS = ("none", "wandb")
+OPTIMIZERS = ("adamw", "lamb")
+SCHEDULES = ("linear", "cosine", "constant")
+ENGINES = ("deepspeed", "torch")
+PLACEMENTS = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
+
+
+@dataclass(frozen=True)
+class DatasetStats:
+    """What the driver learnt while preparing the data: sizes the step arithmetic needs."""
+
+    train_rows: int
+    eval_rows: int
+    train_tokens: int
+    vocab_size: int
+    data_dir: str
+    tokenizer_dir: str
+    most_frequent_token_id: int = -1
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    config: dict[str, Any]
+    run_dir: str
+    world_size: int
+    num_nodes: int
+    workers_per_node: int
+    micro_batch_size_per_gpu: int
+    grad_accum_steps: int
+    global_batch_size: int
+    max_seq_length: int
+    tokens_per_step: int
+    total_steps: int
+    warmup_steps: int
+    steps_per_epoch: Optional[int]
+    deepspeed_config: dict[str, Any]
+    dataset: Optional[dict[str, Any]] = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def job(self) -> JobConfig:
+        return to_job_config(self.config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "JobPlan":
+        return JobPlan(**d)
+
+    @staticmethod
+    def from_json(text: str) -> "JobPlan":
+        return JobPlan.from_dict(json.loads(text))
+
+    def write(self, run_dir: str | os.PathLike) -> Path:
+        """Atomic write of plan.json into the run dir."""
+        path = Path(run_dir) / "plan.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, path)
+        return path
+
+    def summary_lines(self) -> list[str]:
+        j = self.config
+        lines = [
+            f"run dir            {self.run_dir}",
+            f"model              {j['model']['name']}: {j['model']['num_hidden_layers']} layers x {j['model']['hidden_size']}"
+            f" hidden x {j['model']['num_attention_heads']} heads",
+            f"task               {j['task']['name']} (masking={j['task']['masking']}, nsp={j['task']['nsp']},"
+            f" packing={j['task']['packing']})",
+            f"launcher           {j['launcher']['name']}, engine {j['engine']['backend']}"
+            + (f" ZeRO-{j['engine']['zero_stage']}" if j['engine']['backend'] == 'deepspeed' else ""),
+            f"world              {self.num_nodes} node(s) x {self.workers_per_node} worker(s) = {self.world_size}"
+            f" ({'GPU' if j['compute']['use_gpu'] else 'CPU'})",
+            f"batch              global {self.global_batch_size} = micro {self.micro_batch_size_per_gpu}"
+            f" x accum {self.grad_accum_steps} x dp {self.world_size}",
+            f"tokens/step        <= {self.tokens_per_step:,} (global batch x seq {self.max_seq_length})",
+            f"steps              {self.total_steps:,} (warmup {self.warmup_steps:,})"
+            + (f", {self.steps_per_epoch:,} per epoch" if self.steps_per_epoch else ""),
+            f"token budget       <= {self.tokens_per_step * self.total_steps:,} tokens",
+        ]
+        if self.dataset:
+            d = self.dataset
+            lines.append(
+                f"data               {d['train_rows']:,} train rows ({d['train_tokens']:,} tokens),"
+                f" {d['eval_rows']:,} eval rows, vocab {d['vocab_size']:,}"
+            )
+        lines.extend(f"note               {n}" for n in self.notes)
+        return lines
+
+
+def validate_config(cfg: JobConfig) -> None:
+    """Semantic checks that types alone cannot express. Every error names its key."""
+    m, t, e, c, tr = cfg.model, cfg.task, cfg.engine, cfg.compute, cfg.train
+
+    def choice(key: str, value: str, options: tuple[str, ...]) -> None:
+        if value not in options:
+            raise ConfigError(key, f"'{value}' is not one of {', '.join(options)}")
+
+    choice("task.name", t.name, TASKS)
+    choice("task.masking", t.masking, MASKING_UNITS)
+    choice("launcher.name", cfg.launcher.name, LAUNCHERS)
+    choice("logger.name", cfg.logger.name, LOGGERS)
+    choice("optim.name", cfg.optim.name, OPTIMIZERS)
+    choice("schedule.name", cfg.schedule.name, SCHEDULES)
+    choice("engine.backend", e.backend, ENGINES)
+    choice("compute.placement_strategy", c.placement_strategy, PLACEMENTS)
+    choice("data.source", cfg.data.source, ("synthetic", "text"))
+    choice("tokenizer.source", cfg.tokenizer.source, ("train", "dir"))
+
+    for key, val in (
+        ("model.hidden_size", m.hidden_size),
+        ("model.num_hidden_layers", m.num_hidden_layers),
+        ("model.num_attention_heads", m.num_attention_heads),
+        ("model.intermediate_size", m.intermediate_size),
+        ("model.max_position_embeddings", m.max_position_embeddings),
+        ("task.max_seq_length", t.max_seq_length),
+    ):
+        if val < 1:
+            raise ConfigError(key, f"must be a positive integer, got {val}")
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            "model.num_attention_heads", f"{m.num_attention_heads} does not divide hidden_size {m.hidden_size}"
+        )
+    if t.max_seq_length > m.max_position_embeddings:
+        raise ConfigError(
+            "task.max_seq_length",
+            f"{t.max_seq_length} exceeds model.max_position_embeddings {m.max_position_embeddings}",
+        )
+    if t.max_seq_length < 8:
+        raise ConfigError("task.max_seq_length", f"{t.max_seq_length} is too short for [CLS] A [SEP] B [SEP] samples")
+    if not 0.0 < t.mlm_probability < 1.0:
+        raise ConfigError("task.mlm_probability", f"must lie in (0, 1), got {t.mlm_probability}")
+    for key, val in (("task.mask_replace_prob", t.mask_replace_prob), ("task.random_replace_prob", t.random_replace_prob)):
+        if not 0.0 <= val <= 1.0:
+            raise ConfigError(key, f"must lie in [0, 1], got {val}")
+    if t.mask_replace_prob + t.random_replace_prob > 1.0 + 1e-9:
+        raise ConfigError("task.random_replace_prob", "mask_replace_prob + random_replace_prob exceeds 1")
+    if not 0.0 < t.span_geometric_p <= 1.0:
+        raise ConfigError("task.span_geometric_p", f"must lie in (0, 1], got {t.span_geometric_p}")
+    if t.span_max_length < 1:
+        raise ConfigError("task.span_max_length", f"must be >= 1, got {t.span_max_length}")
+    if not 0.0 <= t.short_seq_prob < 1.0:
+        raise ConfigError("task.short_seq_prob", f"must lie in [0, 1), got {t.short_seq_prob}")
+    for key, val in (
+        ("model.hidden_dropout_prob", m.hidden_dropout_prob),
+        ("model.attention_probs_dropout_prob", m.attention_probs_dropout_prob),
+    ):
+        if not 0.0 <= val < 1.0:
+            raise ConfigError(key, f"must lie in [0, 1), got {val}")
+
+    if e.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError("engine.zero_stage", f"ZeRO stage must be 0, 1, 2 or 3, got {e.zero_stage}")
+    if e.bf16 and e.fp16:
+        raise ConfigError("engine.fp16", "bf16 and fp16 are both on; choose one")
+    if e.fp16 and not c.use_gpu:
+        raise ConfigError("engine.fp16", "fp16 needs GPUs (CPU kernels lack fp16); use engine.bf16=true on CPU")
+    if e.gradient_clipping < 0:
+        raise ConfigError("engine.gradient_clipping", f"must be >= 0, got {e.gradient_clipping}")
+    if e.offload_param and e.zero_stage != 3:
+        raise ConfigError("engine.offload_param", "parameter offload needs ZeRO stage 3")
+    if e.offload_optimizer and e.zero_stage == 0:
+        raise ConfigError("engine.offload_optimizer", "optimizer offload needs ZeRO stage 1-3")
+    if cfg.optim.name == "lamb" and e.backend == "deepspeed" and e.zero_stage > 0:
+        # ZeRO flattens and partitions parameters, so a per-tensor trust ratio would be computed on slices.
+        raise ConfigError("optim.name", "LAMB's per-layer trust ratio needs whole tensors: use engine=zero0 with lamb")
+    if cfg.optim.lr <= 0:
+        raise ConfigError("optim.lr", f"must be > 0, got {cfg.optim.lr}")
+
+    if c.num_nodes < 1:
+        raise ConfigError("compute.num_nodes", f"must be >= 1, got {c.num_nodes}")
+    if c.cpus_per_worker < 1:
+        raise ConfigError("compute.cpus_per_worker", f"must be >= 1, got {c.cpus_per_worker}")
+    if c.use_gpu and c.gpus_per_node < 1:
+        raise ConfigError("compute.gpus_per_node", "use_gpu=true needs gpus_per_node >= 1")
+    wpn = workers_per_node(cfg)
+    if wpn < 1:
+        raise ConfigError("compute.workers_per_node", f"the job would have zero workers (workers_per_node={wpn})")
+    if c.use_gpu and wpn > c.gpus_per_node:
+        raise ConfigError(
+            "compute.workers_per_node", f"{wpn} workers per node but only {c.gpus_per_node} GPUs: one worker per GPU"
+        )
+    if c.placement_strategy == "STRICT_PACK" and c.num_nodes > 1:
+        raise ConfigError("compute.placement_strategy", "STRICT_PACK puts every worker on one node; num_nodes > 1")
+    world = c.num_nodes * wpn
+    if cfg.launcher.name == "local" and world != 1:
+        raise ConfigError(
+            "launcher.name", f"launcher=local runs one process; compute asks for {world} workers (use compute=cpu1)"
+        )
+    if e.backend == "torch" and world != 1:
+        raise ConfigError("engine.backend", f"engine=torch is single-process; world size is {world} (use DeepSpeed)")
+
+    budgets = [k for k in ("max_steps", "epochs", "token_budget") if getattr(tr, k) is not None]
+    if len(budgets) != 1:
+        raise ConfigError("train.max_steps", f"set exactly one of max_steps, epochs, token_budget (got {budgets or 'none'})")
+    for key in ("max_steps", "epochs", "token_budget"):
+        val = getattr(tr, key)
+        if val is not None and val <= 0:
+            raise ConfigError(f"train.{key}", f"must be > 0, got {val}")
+    for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_last"):
+        if getattr(tr, key) < 1:
+            raise ConfigError(f"train.{key}", f"must be >= 1, got {getattr(tr, key)}")
+    if not 0.0 <= cfg.data.eval_fraction < 1.0:
+        raise ConfigError("data.eval_fraction", f"must lie in [0, 1), got {cfg.data.eval_fraction}")
+    if cfg.data.source == "text" and not cfg.data.paths:
+        raise ConfigError("data.paths", "data.source=text needs at least one file, glob or directory")
+    if cfg.data.source == "synthetic" and cfg.data.synthetic_documents < 10:
+        raise ConfigError("data.synthetic_documents", f"need at least 10 documents, got {cfg.data.synthetic_documents}")
+    if cfg.tokenizer.source == "train" and cfg.tokenizer.vocab_size < 64:
+        raise ConfigError("tokenizer.vocab_size", f"must be >= 64, got {cfg.tokenizer.vocab_size}")
+    if cfg.tokenizer.source == "dir" and not cfg.tokenizer.path:
+        raise ConfigError("tokenizer.path", "tokenizer.source=dir needs a directory")
+    if cfg.schedule.warmup_steps is not None and cfg.schedule.warmup_steps < 0:
+        raise ConfigError("schedule.warmup_steps", f"must be >= 0, got {cfg.schedule.warmup_steps}")
+    if not 0.0 <= cfg.schedule.warmup_ratio < 1.0:
+        raise ConfigError("schedule.warmup_ratio", f"must lie in [0, 1), got {cfg.schedule.warmup_ratio}")
+
+
+def workers_per_node(cfg: JobConfig) -> int:
+    c = cfg.compute
+    if c.workers_per_node is not None:
+        return c.workers_per_node
+    return c.gpus_per_node if c.use_gpu else 1
+
+
+def check_run_dir(run_dir: str) -> None:
+    """Refuse a run dir we cannot create or write, before any worker starts."""
+    p = Path(run_dir)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError("run_dir", f"cannot write to '{run_dir}': {exc.strerror or exc}") from None
+
+
+def build_plan(cfg: JobConfig, dataset: Optional[DatasetStats] = None) -> JobPlan:
+    """Resolve world size, batch arithmetic, total steps and the DeepSpeed config."""
+    validate_config(cfg)
+    if not cfg.run_dir:
+        raise ConfigError("run_dir", "no run dir set")
+    wpn = workers_per_node(cfg)
+    world = cfg.compute.num_nodes * wpn
+    batch: BatchPlan = resolve_batch(
+        cfg.train.micro_batch_size_per_gpu, cfg.train.grad_accum_steps, cfg.train.global_batch_size, world
+    )
+    seq = cfg.task.max_seq_length
+    tokens_per_step = batch.global_batch_size * seq
+    notes: list[str] = []
+    steps_per_epoch = None
+    if dataset is not None:
+        if dataset.train_rows < batch.global_batch_size:
+            raise ConfigError(
+                "train.global_batch_size",
+                f"{batch.global_batch_size} exceeds the {dataset.train_rows} training rows of the corpus",
+            )
+        steps_per_epoch = dataset.train_rows // batch.global_batch_size
+    tr = cfg.train
+    if tr.max_steps is not None:
+        total = tr.max_steps
+    elif tr.epochs is not None:
+        if steps_per_epoch is None:
+            raise ConfigError("train.epochs", "an epoch count needs the prepared dataset (internal: no dataset stats)")
+        total = max(1, math.ceil(tr.epochs * steps_per_epoch))
+    else:
+        assert tr.token_budget is not None
+        # Packed rows are nearly full; use the measured mean when the data is prepared.
+        mean_row = dataset.train_tokens / dataset.train_rows if dataset else float(seq)
+        total = max(1, math.ceil(tr.token_budget / (batch.global_batch_size * mean_row)))
+        notes.append(f"token_budget {tr.token_budget:,} at {mean_row:.1f} tokens/row -> {total:,} steps")
+    if cfg.schedule.warmup_steps is not None:
+        warmup = min(cfg.schedule.warmup_steps, total)
+    else:
+        warmup = int(round(cfg.schedule.warmup_ratio * total))
+    ds_config = render_deepspeed_config(cfg.engine, batch, cfg.compute.use_gpu, cfg.model.hidden_size)
+    return JobPlan(
+        config=dataclasses.asdict(cfg),
+        run_dir=str(cfg.run_dir),
+        world_size=world,
+        num_nodes=cfg.compute.num_nodes,
+        workers_per_node=wpn,
+        micro_batch_size_per_gpu=batch.micro_batch_size_per_gpu,
+        grad_accum_steps=batch.grad_accum_steps,
+        global_batch_size=batch.global_batch_size,
+        max_seq_length=seq,
+        tokens_per_step=tokens_per_step,
+        total_steps=total,
+        warmup_steps=warmup,
+        steps_per_epoch=steps_per_epoch,
+        deepspeed_config=ds_config,
+        dataset=dataclasses.asdict(dataset) if dataset else None,
+        notes=notes,
+    )

@@ -1,0 +1,122 @@
+"""Worker stage: checkpoints written to a temporary name and renamed only when complete; newest good one resumed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+log = logging.getLogger("orchestrator.checkpoint")
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+MANIFEST = "manifest.json"
+STATE = "trainer_state.json"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    step: int
+    state: dict[str, Any]
+
+
+def checkpoint_root(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _file_list(directory: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(directory)): p.stat().st_size
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def _fsync_tree(directory: Path) -> None:
+    for p in directory.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def verify(directory: Path) -> Optional[str]:
+    """None when the manifest's files are all present with their recorded sizes, else why not."""
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return "no manifest (incomplete write)"
+    try:
+        recorded = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as exc:
+        return f"unreadable manifest: {exc}"
+    for name, size in recorded.items():
+        f = directory / name
+        if not f.is_file():
+            return f"missing file {name}"
+        if f.stat().st_size != size:
+            return f"file {name} is {f.stat().st_size} bytes, manifest says {size}"
+    return None
+
+
+def find_latest(run_dir: str | os.PathLike, warn: Callable[[str], None] = log.warning) -> Optional[CheckpointInfo]:
+    """Newest complete checkpoint; newer incomplete or damaged ones are skipped with a warning."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return None
+    steps = sorted(
+        ((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()),
+        reverse=True,
+    )
+    for step, path in steps:
+        problem = verify(path)
+        if problem is None:
+            return CheckpointInfo(path, step, json.loads((path / STATE).read_text()))
+        warn(f"skipping checkpoint {path}: {problem}")
+    return None
+
+
+def save(
+    run_dir: str | os.PathLike,
+    step: int,
+    rank: int,
+    barrier: Callable[[], None],
+    write_shards: Callable[[Path], None],
+    trainer_state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Collective: every rank writes its shards into step_N.tmp; rank 0 adds state + manifest and renames."""
+    root = checkpoint_root(run_dir)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".step_{step:08d}.tmp"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier()
+    write_shards(tmp)
+    barrier()
+    if rank == 0:
+        (tmp / STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
+        _fsync_tree(tmp)
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": _file_list(tmp)}, indent=2, sort_keys=True))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _rotate(root, keep_last)
+    barrier()
+    return final
+
+
+def _rotate(root: Path, keep_last: int) -> None:
+    steps = sorted(
+        ((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()),
+        reverse=True,
+    )
+    good = [p for _, p in steps if verify(p) is None]
+    for p in good[keep_last:]:
+        shutil.rmtree(p, ignore_errors=True)

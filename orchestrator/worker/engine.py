@@ -1,0 +1,228 @@
+"""Worker stage: the training engine — DeepSpeed ZeRO (initialised from the plan) or plain PyTorch, one interface."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and LayerNorm weights, as in BERT."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
+    groups = param_groups(model, optim_cfg.weight_decay)
+    betas = (optim_cfg.beta1, optim_cfg.beta2)
+    if optim_cfg.name == "lamb":
+        from orchestrator.worker.lamb import Lamb
+
+        return Lamb(groups, lr=optim_cfg.lr, betas=betas, eps=optim_cfg.eps)
+    # foreach: one multi-tensor kernel per group instead of a Python loop over parameters
+    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=betas, eps=optim_cfg.eps, foreach=True)
+
+
+def lr_lambda_factory(schedule_name: str, warmup_steps: int, total_steps: int):
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
+
+    def make(optimizer):
+        if schedule_name == "cosine":
+            return get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+        if schedule_name == "constant":
+            return get_constant_schedule_with_warmup(optimizer, warmup_steps)
+        return get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+
+    return make
+
+
+class Engine:
+    """What the loop needs: forward, backward, step at accumulation boundaries, save and load."""
+
+    module: nn.Module
+    device: torch.device
+
+    def forward(self, **batch) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        """Called after every micro batch; the optimizer steps at the accumulation boundary."""
+        raise NotImplementedError
+
+    def lr(self) -> float:
+        raise NotImplementedError
+
+    def grad_norm(self) -> Optional[float]:
+        raise NotImplementedError
+
+    def save(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def full_weights(self):
+        """Inside: self.module holds the complete weights (ZeRO-3 gathers them)."""
+        yield
+
+
+class TorchEngine(Engine):
+    """Plain PyTorch, one process: the path to step through in a debugger."""
+
+    def __init__(self, model: nn.Module, plan, device: torch.device):
+        job = plan.job
+        self.module = model.to(device)
+        self.device = device
+        self.accum = plan.grad_accum_steps
+        self.clip = job.engine.gradient_clipping
+        self.bf16 = job.engine.bf16
+        self.optimizer = build_optimizer(model, job.optim)
+        self.scheduler = lr_lambda_factory(job.schedule.name, plan.warmup_steps, plan.total_steps)(self.optimizer)
+        self.micro = 0
+        self._grad_norm: Optional[float] = None
+
+    def forward(self, **batch):
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        with ctx:
+            return self.module(**batch)
+
+    def backward(self, loss):
+        (loss / self.accum).backward()
+
+    def step(self):
+        self.micro += 1
+        if self.micro % self.accum:
+            return
+        if self.clip > 0:
+            self._grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip))
+        else:
+            self._grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.module.parameters() if p.grad is not None]))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self):
+        return float(self.scheduler.get_last_lr()[0])
+
+    def grad_norm(self):
+        return self._grad_norm
+
+    def save(self, directory: Path):
+        torch.save(
+            {
+                "model": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+            },
+            directory / "engine_state.pt",
+        )
+
+    def load(self, directory: Path):
+        state = torch.load(directory / "engine_state.pt", map_location=self.device, weights_only=False)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+class DeepSpeedEngine(Engine):
+    """deepspeed.initialize with the plan's rendered config; client optimizer and LR scheduler."""
+
+    TAG = "ds"
+
+    def __init__(self, model: nn.Module, plan, device: torch.device):
+        import deepspeed
+
+        job = plan.job
+        optimizer = build_optimizer(model, job.optim)
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lr_lambda_factory(job.schedule.name, plan.warmup_steps, plan.total_steps),
+            config=dict(plan.deepspeed_config),
+        )
+        self.engine = engine
+        self.module = engine.module
+        self.device = engine.device
+        self.scheduler = scheduler
+        self.zero_stage = job.engine.zero_stage
+        self.dtype = torch.bfloat16 if job.engine.bf16 else torch.float16 if job.engine.fp16 else None
+
+    def forward(self, **batch):
+        return self.engine(**batch)
+
+    def backward(self, loss):
+        self.engine.backward(loss)
+
+    def step(self):
+        self.engine.step()
+
+    def lr(self):
+        return float(self.engine.get_lr()[0])
+
+    def grad_norm(self):
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def save(self, directory: Path):
+        # every rank writes its ZeRO partition; rank 0 also the module states and `latest`
+        self.engine.save_checkpoint(str(directory), tag=self.TAG, save_latest=True)
+
+    def load(self, directory: Path):
+        path, _ = self.engine.load_checkpoint(
+            str(directory), tag=self.TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {directory}")
+
+    @contextlib.contextmanager
+    def full_weights(self):
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+                yield
+        else:
+            yield
+
+
+def build_engine(model: nn.Module, plan, device: torch.device) -> Engine:
+    if plan.job.engine.backend == "torch":
+        return TorchEngine(model, plan, device)
+    return DeepSpeedEngine(model, plan, device)
+
+
+def init_single_process_group() -> None:
+    """DeepSpeed needs a process group even at world size 1 (Ray creates one; the local launcher does here)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    dist.init_process_group("gloo", rank=0, world_size=1)

@@ -1,0 +1,104 @@
+"""Worker stage: metrics sinks on rank 0 — metrics.jsonl, W&B (resumable run id), a progress bar."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+class MetricsJsonl:
+    """Append-only JSON lines; on resume, lines past the resumed step are dropped (they will be redone)."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if path.exists():
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a crash
+                if rec.get("step", 0) <= resume_step:
+                    kept.append(line)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(k + "\n" for k in kept))
+            os.replace(tmp, path)
+        self.fh = open(path, "a", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+class WandbSink:
+    """One W&B run per job, from rank 0; its id lives in the run dir so a resumed job continues it."""
+
+    def __init__(self, run_dir: Path, logger_cfg, plan_dict: dict[str, Any], run_name: str):
+        import wandb
+
+        id_file = run_dir / "wandb_run_id"
+        if id_file.exists():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = uuid.uuid4().hex[:12]
+            id_file.write_text(run_id)
+        kwargs: dict[str, Any] = dict(
+            project=logger_cfg.project,
+            entity=logger_cfg.entity,
+            group=logger_cfg.group,
+            name=run_name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            config=plan_dict,
+            tags=list(logger_cfg.tags) or None,
+        )
+        mode = logger_cfg.mode or os.environ.get("WANDB_MODE")
+        if mode:
+            kwargs["mode"] = mode
+        self.run = wandb.init(**kwargs)
+        self.run_id = run_id
+
+    def write(self, record: dict[str, Any]) -> None:
+        step = record.get("step")
+        self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        for k, v in summary.items():
+            if isinstance(v, (int, float, str)):
+                self.run.summary[k] = v
+
+    def close(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)
+
+
+class Progress:
+    """tqdm bar in an interactive local run; silent under Ray (its log stream is not a terminal)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, n: int, postfix: Optional[dict[str, Any]] = None) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
