@@ -1,0 +1,158 @@
+"""Config and plan validation: every config composes; bad input is refused with one line naming the key/file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CONF_DIR, REPO, compose, run_cli
+from orchestrator.cli import make_plan
+from orchestrator.errors import ConfigError, DataError, OrchestratorError
+
+
+def _plan(overrides, tmp_path, prepare=False):
+    cfg = compose(overrides)
+    return make_plan(cfg, run_dir=str(tmp_path / "run"), prepare=prepare)[0]
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, p.stem) for g in sorted(os.listdir(CONF_DIR)) if os.path.isdir(os.path.join(CONF_DIR, g))
+     for p in sorted(Path(CONF_DIR, g).glob("*.yaml"))],
+)
+def test_every_config_composes_and_plans(group, option, tmp_path):
+    """No config file rots: each option of each group composes, validates and plans."""
+    extra = []
+    if group == "data" and option == "text" or group == "experiment" and option.startswith("bert_"):
+        corpus = tmp_path / "c.txt"
+        corpus.write_text("a b c.\n\nd e f.\n")
+        extra.append(f"data.paths=[{corpus}]")
+    if group == "experiment" and option.endswith("phase2"):
+        extra.append(f"train.init_from={tmp_path}")
+    if group == "tokenizer" and option == "dir":
+        from orchestrator.data.tokenizer import train_wordpiece
+
+        train_wordpiece(["the cat sat on the mat ."] * 20, 64, 1, True).save_pretrained(str(tmp_path / "tok"))
+        extra.append(f"tokenizer.path={tmp_path / 'tok'}")
+    if group == "optim" and option == "lamb":
+        extra.append("engine=zero0")
+    if group == "compute":
+        extra += ["train.global_batch_size=null", "train.grad_accum_steps=1"]
+    if group == "launcher" and option == "local" or group == "engine" and option == "torch":
+        extra.append("compute=cpu1")
+    plan = _plan([f"{group}={option}", *extra], tmp_path)
+    ds = plan.deepspeed_config
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * plan.world_size
+
+
+BAD_INPUTS = [
+    # (overrides, expected key or file in the message)
+    (["train.global_batch_size=100", "train.micro_batch_size_per_gpu=32"], "train.global_batch_size"),
+    (["engine.zero_stage=4"], "engine.zero_stage"),
+    (["engine.bf16=true", "engine.fp16=true"], "engine.fp16"),
+    (["task.max_seq_length=1024"], "task.max_seq_length"),
+    (["task.mlm_probability=1.5"], "task.mlm_probability"),
+    (["task.mlm_probability=0.0"], "task.mlm_probability"),
+    (["compute.workers_per_node=0"], "compute.workers_per_node"),
+    (["+model.hiden_size=3"], "model.hiden_size"),
+    (["train.max_steps=abc"], "train.max_steps"),
+    (["model.num_attention_heads=3"], "model.num_attention_heads"),
+    (["optim=lamb", "engine=zero2"], "optim.name"),
+    (["task.masking=sentence"], "task.masking"),
+    (["launcher=local"], "launcher.name"),
+    (["train.epochs=2"], "train.max_steps"),
+    (["engine.fp16=true"], "engine.fp16"),
+    (["compute.use_gpu=true", "compute.gpus_per_node=8", "compute.workers_per_node=12"], "compute.workers_per_node"),
+    (["engine.offload_param=true"], "engine.offload_param"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", BAD_INPUTS, ids=[k + ":" + ",".join(o) for o, k in BAD_INPUTS])
+def test_bad_config_refused_naming_key(overrides, key, tmp_path):
+    with pytest.raises(ConfigError) as ei:
+        _plan(overrides, tmp_path)
+    msg = str(ei.value)
+    assert key in msg and "\n" not in msg, msg
+
+
+def test_unknown_model_names_the_option():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException) as ei:
+        compose(["model=gigantic"])
+    assert "model/gigantic" in str(ei.value)
+
+
+def test_missing_corpus_names_the_file(tmp_path):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(DataError) as ei:
+        _plan(["data=text", f"data.paths=[{missing}]"], tmp_path)
+    assert str(missing) in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_empty_corpus_file_names_the_file(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(DataError) as ei:
+        _plan(["data=text", f"data.paths=[{empty}]"], tmp_path)
+    assert str(empty) in str(ei.value)
+
+
+def test_blank_only_corpus_refused_at_preparation(tmp_path):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n   \n\n")
+    with pytest.raises(DataError) as ei:
+        _plan(["data=text", f"data.paths=[{blank}]", "tokenizer.vocab_size=100"], tmp_path, prepare=True)
+    assert str(blank) in str(ei.value)
+
+
+def test_glob_matching_nothing_refused(tmp_path):
+    with pytest.raises(DataError) as ei:
+        _plan(["data=text", f"data.paths=[{tmp_path}/*.txt]"], tmp_path)
+    assert "glob matches no file" in str(ei.value)
+
+
+def test_unwritable_run_dir(tmp_path):
+    cfg = compose([])
+    with pytest.raises(ConfigError) as ei:
+        make_plan(cfg, run_dir="/proc/definitely/not/writable", prepare=False)
+    assert "run_dir" in str(ei.value) and "/proc/definitely/not/writable" in str(ei.value)
+
+
+def test_tokenizer_dir_without_vocab(tmp_path):
+    empty_dir = tmp_path / "tok"
+    empty_dir.mkdir()
+    with pytest.raises(ConfigError) as ei:
+        _plan(["tokenizer=dir", f"tokenizer.path={empty_dir}"], tmp_path)
+    assert "tokenizer.path" in str(ei.value) and "vocab.txt" in str(ei.value)
+
+
+def test_cli_refuses_with_one_line_and_exit_2(tmp_path):
+    res = run_cli(["engine.zero_stage=4", f"hydra.run.dir={tmp_path}/r"], timeout=120)
+    assert res.returncode == 2, res.stderr
+    err_lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert err_lines[-1].startswith("error: config key 'engine.zero_stage'"), res.stderr
+
+
+def test_plan_only_is_fast_and_starts_no_ray(tmp_path):
+    """plan_only=true prints the plan and writes plan.json without importing ray, torch or deepspeed."""
+    code = (
+        "import sys\n"
+        f"sys.argv=['orchestrator','plan_only=true','hydra.run.dir={tmp_path}/p']\n"
+        "from orchestrator.cli import main\n"
+        "main()\n"
+        "print('HEAVY', sorted(m for m in ('ray','torch','deepspeed') if m in sys.modules))\n"
+    )
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert res.returncode == 0, res.stderr
+    assert "HEAVY []" in res.stdout, res.stdout
+    assert "global 64 = micro 32 x accum 1 x dp 2" in res.stdout
+    assert (tmp_path / "p" / "plan.json").is_file()
+    assert elapsed < 60, elapsed  # generous: seconds in practice; the point is no Ray start-up
