@@ -66,22 +66,11 @@ def print_plan(plan, prepared=None) -> None:
     con = _console()
     con.rule("[bold]BERT job plan")
     for line in plan.summary_lines():
-        con.print("  " + line)
+        con.print("  " + line, soft_wrap=True)
     if prepared is not None:
         how = "cached" if prepared.cached else f"tokenised at {prepared.tokens_per_second:,.0f} tokens/s"
         con.print(f"  data prep          {prepared.seconds:.1f}s ({how})")
-    for line in _extra_plan_lines(plan):
-        con.print("  " + line)
     con.rule()
-
-
-def _extra_plan_lines(plan) -> list[str]:
-    """Memory and time/cost estimates, when the planner module is present."""
-    try:
-        from orchestrator.plan.estimates import estimate_lines
-    except ImportError:
-        return []
-    return estimate_lines(plan)
 
 
 def print_summary(summary: dict[str, Any]) -> None:

@@ -69,6 +69,12 @@ BAD_INPUTS = [
     (["engine.fp16=true"], "engine.fp16"),
     (["compute.use_gpu=true", "compute.gpus_per_node=8", "compute.workers_per_node=12"], "compute.workers_per_node"),
     (["engine.offload_param=true"], "engine.offload_param"),
+    (["compute=gpu_1x8", "compute.gpus_per_node=12", "train.global_batch_size=null", "train.grad_accum_steps=1"],
+     "compute.gpus_per_node"),
+    (["compute.network=carrier_pigeon"], "compute.network"),
+    (["model=large", "compute=gpu_1x8", "compute.gpu_memory_gib=4", "train.global_batch_size=null",
+      "train.grad_accum_steps=1", "train.micro_batch_size_per_gpu=64", "task.max_seq_length=512"],
+     "train.micro_batch_size_per_gpu"),
 ]
 
 
@@ -156,3 +162,17 @@ def test_plan_only_is_fast_and_starts_no_ray(tmp_path):
     assert "global 64 = micro 32 x accum 1 x dp 2" in res.stdout
     assert (tmp_path / "p" / "plan.json").is_file()
     assert elapsed < 60, elapsed  # generous: seconds in practice; the point is no Ray start-up
+
+
+def test_plan_only_bert_base_preset_prints_memory_and_time_estimate(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a b c.\n\nd e f.\n")
+    res = run_cli(["experiment=bert_base_pretrain", f"data.paths=[{corpus}]", "plan_only=true",
+                   f"hydra.run.dir={tmp_path}/p"], timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "GPU-hours on 8 x A100" in res.stdout and "memory/GPU" in res.stdout
+    import json
+
+    plan = json.loads((tmp_path / "p" / "plan.json").read_text())
+    assert plan["cost"]["hours"] > 0 and plan["cost"]["gpu_hours"] == pytest.approx(8 * plan["cost"]["hours"])
+    assert plan["memory"]["zero_stage"] == 1 and plan["memory"]["dp_size"] == 8

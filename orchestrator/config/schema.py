@@ -158,6 +158,20 @@ class ComputeConfig:
     """Run workers on GPUs (NCCL) rather than CPUs (gloo)."""
     placement_strategy: str = "PACK"
     """Ray placement: PACK (keep a node's workers together) | STRICT_PACK | SPREAD | STRICT_SPREAD."""
+    max_gpus_per_node: int = 8
+    """GPUs the cluster's largest node type has; the plan refuses shapes it cannot hold."""
+    network: str = "tcp"
+    """NCCL network profile applied to every worker: nvlink_single_node | infiniband | efa | tcp."""
+    network_debug: bool = False
+    """NCCL_DEBUG=INFO on every worker (see which transport NCCL picked)."""
+    gpu_type: str = "A100"
+    """GPU model for the time/cost estimate (A100, H100, H200, A10G, L4, V100, ...)."""
+    gpu_memory_gib: float = 80.0
+    """Memory of one GPU; the plan refuses a job whose per-GPU estimate exceeds it."""
+    mfu: float = 0.4
+    """Assumed model FLOPs utilisation for the time estimate (0.4: typical of tuned BERT pretraining)."""
+    price_per_gpu_hour: Optional[float] = None
+    """Price of one GPU-hour, for the cost estimate."""
 
 
 @dataclass

@@ -29,7 +29,10 @@ _FORWARD_ENV = (
 
 def worker_env(plan: JobPlan) -> dict[str, str]:
     job = plan.job
-    env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
+    from orchestrator.cluster.network import network_env
+
+    env = network_env(job.compute.network, debug=job.compute.network_debug) if job.compute.use_gpu else {}
+    env.update({k: os.environ[k] for k in _FORWARD_ENV if k in os.environ})
     pkg_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)
     env["OMP_NUM_THREADS"] = str(job.compute.cpus_per_worker)

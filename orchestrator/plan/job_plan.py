@@ -55,6 +55,8 @@ class JobPlan:
     steps_per_epoch: Optional[int]
     deepspeed_config: dict[str, Any]
     dataset: Optional[dict[str, Any]] = None
+    memory: Optional[dict[str, Any]] = None
+    cost: Optional[dict[str, Any]] = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -107,6 +109,20 @@ class JobPlan:
             lines.append(
                 f"data               {d['train_rows']:,} train rows ({d['train_tokens']:,} tokens),"
                 f" {d['eval_rows']:,} eval rows, vocab {d['vocab_size']:,}"
+            )
+        if self.memory:
+            m = self.memory
+            lines.append(
+                f"memory/GPU         {m['total_gib']:.2f} GiB est. (params {m['params_bytes'] / 2**30:.2f},"
+                f" grads {m['gradients_bytes'] / 2**30:.2f}, optimizer {m['optimizer_bytes'] / 2**30:.2f},"
+                f" activations {m['activations_bytes'] / 2**30:.2f}) of {j['compute']['gpu_memory_gib']:g} GiB"
+            )
+        if self.cost:
+            c = self.cost
+            price = f", cost {c['cost']:,.0f}" if c.get("cost") is not None else ""
+            lines.append(
+                f"time estimate      {c['hours']:,.2f} h, {c['gpu_hours']:,.1f} GPU-hours on {c['num_gpus']} x"
+                f" {c['gpu_type']} at {c['mfu']:.0%} MFU ({c['flops_per_token']:.3e} FLOPs/token){price}"
             )
         lines.extend(f"note               {n}" for n in self.notes)
         return lines
@@ -203,6 +219,16 @@ def validate_config(cfg: JobConfig) -> None:
         raise ConfigError(
             "compute.workers_per_node", f"{wpn} workers per node but only {c.gpus_per_node} GPUs: one worker per GPU"
         )
+    if c.use_gpu and c.gpus_per_node > c.max_gpus_per_node:
+        raise ConfigError(
+            "compute.gpus_per_node",
+            f"{c.gpus_per_node} GPUs per node, but the largest node type has {c.max_gpus_per_node} (compute.max_gpus_per_node)",
+        )
+    from orchestrator.cluster.network import NETWORK_PROFILES
+
+    choice("compute.network", c.network, NETWORK_PROFILES)
+    if not 0.0 < c.mfu <= 1.0:
+        raise ConfigError("compute.mfu", f"must lie in (0, 1], got {c.mfu}")
     if c.placement_strategy == "STRICT_PACK" and c.num_nodes > 1:
         raise ConfigError("compute.placement_strategy", "STRICT_PACK puts every worker on one node; num_nodes > 1")
     world = c.num_nodes * wpn
@@ -297,6 +323,15 @@ def build_plan(cfg: JobConfig, dataset: Optional[DatasetStats] = None) -> JobPla
     else:
         warmup = int(round(cfg.schedule.warmup_ratio * total))
     ds_config = render_deepspeed_config(cfg.engine, batch, cfg.compute.use_gpu, cfg.model.hidden_size)
+    vocab = dataset.vocab_size if dataset else (cfg.tokenizer.vocab_size or 30522)
+    memory, cost = _estimates(cfg, batch, vocab, total * tokens_per_step)
+    if cfg.compute.use_gpu and memory["total_bytes"] > cfg.compute.gpu_memory_gib * 2**30:
+        raise ConfigError(
+            "train.micro_batch_size_per_gpu",
+            f"estimated {memory['total_gib']:.1f} GiB per GPU exceeds compute.gpu_memory_gib="
+            f"{cfg.compute.gpu_memory_gib:g}: lower the micro batch, raise engine.zero_stage or enable"
+            " engine.activation_checkpointing",
+        )
     return JobPlan(
         config=dataclasses.asdict(cfg),
         run_dir=str(cfg.run_dir),
@@ -313,5 +348,47 @@ def build_plan(cfg: JobConfig, dataset: Optional[DatasetStats] = None) -> JobPla
         steps_per_epoch=steps_per_epoch,
         deepspeed_config=ds_config,
         dataset=dataclasses.asdict(dataset) if dataset else None,
+        memory=memory,
+        cost=cost,
         notes=notes,
     )
+
+
+def _estimates(cfg: JobConfig, batch: BatchPlan, vocab_size: int, tokens: int) -> tuple[dict, dict]:
+    """Per-GPU memory (ZeRO stage, offload, activations) and the time/cost of the job's token budget."""
+    from orchestrator.plan.memory import estimate_memory, estimate_time_cost, flops_per_token
+
+    m, e, t = cfg.model, cfg.engine, cfg.task
+    precision = "bf16" if e.bf16 else "fp16" if e.fp16 else "fp32"
+    mem = estimate_memory(
+        hidden_size=m.hidden_size,
+        num_hidden_layers=m.num_hidden_layers,
+        intermediate_size=m.intermediate_size,
+        num_attention_heads=m.num_attention_heads,
+        vocab_size=vocab_size,
+        max_position_embeddings=m.max_position_embeddings,
+        type_vocab_size=m.type_vocab_size,
+        zero_stage=e.zero_stage,
+        dp_size=batch.data_parallel_size,
+        precision=precision,
+        offload_optimizer=e.offload_optimizer,
+        offload_param=e.offload_param,
+        optimizer=cfg.optim.name,
+        micro_batch_size=batch.micro_batch_size_per_gpu,
+        seq_length=t.max_seq_length,
+        activation_checkpointing=e.activation_checkpointing,
+        flash_attention=True,  # SDPA: no s^2 score matrices kept
+        masked_fraction=t.mlm_probability,
+        sparse_mlm=True,
+    ).to_dict()
+    fpt = flops_per_token(
+        m.hidden_size, m.num_hidden_layers, m.intermediate_size, t.max_seq_length, vocab_size,
+        masked_fraction=t.mlm_probability, sparse_mlm=True, training=True, with_nsp=t.nsp,
+    )
+    cost = estimate_time_cost(
+        tokens, fpt, cfg.compute.gpu_type, batch.data_parallel_size, mfu=cfg.compute.mfu,
+        price_per_gpu_hour=cfg.compute.price_per_gpu_hour, precision="bf16" if precision == "fp32" else precision,
+    )
+    cost["flops_per_token"] = fpt
+    cost["tokens"] = tokens
+    return mem, cost
