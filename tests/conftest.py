@@ -48,7 +48,7 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=2, log_to_driver=True)
     yield ray
     ray.shutdown()
 

@@ -55,7 +55,8 @@ def connect(plan: JobPlan) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
-    ray.init(address="local", num_cpus=job.launcher.num_cpus, include_dashboard=False, log_to_driver=True)
+    # the dashboard serves the state API, which Ray Train's placement-group cleaner polls
+    ray.init(address="local", num_cpus=job.launcher.num_cpus, log_to_driver=True)
     return True
 
 
