@@ -247,6 +247,8 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     run_name: str = "pretrain"
     """Name of the run; the default run dir is runs/<run_name>."""
+    runs_root: str = "runs"
+    """Directory holding run dirs (shared storage on multi-node clusters); env BERT_ORCH_RUNS."""
     run_dir: Optional[str] = None
     """Set by the CLI from Hydra's output dir; where plan.json, checkpoints and export go."""
     plan_only: bool = False
