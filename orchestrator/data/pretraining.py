@@ -319,6 +319,12 @@ class PretrainingRows:
     def __len__(self) -> int:
         return len(self.row_offsets) - 1
 
+    def step_order(self, global_batch_size: int, seed: int):
+        """Which rows each step consumes: one global permutation per epoch (small corpora)."""
+        from orchestrator.data.order import StepOrder
+
+        return StepOrder(len(self), global_batch_size, seed)
+
     def row_tokens(self, i: int) -> int:
         s = self.samples[self.row_samples[self.row_offsets[i] : self.row_offsets[i + 1]]]
         return int(sample_lengths(np.asarray(s)).sum())

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from orchestrator.data.order import StepOrder
 from orchestrator.data.pretraining import EVAL_EPOCH, open_split
 from orchestrator.plan.job_plan import JobPlan
 from orchestrator.worker import checkpoint as ckpt
@@ -100,7 +99,7 @@ def collate(rows: list[dict[str, np.ndarray]], pad_id: int, nsp: bool) -> dict[s
 class StepBatches(torch.utils.data.Dataset):
     """Micro batch j of this rank, counted from the resume step: what a DataLoader prefetches."""
 
-    def __init__(self, rows, order: StepOrder, plan: JobPlan, d: Dist, start_step: int, pad_id: int, nsp: bool):
+    def __init__(self, rows, order, plan: JobPlan, d: Dist, start_step: int, pad_id: int, nsp: bool):
         self.rows, self.order, self.plan, self.d = rows, order, plan, d
         self.start_step, self.pad_id, self.nsp = start_step, pad_id, nsp
         self.accum = plan.grad_accum_steps
@@ -223,7 +222,7 @@ def run(plan_dict: dict[str, Any], reporter: Optional[Reporter] = None, interact
     nsp = job.task.nsp
     train_rows = open_split(ds["data_dir"], "train", job, tokenizer)
     eval_rows = open_split(ds["data_dir"], "eval", job, tokenizer)
-    order = StepOrder(len(train_rows), plan.global_batch_size, job.train.seed)
+    order = train_rows.step_order(plan.global_batch_size, job.train.seed)
 
     model = build_pretraining_model(job.model, ds["vocab_size"], pad_id, nsp, job.train.seed)
     if job.train.init_from:
