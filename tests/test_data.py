@@ -126,7 +126,7 @@ def test_packed_attention_equals_separate_sequences():
     import torch
 
     from orchestrator.model.build import build_pretraining_model
-    from orchestrator.worker.loop import collate
+    from orchestrator.worker.pretrain_task import collate
 
     job = _job()
     prepared, tok, rows = _open(job)

@@ -85,3 +85,48 @@ def build_pretraining_model(model_cfg, vocab_size: int, pad_token_id: int, nsp: 
     torch.manual_seed(seed)  # identical initial weights on every rank and every run
     model = BertPretrainingModel(bert_config(model_cfg, vocab_size, pad_token_id), nsp=nsp)
     return model
+
+
+def resolve_init_dir(init_from: str):
+    """A run dir (its export/) or any Hugging Face BERT directory holding config.json and weights."""
+    from pathlib import Path
+
+    from orchestrator.errors import ConfigError
+
+    p = Path(init_from).expanduser()
+    src = p / "export" if (p / "export" / "config.json").is_file() else p
+    if not (src / "config.json").is_file():
+        raise ConfigError("train.init_from", f"'{init_from}' holds no model (config.json) and no export/ dir")
+    if not any((src / w).is_file() for w in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")):
+        raise ConfigError("train.init_from", f"'{src}' has config.json but no weights (model.safetensors / pytorch_model.bin)")
+    return src
+
+
+def load_encoder_weights(hf_model, init_from: str, keep_heads: bool) -> None:
+    """Copy the encoder (and, for pretraining, the MLM/NSP heads) from init_from into hf_model.
+
+    Refuses a checkpoint whose vocabulary or shape differs from the job's model.
+    """
+    from transformers import BertModel
+
+    from orchestrator.errors import ConfigError
+
+    src = resolve_init_dir(init_from)
+    loaded_cfg = type(hf_model.config).from_pretrained(str(src), local_files_only=True)
+    mine = hf_model.config
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        if getattr(loaded_cfg, key) != getattr(mine, key):
+            raise ConfigError(
+                "train.init_from",
+                f"'{src}' has {key}={getattr(loaded_cfg, key)} but the job's model has {getattr(mine, key)}",
+            )
+    if keep_heads:
+        from transformers import BertForPreTraining
+
+        loaded = BertForPreTraining.from_pretrained(str(src), local_files_only=True)
+        hf_model.load_state_dict(loaded.state_dict(), strict=False)
+    else:
+        encoder = BertModel.from_pretrained(str(src), local_files_only=True, add_pooling_layer=True)
+        missing, unexpected = hf_model.bert.load_state_dict(encoder.state_dict(), strict=False)
+        if unexpected:
+            raise ConfigError("train.init_from", f"'{src}' has weights the encoder does not: {unexpected[:3]}")
