@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import ConfigError, OrchestratorError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("orchestrator")
@@ -21,10 +21,12 @@ def _console():
 
 
 def prepare_data(job) -> Any:
-    """Driver-side data preparation: the tokenizer and the token arrays every worker memory-maps."""
+    """Driver-side data preparation: the tokenizer and the token arrays / features every worker loads."""
     from orchestrator.data.pretraining import prepare_pretraining_data
-    from orchestrator.plan.job_plan import DatasetStats
+    from orchestrator.plan.job_plan import FINETUNE_TASKS, DatasetStats
 
+    if job.task.name in FINETUNE_TASKS:
+        return _prepare_finetune(job)
     prepared = prepare_pretraining_data(job)
     stats = DatasetStats(
         train_rows=prepared.train_rows,
@@ -36,6 +38,32 @@ def prepare_data(job) -> Any:
         most_frequent_token_id=prepared.most_frequent_token_id,
     )
     return stats, prepared
+
+
+def _prepare_finetune(job):
+    import json
+
+    from orchestrator.data.finetune_prep import prepare_finetune_data
+    from orchestrator.plan.job_plan import DatasetStats
+
+    prepared = prepare_finetune_data(job, job.run_dir)
+    if prepared.model_config_dir:  # the encoder's shape is the checkpoint's, whatever model= says
+        src = json.loads((Path(prepared.model_config_dir) / "config.json").read_text())
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                    "max_position_embeddings", "type_vocab_size"):
+            setattr(job.model, key, src[key])
+        job.model.name = f"from {prepared.model_config_dir}"
+    stats = DatasetStats(
+        train_rows=prepared.train_rows,
+        eval_rows=prepared.eval_rows,
+        train_tokens=prepared.train_tokens,
+        vocab_size=prepared.vocab_size,
+        data_dir=prepared.data_dir,
+        tokenizer_dir=prepared.tokenizer_dir,
+        labels=prepared.labels,
+        model_config_dir=prepared.model_config_dir,
+    )
+    return stats, None
 
 
 def make_plan(cfg, run_dir: Optional[str] = None, prepare: bool = True):
@@ -52,12 +80,15 @@ def make_plan(cfg, run_dir: Optional[str] = None, prepare: bool = True):
     check_run_dir(job.run_dir or "")
     stats = None
     prepared = None
-    if prepare:
+    if prepare or job.train.epochs is not None:  # an epoch count needs the dataset's size
         stats, prepared = prepare_data(job)
     else:
         corpus_spec(job.data)  # missing or empty files are refused even when only planning
         if job.tokenizer.source == "dir":
             load_tokenizer_dir(job.tokenizer.path)
+    if stats is not None and job.task.max_seq_length > job.model.max_position_embeddings:
+        raise ConfigError("task.max_seq_length", f"{job.task.max_seq_length} exceeds the checkpoint's"
+                          f" max_position_embeddings {job.model.max_position_embeddings}")
     plan = build_plan(job, stats)
     return plan, prepared
 
@@ -96,11 +127,70 @@ def print_summary(summary: dict[str, Any]) -> None:
     _console().print(table)
 
 
-def train(cfg, run_dir: Optional[str] = None, interactive: bool = True) -> dict[str, Any]:
-    """Compose-free entry (tests call this): plan, write plan.json, launch, write summary on failure too."""
+def compose_config(overrides: list[str]):
+    """Compose conf/config.yaml with overrides, inside a running Hydra app or outside one."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="config", overrides=overrides)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+# Overrides of the pipeline command that reach every stage: placement and speed, never the math.
+PASS_THROUGH = ("launcher", "compute", "engine", "logger", "data.cache_dir", "data.loader_workers")
+
+
+def run_pipeline(job, run_dir: str, passed: list[str], interactive: bool) -> dict[str, Any]:
+    """Run the stages one after the other, each in <run_dir>/<stage>; compare the named stages at the end."""
+    from rich.table import Table
+
     from orchestrator.worker.metrics import write_json_atomic
 
-    plan, prepared = make_plan(cfg, run_dir, prepare=not _plan_only(cfg))
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    keep = [o for o in passed if o.lstrip("+~").split("=")[0].split(".")[0] in PASS_THROUGH
+            or o.lstrip("+~").split("=")[0] in PASS_THROUGH]
+    stages: dict[str, Any] = {}
+    for st in job.pipeline.stages:
+        overrides = [o.replace("{pipeline_dir}", str(Path(run_dir).resolve())) for o in st.overrides] + keep
+        _console().rule(f"[bold]pipeline stage {st.name}: {' '.join(overrides)}")
+        if job.plan_only:
+            if any("{pipeline_dir}" in o for o in st.overrides):
+                _console().print(f"  (stage {st.name} builds on earlier stages: planned when they have run)")
+                continue
+            train(compose_config([*overrides, "plan_only=true"]), run_dir=str(Path(run_dir) / st.name))
+            continue
+        result = train(compose_config(overrides), run_dir=str(Path(run_dir) / st.name), interactive=interactive)
+        stages[st.name] = {k: result.get(k) for k in ("status", "final_eval", "main_metric", "best_metric", "run_dir")}
+        stages[st.name]["overrides"] = overrides
+    if job.plan_only:
+        return {"status": "planned", "pipeline": True, "run_dir": run_dir}
+    summary: dict[str, Any] = {"status": "completed", "pipeline": True, "stages": stages, "run_dir": run_dir}
+    if job.pipeline.compare:
+        table = Table(title="pipeline comparison")
+        table.add_column("stage")
+        metrics = sorted({k for n in job.pipeline.compare for k in (stages[n]["final_eval"] or {})})
+        for m in metrics:
+            table.add_column(m, justify="right")
+        for n in job.pipeline.compare:
+            ev = stages[n]["final_eval"] or {}
+            table.add_row(n, *[f"{ev[m]:.4f}" if isinstance(ev.get(m), float) else str(ev.get(m, "")) for m in metrics])
+        _console().print(table)
+        summary["compare"] = {n: stages[n]["final_eval"] for n in job.pipeline.compare}
+    write_json_atomic(Path(run_dir) / "summary.json", summary)
+    return summary
+
+
+def train(cfg, run_dir: Optional[str] = None, interactive: bool = True, passed: Optional[list[str]] = None) -> dict[str, Any]:
+    """Compose-free entry (tests call this): plan, write plan.json, launch, write summary on failure too."""
+    from orchestrator.config.schema import JobConfig, to_job_config
+    from orchestrator.worker.metrics import write_json_atomic
+
+    job = cfg if isinstance(cfg, JobConfig) else to_job_config(cfg)
+    if job.pipeline.stages:
+        return run_pipeline(job, job.run_dir or run_dir or "runs/pipeline", passed or [], interactive)
+    plan, prepared = make_plan(job, run_dir, prepare=not job.plan_only)
     print_plan(plan, prepared)
     plan.write(plan.run_dir)
     if plan.job.plan_only:
@@ -125,13 +215,6 @@ def train(cfg, run_dir: Optional[str] = None, interactive: bool = True) -> dict[
     return summary
 
 
-def _plan_only(cfg) -> bool:
-    try:
-        return bool(cfg.plan_only)
-    except AttributeError:
-        return False
-
-
 def hydra_entry(cfg) -> Any:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -139,7 +222,8 @@ def hydra_entry(cfg) -> Any:
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
     try:
-        return train(cfg, run_dir=run_dir, interactive=sys.stderr.isatty())
+        passed = list(hc.overrides.task)
+        return train(cfg, run_dir=run_dir, interactive=sys.stderr.isatty(), passed=passed)
     except OrchestratorError as exc:
         if hc.mode == RunMode.MULTIRUN:
             raise  # the sweep reports the failed member and goes on

@@ -37,7 +37,7 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: str = "pretrain"
-    """Task: pretrain (MLM, optional NSP)."""
+    """Task: pretrain (MLM, optional NSP) | classify | ner | qa."""
     max_seq_length: int = 128
     """Tokens per sample including [CLS]/[SEP]; at most model.max_position_embeddings."""
     mlm_probability: float = 0.15
@@ -58,6 +58,43 @@ class TaskConfig:
     """Probability of a shorter target length when building samples (BERT's create_pretraining_data)."""
     packing: bool = True
     """Pack several short samples into one row, with position/segment resets and block-diagonal attention."""
+    # ---- fine-tuning (classify, ner, qa) ----
+    train_file: Optional[str] = None
+    """Fine-tuning: labelled training file (tsv/csv/jsonl, CoNLL, SQuAD JSON)."""
+    eval_file: Optional[str] = None
+    """Fine-tuning: labelled evaluation file, same format."""
+    synthetic: Optional[str] = None
+    """Fine-tuning on generated data instead of files: consistency | sentiment | pair | ner | squad | squad_v2."""
+    synthetic_train: int = 400
+    """Generated training examples (paragraphs for squad)."""
+    synthetic_eval: int = 400
+    """Generated evaluation examples."""
+    text_column: str = "sentence"
+    """Classification: column (or jsonl field) of the first text."""
+    text_pair_column: Optional[str] = None
+    """Classification: column of the second text of a pair (null = single sentences)."""
+    label_column: str = "label"
+    """Classification: column of the label (strings or integers)."""
+    file_format: Optional[str] = None
+    """Classification: tsv | csv | jsonl (null = from the file suffix)."""
+    token_column: int = 0
+    """NER: column of the token in CoNLL lines."""
+    tag_column: int = -1
+    """NER: column of the BIO/IOB2 tag."""
+    doc_stride: int = 128
+    """QA: tokens shared by consecutive windows of a long context."""
+    max_query_length: int = 64
+    """QA: question tokens kept."""
+    n_best_size: int = 20
+    """QA: start/end candidates considered per window."""
+    max_answer_length: int = 30
+    """QA: longest answer in tokens."""
+    version_2: bool = False
+    """QA: SQuAD v2.0 (questions may have no answer)."""
+    null_score_diff_threshold: float = 0.0
+    """QA v2: predict no answer when the null score beats the best span by more than this."""
+    main_metric: Optional[str] = None
+    """Metric that picks the best checkpoint (null: accuracy / f1 / f1 for classify / ner / qa)."""
 
 
 @dataclass
@@ -80,6 +117,8 @@ class DataConfig:
     """Threads used to tokenise the corpus (the tokenizers library parallelises in Rust)."""
     loader_workers: int = 0
     """DataLoader worker processes per training worker that prefetch batches (0 = in the training process)."""
+    prepared_dir: Optional[str] = None
+    """For source=prepared: a dataset written by `python -m orchestrator.prepare` (manifest.json + Arrow shards)."""
 
 
 @dataclass
@@ -218,8 +257,8 @@ class TrainConfig:
     """Tokens (non-padding) to train on; steps = budget / tokens per step."""
     log_every_steps: int = 10
     """Write a metrics line every N optimizer steps."""
-    eval_every_steps: int = 100
-    """Evaluate on the held-out split every N steps (and at the end)."""
+    eval_every_steps: Optional[int] = 100
+    """Evaluate on the held-out split every N steps (and at the end); null = every epoch."""
     checkpoint_every_steps: int = 100
     """Checkpoint every N steps (and at the end)."""
     keep_last: int = 2
@@ -230,6 +269,22 @@ class TrainConfig:
     """Initialise the weights from a run dir or export dir (e.g. phase 2 from phase 1); optimizer starts fresh."""
     write_ledger: bool = False
     """Write which rows every rank consumed at every step to ledger/rank<R>.jsonl (proves exactly-once data)."""
+
+
+@dataclass
+class StageConfig:
+    name: str = "stage"
+    """Stage name: its run dir is <pipeline run dir>/<name>."""
+    overrides: List[str] = field(default_factory=list)
+    """Hydra overrides composing the stage's job; {pipeline_dir} is replaced by the pipeline's run dir."""
+
+
+@dataclass
+class PipelineConfig:
+    stages: List[StageConfig] = field(default_factory=list)
+    """Jobs run one after the other (e.g. pretrain, then fine-tune from its run dir)."""
+    compare: List[str] = field(default_factory=list)
+    """Stage names whose final eval metrics the pipeline summary sets side by side."""
 
 
 @dataclass
@@ -253,6 +308,8 @@ class JobConfig:
     """Set by the CLI from Hydra's output dir; where plan.json, checkpoints and export go."""
     plan_only: bool = False
     """Print the plan and exit without starting Ray or a worker."""
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    """When stages are given, the job is this sequence of jobs."""
     debug_note: Optional[str] = None
     """Set by debug configs: says why the run is small."""
 

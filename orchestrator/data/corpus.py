@@ -209,3 +209,56 @@ def is_eval_document(doc: Document, eval_fraction: float) -> bool:
         return False
     digest = hashlib.blake2b("\n".join(doc).encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < eval_fraction
+
+
+def synthetic_consistency_examples(n: int, seed: int) -> list[tuple[str, int]]:
+    """A labelled task over the grammar's world: is the sentence consistent with it (1) or corrupted (0)?
+
+    Consistent sentences state facts the pretraining corpus repeats (a dog barks, soup is eaten with a
+    spoon, tuesday follows monday); corrupted ones swap one fact. An encoder pretrained on the corpus
+    has seen these facts; a random one must learn them from the few labelled examples.
+    """
+    rng = random.Random(seed)
+    out: list[tuple[str, int]] = []
+    animals, foods, jobs = list(_ANIMALS), list(_FOODS), list(_JOBS)
+    for i in range(n):
+        label = i % 2  # balanced
+        name = rng.choice(_NAME_LIST)
+        kind = rng.randrange(4)
+        if kind == 0:
+            animal = rng.choice(animals)
+            sound = _ANIMALS[animal][1]
+            if not label:
+                sound = _ANIMALS[rng.choice([a for a in animals if _ANIMALS[a][1] != sound])][1]
+            text = f"the {animal} {sound} when {name} comes home ."
+        elif kind == 1:
+            food = rng.choice(foods)
+            utensil, taste = _FOODS[food]
+            if not label:
+                taste = rng.choice(sorted({t for _, t in _FOODS.values()} - {taste}))
+            text = f"{name} eats {food} with a {utensil} because the {food} is {taste} ."
+        elif kind == 2:
+            d = rng.randint(0, 5)
+            nxt = _DAYS[d + 1] if label else rng.choice([x for j, x in enumerate(_DAYS) if j not in (d, d + 1)])
+            text = f"after {_DAYS[d]} comes {nxt} ."
+        else:
+            job = rng.choice(jobs)
+            product = _JOBS[job] if label else rng.choice([p for j, p in _JOBS.items() if j != job])
+            text = f"{name} works as a {job} and makes {product} in {rng.choice(list(_PLACES))} ."
+        out.append((text, label))
+    rng.shuffle(out)
+    return out
+
+
+def write_consistency_task(directory, n_train: int, n_dev: int, seed: int) -> dict[str, Path]:
+    """train.tsv / dev.tsv (header sentence<TAB>label) of the consistency task."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, n, s in (("train", n_train, seed), ("dev", n_dev, seed + 1)):
+        p = d / f"{split}.tsv"
+        tmp = d / f".{split}.tsv.tmp"
+        tmp.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in synthetic_consistency_examples(n, s)))
+        os.replace(tmp, p)
+        paths[split] = p
+    return paths

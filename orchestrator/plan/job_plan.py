@@ -16,7 +16,9 @@ from orchestrator.plan.batch import BatchPlan, resolve_batch
 from orchestrator.plan.deepspeed_config import render_deepspeed_config
 
 MASKING_UNITS = ("token", "whole_word", "span")
-TASKS = ("pretrain",)
+TASKS = ("pretrain", "classify", "ner", "qa")
+FINETUNE_TASKS = ("classify", "ner", "qa")
+SYNTHETIC_TASKS = {"consistency": "classify", "sentiment": "classify", "pair": "classify", "ner": "ner", "squad": "qa", "squad_v2": "qa"}
 LAUNCHERS = ("local", "ray")
 LOGGERS = ("none", "wandb")
 OPTIMIZERS = ("adamw", "lamb")
@@ -36,6 +38,8 @@ class DatasetStats:
     data_dir: str
     tokenizer_dir: str
     most_frequent_token_id: int = -1
+    labels: Optional[list] = None
+    model_config_dir: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,7 @@ def validate_config(cfg: JobConfig) -> None:
     choice("schedule.name", cfg.schedule.name, SCHEDULES)
     choice("engine.backend", e.backend, ENGINES)
     choice("compute.placement_strategy", c.placement_strategy, PLACEMENTS)
-    choice("data.source", cfg.data.source, ("synthetic", "text"))
+    choice("data.source", cfg.data.source, ("synthetic", "text", "prepared"))
     choice("tokenizer.source", cfg.tokenizer.source, ("train", "dir"))
 
     for key, val in (
@@ -246,12 +250,28 @@ def validate_config(cfg: JobConfig) -> None:
         val = getattr(tr, key)
         if val is not None and val <= 0:
             raise ConfigError(f"train.{key}", f"must be > 0, got {val}")
-    for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_last"):
+    if tr.eval_every_steps is not None and tr.eval_every_steps < 1:
+        raise ConfigError("train.eval_every_steps", f"must be >= 1 or null (every epoch), got {tr.eval_every_steps}")
+    if t.name in FINETUNE_TASKS:
+        if t.synthetic is not None:
+            if t.synthetic not in SYNTHETIC_TASKS:
+                raise ConfigError("task.synthetic", f"'{t.synthetic}' is not one of {', '.join(SYNTHETIC_TASKS)}")
+            if SYNTHETIC_TASKS[t.synthetic] != t.name:
+                raise ConfigError("task.synthetic", f"'{t.synthetic}' data is for task={SYNTHETIC_TASKS[t.synthetic]}, not {t.name}")
+        else:
+            for key in ("train_file", "eval_file"):
+                if not getattr(t, key):
+                    raise ConfigError(f"task.{key}", f"task={t.name} needs a {key.replace('_', ' ')} (or task.synthetic)")
+        if t.name == "qa" and not 0 <= t.doc_stride < t.max_seq_length - t.max_query_length - 3:
+            raise ConfigError("task.doc_stride", f"must lie in [0, max_seq_length - max_query_length - 3), got {t.doc_stride}")
+        if t.name == "qa" and t.max_answer_length < 1:
+            raise ConfigError("task.max_answer_length", f"must be >= 1, got {t.max_answer_length}")
+    for key in ("log_every_steps", "checkpoint_every_steps", "keep_last"):
         if getattr(tr, key) < 1:
             raise ConfigError(f"train.{key}", f"must be >= 1, got {getattr(tr, key)}")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError("data.eval_fraction", f"must lie in [0, 1), got {cfg.data.eval_fraction}")
-    if cfg.data.source == "text" and not cfg.data.paths:
+    if cfg.data.source == "text" and not cfg.data.paths and t.name == "pretrain":
         raise ConfigError("data.paths", "data.source=text needs at least one file, glob or directory")
     if cfg.data.source == "synthetic" and cfg.data.synthetic_documents < 10:
         raise ConfigError("data.synthetic_documents", f"need at least 10 documents, got {cfg.data.synthetic_documents}")

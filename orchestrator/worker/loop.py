@@ -6,6 +6,7 @@ tokenizer, the model, the batches of each step, the training stats, the evaluati
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -156,10 +157,16 @@ def run(plan_dict: dict[str, Any], reporter: Optional[Reporter] = None, interact
     eval_every = job.train.eval_every_steps or (plan.steps_per_epoch or plan.total_steps)
 
     def save_best(metrics: dict[str, Any]) -> None:
+        """The best model by the task's main metric, with its eval metrics and predictions (fine-tuning)."""
+
+        def write(tmp: Path) -> None:
+            task.export(engine.module, tmp)
+            write_json_atomic(tmp / "eval_metrics.json", metrics)
+
         with engine.full_weights():
             if d.rank == 0:
-                atomic_save_dir(lambda tmp: task.export(engine.module, tmp), run_dir / "best")
-                write_json_atomic(run_dir / "best" / "metrics.json", metrics)
+                atomic_save_dir(write, run_dir / "best")
+                task.write_predictions(run_dir / "predictions_eval.jsonl")
         d.barrier()
 
     model.train()
@@ -254,8 +261,8 @@ def run(plan_dict: dict[str, Any], reporter: Optional[Reporter] = None, interact
                 atomic_save_dir(lambda tmp: task.export(engine.module, tmp), export_dir)
     d.barrier()
     best_eval = last_eval
-    if task.main_metric is not None and hasattr(task, "final_predictions"):
-        best_eval = task.final_predictions(export_dir, run_dir)  # all ranks: predicts with the exported best model
+    if task.main_metric is not None and (best_dir / "eval_metrics.json").is_file():
+        best_eval = {k: v for k, v in json.loads((best_dir / "eval_metrics.json").read_text()).items() if k != "step"}
 
     summary: dict[str, Any] = {}
     if d.rank == 0:

@@ -1,0 +1,172 @@
+"""Data stage, driver side: fine-tuning files -> validated, tokenised features in the run dir (no torch).
+
+Every file error (missing column, unseen label, bad CoNLL line, bad SQuAD span) is raised here, before
+any worker starts. Workers load the pickled features; they never re-read or re-tokenise the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from orchestrator.errors import ConfigError, DataError
+
+FEATURES_FILE = "features.pkl"
+
+
+@dataclass(frozen=True)
+class FinetuneData:
+    data_dir: str
+    tokenizer_dir: str
+    train_rows: int
+    eval_rows: int
+    train_tokens: int
+    vocab_size: int
+    labels: Optional[list]
+    model_config_dir: Optional[str]
+
+
+def _synthetic_files(task, data_dir: Path, seed: int) -> tuple[str, str]:
+    from orchestrator.data import synthetic_tasks as st
+    from orchestrator.data.corpus import write_consistency_task
+
+    kind, n_tr, n_ev = task.synthetic, task.synthetic_train, task.synthetic_eval
+    out = data_dir / "synthetic"
+    if kind == "consistency":
+        p = write_consistency_task(out, n_tr, n_ev, seed)
+    elif kind in ("sentiment", "pair"):
+        p = st.write_synthetic_classification(out, n_tr, n_ev, seed, pair=kind == "pair")
+    elif kind == "ner":
+        p = st.write_synthetic_ner(out, n_tr, n_ev, seed)
+    else:
+        p = st.write_synthetic_squad(out, n_tr, n_ev, seed, version_2=kind == "squad_v2")
+    return str(p["train"]), str(p["dev"])
+
+
+def _texts(task, split: Any) -> list[str]:
+    if task.name == "classify":
+        return [e.text for e in split] + [e.text_pair for e in split if e.text_pair]
+    if task.name == "ner":
+        return [" ".join(s.tokens) for s in split]
+    return [e.context for e in split] + [e.question for e in split]
+
+
+def _tokenizer_for(job, train_texts: list[str], cache_dir: Path):
+    """init_from's tokenizer (it must match the encoder), else tokenizer.dir, else WordPiece on the train texts."""
+    import hashlib
+
+    from transformers import BertTokenizer
+
+    from orchestrator.data.tokenizer import atomic_save_dir, load_tokenizer_dir, train_wordpiece
+    from orchestrator.model.build import resolve_init_dir
+
+    if job.train.init_from:
+        src = resolve_init_dir(job.train.init_from)
+        cfg = json.loads((src / "config.json").read_text())
+        if job.tokenizer.source == "dir":
+            tok, tok_dir = load_tokenizer_dir(job.tokenizer.path), Path(job.tokenizer.path).expanduser()
+        elif (src / "tokenizer.json").is_file() or (src / "vocab.txt").is_file():
+            tok, tok_dir = load_tokenizer_dir(str(src)), src
+        else:
+            raise ConfigError("tokenizer.path", f"'{src}' has no tokenizer: give tokenizer=dir tokenizer.path=...")
+        if len(tok.get_vocab()) != cfg["vocab_size"]:
+            raise ConfigError(
+                "tokenizer.path",
+                f"tokenizer in '{tok_dir}' has {len(tok.get_vocab())} tokens but the checkpoint '{src}'"
+                f" was trained with vocab_size={cfg['vocab_size']}",
+            )
+        return tok, tok_dir, src
+    if job.tokenizer.source == "dir":
+        return load_tokenizer_dir(job.tokenizer.path), Path(job.tokenizer.path).expanduser(), None
+    h = hashlib.sha256()
+    for t in train_texts:
+        h.update(t.encode("utf-8", "replace"))
+    key = hashlib.sha256(
+        f"ft|{h.hexdigest()}|{job.tokenizer.vocab_size}|{job.tokenizer.min_frequency}|{job.tokenizer.lowercase}".encode()
+    ).hexdigest()[:16]
+    out = cache_dir / "tokenizers" / key
+    if (out / "tokenizer.json").is_file():
+        return BertTokenizer.from_pretrained(str(out), local_files_only=True), out, None
+    tok = train_wordpiece(iter(train_texts), job.tokenizer.vocab_size, job.tokenizer.min_frequency, job.tokenizer.lowercase)
+    atomic_save_dir(lambda d: tok.save_pretrained(str(d)), out)
+    return tok, out, None
+
+
+def prepare_finetune_data(job, run_dir: str) -> FinetuneData:
+    from orchestrator.data import finetuning as ft
+
+    t = job.task
+    data_dir = Path(run_dir) / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if t.synthetic:
+        train_file, eval_file = _synthetic_files(t, data_dir, job.train.seed)
+    else:
+        train_file, eval_file = os.path.expanduser(t.train_file), os.path.expanduser(t.eval_file)
+    if t.name == "classify":
+        read = lambda p: ft.read_classification(  # noqa: E731
+            p, t.text_column, t.text_pair_column, t.label_column, t.file_format
+        )
+    elif t.name == "ner":
+        read = lambda p: ft.read_conll(p, t.token_column, t.tag_column)  # noqa: E731
+    else:
+        read = ft.read_squad
+    train, evals = read(train_file), read(eval_file)
+    cache_dir = Path(os.path.expanduser(job.data.cache_dir)).resolve()
+    tok, tok_dir, model_src = _tokenizer_for(job, _texts(t, train), cache_dir)
+
+    seq = t.max_seq_length
+    labels: Optional[list] = None
+    extra_train: dict[str, Any] = {}
+    extra_eval: dict[str, Any] = {}
+    if t.name == "classify":
+        labels = ft.build_label_map(train)
+        tr = ft.featurize_classification(train, tok, seq, labels, train_file)
+        ev = ft.featurize_classification(evals, tok, seq, labels, eval_file)
+        extra_eval = {"examples": evals}
+    elif t.name == "ner":
+        labels = ft.build_tag_map(train)
+        unseen = sorted({tag for s in evals for tag in s.tags} - set(labels))
+        if unseen:
+            bad = next(s for s in evals if unseen[0] in s.tags)
+            raise DataError(eval_file, f"tag '{unseen[0]}' was not seen in the training file {train_file}", line=bad.line)
+        tr = ft.featurize_ner(train, tok, labels, seq, train_file)
+        ev = ft.featurize_ner(evals, tok, labels, seq, eval_file)
+        extra_eval = {"sentences": evals}
+    else:
+        tr = ft.featurize_qa_train(train, tok, seq, t.doc_stride, t.max_query_length)
+        ev = ft.featurize_qa_eval(evals, tok, seq, t.doc_stride, t.max_query_length)
+        extra_eval = {"examples": evals, "features": ev}
+    tr_rows = ft.feature_rows(tr, [k for k in tr if k not in ("example_index",)])
+    ev_keys = [k for k in ev if k in ("input_ids", "token_type_ids", "attention_mask", "labels")]
+    ev_rows = ft.feature_rows(ev, ev_keys)
+    if t.name == "ner":
+        extra_eval.update(word_ids=ev["word_ids"], num_words=ev["num_words"])
+    if not tr_rows:
+        raise DataError(train_file, "no training examples")
+    if not ev_rows:
+        raise DataError(eval_file, "no evaluation examples")
+    payload = {"train": tr_rows, "eval": ev_rows, "eval_extra": extra_eval, "labels": labels,
+               "train_file": train_file, "eval_file": eval_file}
+    tmp = data_dir / f".{FEATURES_FILE}.tmp"
+    with open(tmp, "wb") as fh:
+        pickle.dump(payload, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, data_dir / FEATURES_FILE)
+    return FinetuneData(
+        data_dir=str(data_dir),
+        tokenizer_dir=str(tok_dir),
+        train_rows=len(tr_rows),
+        eval_rows=len(ev_rows),
+        train_tokens=int(sum(len(r["input_ids"]) for r in tr_rows)),
+        vocab_size=len(tok.get_vocab()),
+        labels=labels,
+        model_config_dir=str(model_src) if model_src else None,
+    )
+
+
+def load_features(data_dir: str) -> dict[str, Any]:
+    with open(Path(data_dir) / FEATURES_FILE, "rb") as fh:
+        return pickle.load(fh)
