@@ -182,6 +182,19 @@ def run_pipeline(job, run_dir: str, passed: list[str], interactive: bool) -> dic
     return summary
 
 
+def _refuse_job_overrides_on_pipeline(passed: list[str]) -> None:
+    """A pipeline's stages compose their own jobs: a job-level override on its command line would be lost."""
+    ignorable = PASS_THROUGH + ("experiment", "run_name", "runs_root", "plan_only", "hydra", "debug")
+    for o in passed:
+        key = o.lstrip("+~").split("=")[0]
+        if key.split(".")[0] not in ignorable and key not in ignorable:
+            raise ConfigError(
+                key,
+                "the experiment is a pipeline of jobs (the default, experiment=quickstart, pretrains then"
+                " fine-tunes); to change one job run it alone, e.g. experiment=quickstart_pretrain " + o,
+            )
+
+
 def train(cfg, run_dir: Optional[str] = None, interactive: bool = True, passed: Optional[list[str]] = None) -> dict[str, Any]:
     """Compose-free entry (tests call this): plan, write plan.json, launch, write summary on failure too."""
     from orchestrator.config.schema import JobConfig, to_job_config
@@ -189,6 +202,7 @@ def train(cfg, run_dir: Optional[str] = None, interactive: bool = True, passed: 
 
     job = cfg if isinstance(cfg, JobConfig) else to_job_config(cfg)
     if job.pipeline.stages:
+        _refuse_job_overrides_on_pipeline(passed or [])
         return run_pipeline(job, job.run_dir or run_dir or "runs/pipeline", passed or [], interactive)
     plan, prepared = make_plan(job, run_dir, prepare=not job.plan_only)
     print_plan(plan, prepared)

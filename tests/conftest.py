@@ -29,12 +29,16 @@ def _session_cache(tmp_path_factory):
 
 
 def compose(overrides: list[str]):
+    """Compose one job. The default experiment is the quickstart *pipeline*; tests of single jobs start
+    from its pretraining stage unless they name an experiment themselves."""
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        if not any(o.startswith("experiment=") for o in overrides):
+            overrides = ["experiment=quickstart_pretrain", *overrides]
         return hcompose(config_name="config", overrides=list(overrides))
 
 

@@ -41,6 +41,7 @@ def test_every_config_composes_and_plans(group, option, tmp_path):
         extra.append(f"tokenizer.path={tmp_path / 'tok'}")
     if group == "task" and option in ("classify", "ner", "qa"):
         extra.append("task.synthetic=" + {"classify": "consistency", "ner": "ner", "qa": "squad"}[option])
+        extra.append("task.max_seq_length=256")
     if group == "optim" and option == "lamb":
         extra.append("engine=zero0")
     if group == "compute":

@@ -39,16 +39,24 @@ def test_zero_stages_0_to_3_give_matching_loss_curves(ray_cluster, tmp_path):
         assert curves[stage] == pytest.approx(curves[0], rel=2e-3), f"ZeRO-{stage} vs ZeRO-0"
 
 
-def test_default_job_learns_well_above_baseline(ray_cluster, tmp_path):
-    """README command 1's job (experiment=quickstart: 2 CPU workers, ZeRO-2 on Ray), run in full."""
-    summary = train(compose([]), run_dir=str(tmp_path / "default"), interactive=False)
-    ev = summary["final_eval"]
+def test_default_pipeline_pretrains_then_finetunes(ray_cluster, tmp_path):
+    """README command 1's job (experiment=quickstart on 2 CPU ZeRO-2 workers on Ray), run in full:
+    pretraining beats the most-frequent-token baseline; both fine-tunes report next to each other."""
+    run_dir = tmp_path / "default"
+    summary = train(compose(["experiment=quickstart"]), run_dir=str(run_dir), interactive=False)
+    pre = json.loads((run_dir / "pretrain" / "summary.json").read_text())
+    ev = pre["final_eval"]
     print("held-out MLM accuracy", ev["eval_mlm_acc"], "most-frequent-token baseline", ev["eval_baseline_most_frequent_acc"])
-    assert summary["world_size"] == 2 and summary["steps"] == 300
+    assert pre["world_size"] == 2 and pre["steps"] == 300
     assert ev["eval_mlm_acc"] > 2 * ev["eval_baseline_most_frequent_acc"], ev
-    plan = json.loads((tmp_path / "default" / "plan.json").read_text())
+    plan = json.loads((run_dir / "pretrain" / "plan.json").read_text())
     assert plan["deepspeed_config"]["zero_optimization"]["stage"] == 2
-    assert (tmp_path / "default" / "export" / "model.safetensors").is_file()
+    assert (run_dir / "pretrain" / "export" / "model.safetensors").is_file()
+    ft, rnd = summary["compare"]["finetune"], summary["compare"]["finetune_random_init"]
+    print("fine-tuned accuracy: pretrained", ft["eval_accuracy"], "random init", rnd["eval_accuracy"])
+    ft_plan = json.loads((run_dir / "finetune" / "plan.json").read_text())
+    assert ft_plan["config"]["train"]["init_from"].endswith("pretrain") and ft_plan["world_size"] == 2
+    assert ft["eval_accuracy"] > rnd["eval_accuracy"] + 0.05
 
 
 KILL_RUN = [

@@ -95,8 +95,7 @@ class JobPlan:
             f"run dir            {self.run_dir}",
             f"model              {j['model']['name']}: {j['model']['num_hidden_layers']} layers x {j['model']['hidden_size']}"
             f" hidden x {j['model']['num_attention_heads']} heads",
-            f"task               {j['task']['name']} (masking={j['task']['masking']}, nsp={j['task']['nsp']},"
-            f" packing={j['task']['packing']})",
+            _task_line(j["task"], self.dataset),
             f"launcher           {j['launcher']['name']}, engine {j['engine']['backend']}"
             + (f" ZeRO-{j['engine']['zero_stage']}" if j['engine']['backend'] == 'deepspeed' else ""),
             f"world              {self.num_nodes} node(s) x {self.workers_per_node} worker(s) = {self.world_size}"
@@ -130,6 +129,14 @@ class JobPlan:
             )
         lines.extend(f"note               {n}" for n in self.notes)
         return lines
+
+
+def _task_line(t: dict[str, Any], dataset: Optional[dict[str, Any]]) -> str:
+    if t["name"] == "pretrain":
+        return f"task               pretrain (masking={t['masking']}, nsp={t['nsp']}, packing={t['packing']})"
+    src = f"synthetic {t['synthetic']}" if t["synthetic"] else f"{t['train_file']} -> {t['eval_file']}"
+    labels = f", {len(dataset['labels'])} labels" if dataset and dataset.get("labels") else ""
+    return f"task               {t['name']} ({src}{labels})"
 
 
 def validate_config(cfg: JobConfig) -> None:

@@ -197,9 +197,18 @@ class FinetuneTask:
                                     max_answer_length=t.max_answer_length, version_2=t.version_2,
                                     null_score_diff_threshold=t.null_score_diff_threshold)
         m = ft.squad_metrics(answers, examples, version_2=t.version_2)
+        # Baseline: the same model reading only each context's first window (no document stride)
+        first = sorted({feats["example_index"][i]: i for i in reversed(range(n))}.values())
+        first_feats = {k: [feats[k][i] for i in first] for k in feats}
+        first_answers = ft.postprocess_qa(examples, first_feats, start[first], end[first], n_best_size=t.n_best_size,
+                                          max_answer_length=t.max_answer_length, version_2=t.version_2,
+                                          null_score_diff_threshold=t.null_score_diff_threshold)
+        mf = ft.squad_metrics(first_answers, examples, version_2=t.version_2)
         self.predictions = [{"id": ex.qid, "question": ex.question, "prediction": answers.get(ex.qid, ""),
                              "answers": [a.text for a in ex.answers]} for ex in examples]
-        res = {"eval_exact": m["exact"], "eval_f1": m["f1"]}
+        res = {"eval_exact": m["exact"], "eval_f1": m["f1"],
+               "eval_first_window_exact": mf["exact"], "eval_first_window_f1": mf["f1"],
+               "eval_windows_per_question": n / max(len(examples), 1)}
         res.update({f"eval_{k}": v for k, v in m.items() if k.startswith(("HasAns", "NoAns"))})
         return res
 
