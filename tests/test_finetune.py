@@ -1,0 +1,156 @@
+"""Fine-tuning jobs end to end (local launcher, CPU): classification, NER, QA; export reload; bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import compose, read_jsonl
+from orchestrator.cli import make_plan, train
+from orchestrator.errors import ConfigError, DataError
+
+LOCAL = ["launcher=local", "compute=cpu1", "engine=torch", "model=tiny"]
+
+
+def _ft(task: str, synthetic: str, *extra: str) -> list[str]:
+    return [*LOCAL, f"task={task}", f"task.synthetic={synthetic}", "train.max_steps=null", "train.eval_every_steps=null",
+            "train.checkpoint_every_steps=1000", "train.log_every_steps=5", *extra]
+
+
+@pytest.fixture(scope="module")
+def classify_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("cls") / "run"
+    summary = train(compose(_ft("classify", "sentiment", "task.max_seq_length=32", "train.epochs=4",
+                                "train.global_batch_size=32", "train.micro_batch_size_per_gpu=32", "optim.lr=1e-3",
+                                "task.synthetic_train=600", "task.synthetic_eval=200")),
+                    run_dir=str(run_dir), interactive=False)
+    return run_dir, summary
+
+
+def test_classification_learns_and_keeps_best(classify_run):
+    run_dir, summary = classify_run
+    recs = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    assert recs[-1]["loss"] < 0.7 * recs[0]["loss"]
+    ev = summary["final_eval"]
+    assert ev["eval_accuracy"] > ev["eval_majority_baseline"] + 0.25, ev
+    assert {"eval_macro_f1", "eval_mcc"} <= ev.keys()
+    evals = [r["eval_accuracy"] for r in read_jsonl(run_dir / "metrics.jsonl") if "eval_accuracy" in r]
+    assert len(evals) == 4, "evaluated every epoch"
+    assert ev["eval_accuracy"] == pytest.approx(max(evals)) and summary["best_metric"] == pytest.approx(max(evals))
+
+
+def test_classification_export_reloads_and_predicts_the_same_labels(classify_run):
+    from transformers import pipeline
+
+    run_dir, _ = classify_run
+    preds = read_jsonl(run_dir / "predictions_eval.jsonl")
+    assert len(preds) == 200 and {"text", "label", "prediction", "line"} <= preds[0].keys()
+    clf = pipeline("text-classification", model=str(run_dir / "export"), tokenizer=str(run_dir / "export"), device="cpu")
+    out = clf([p["text"] for p in preds[:50]])
+    assert [o["label"] for o in out] == [p["prediction"] for p in preds[:50]]
+    cfg = json.loads((run_dir / "export" / "config.json").read_text())
+    assert set(cfg["label2id"]) == {"0", "1"}
+
+
+def test_ner_learns_entities_and_export_predicts_the_same_tags(tmp_path):
+    import torch
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from orchestrator.data.finetuning import decode_ner
+
+    run_dir = tmp_path / "ner"
+    summary = train(compose(_ft("ner", "ner", "task.max_seq_length=48", "train.epochs=6", "train.global_batch_size=16",
+                                "train.micro_batch_size_per_gpu=16", "optim.lr=2e-3")), run_dir=str(run_dir),
+                    interactive=False)
+    ev = summary["final_eval"]
+    assert ev["eval_f1"] > 0.6, ev
+    per_type = summary["final_eval_details"]["eval_per_type"]
+    assert {"PER", "LOC", "ORG"} <= per_type.keys() and all("f1" in v for v in per_type.values())
+    preds = read_jsonl(run_dir / "predictions_eval.jsonl")
+    tok = AutoTokenizer.from_pretrained(str(run_dir / "export"))
+    model = AutoModelForTokenClassification.from_pretrained(str(run_dir / "export")).eval()
+    id2tag = {int(k): v for k, v in model.config.id2label.items()}
+    for p in preds[:20]:
+        enc = tok(p["tokens"], is_split_into_words=True, return_tensors="pt", truncation=True, max_length=48)
+        with torch.no_grad():
+            ids = model(**enc).logits[0].argmax(-1).numpy()
+        assert decode_ner(ids, enc.word_ids(0), id2tag, len(p["tokens"])) == p["predictions"]
+
+
+@pytest.mark.parametrize("version", ["squad", "squad_v2"])
+def test_qa_beats_first_window_baseline(version, tmp_path):
+    run_dir = tmp_path / version
+    summary = train(compose(_ft("qa", version, "task.max_seq_length=96", "task.doc_stride=32", "task.max_query_length=24",
+                                "train.epochs=8", "train.global_batch_size=32", "train.micro_batch_size_per_gpu=32",
+                                "optim.lr=2e-3", "task.synthetic_train=150", "task.synthetic_eval=60",
+                                *(["task.version_2=true"] if version == "squad_v2" else []))),
+                    run_dir=str(run_dir), interactive=False)
+    ev = summary["final_eval"]
+    assert ev["eval_windows_per_question"] > 1.5, "contexts are split into several windows"
+    assert ev["eval_f1"] > ev["eval_first_window_f1"] + 10, ev
+    assert ev["eval_exact"] > ev["eval_first_window_exact"] + 10, ev
+    if version == "squad_v2":
+        assert "eval_NoAns_f1" in ev and "eval_HasAns_f1" in ev
+    preds = read_jsonl(run_dir / "predictions_eval.jsonl")
+    assert preds and {"id", "prediction", "answers"} <= preds[0].keys()
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def _plan(overrides, tmp_path):
+    return make_plan(compose(overrides), run_dir=str(tmp_path / "run"), prepare=True)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_label_column_missing_names_file_and_column(tmp_path):
+    tr = _write(tmp_path / "train.tsv", "sentence\tlabl\na b\t1\n")
+    with pytest.raises(DataError) as ei:
+        _plan([*LOCAL, "task=classify", f"task.train_file={tr}", f"task.eval_file={tr}"], tmp_path)
+    assert str(tr) in str(ei.value) and "label" in str(ei.value)
+
+
+def test_empty_split_names_file(tmp_path):
+    tr = _write(tmp_path / "train.tsv", "sentence\tlabel\na b\t1\nc d\t0\n")
+    ev = _write(tmp_path / "dev.tsv", "sentence\tlabel\n")
+    with pytest.raises(DataError) as ei:
+        _plan([*LOCAL, "task=classify", f"task.train_file={tr}", f"task.eval_file={ev}"], tmp_path)
+    assert str(ev) in str(ei.value)
+
+
+def test_dev_label_unseen_in_train_names_file_and_line(tmp_path):
+    tr = _write(tmp_path / "train.tsv", "sentence\tlabel\na b\t1\nc d\t0\n")
+    ev = _write(tmp_path / "dev.tsv", "sentence\tlabel\na b\t1\nc d\t2\n")
+    with pytest.raises(DataError) as ei:
+        _plan([*LOCAL, "task=classify", f"task.train_file={tr}", f"task.eval_file={ev}"], tmp_path)
+    assert f"{ev}:3" in str(ei.value) and "'2'" in str(ei.value)
+
+
+def test_conll_wrong_column_count_names_line(tmp_path):
+    tr = _write(tmp_path / "train.conll", "John\tB-PER\nlives\tO\n\nParis\tB-LOC\textra\n")
+    with pytest.raises(DataError) as ei:
+        _plan([*LOCAL, "task=ner", f"task.train_file={tr}", f"task.eval_file={tr}"], tmp_path)
+    assert f"{tr}:4" in str(ei.value)
+
+
+def test_squad_answer_start_mismatch_names_question(tmp_path):
+    data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "The capital is Paris .", "qas": [
+        {"id": "q1", "question": "What is the capital ?", "answers": [{"text": "Paris", "answer_start": 3}]}]}]}]}
+    tr = _write(tmp_path / "train.json", json.dumps(data))
+    with pytest.raises(DataError) as ei:
+        _plan([*LOCAL, "task=qa", f"task.train_file={tr}", f"task.eval_file={tr}"], tmp_path)
+    assert str(tr) in str(ei.value) and "q1" in str(ei.value) and "answer_start" in str(ei.value)
+
+
+def test_init_dir_without_weights(tmp_path):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    with pytest.raises(ConfigError) as ei:
+        _plan(_ft("classify", "sentiment", "train.epochs=1", f"train.init_from={d}"), tmp_path)
+    assert "train.init_from" in str(ei.value) and "no weights" in str(ei.value)
