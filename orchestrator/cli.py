@@ -90,7 +90,21 @@ def make_plan(cfg, run_dir: Optional[str] = None, prepare: bool = True):
         raise ConfigError("task.max_seq_length", f"{job.task.max_seq_length} exceeds the checkpoint's"
                           f" max_position_embeddings {job.model.max_position_embeddings}")
     plan = build_plan(job, stats)
+    _check_resume_point(plan)
     return plan, prepared
+
+
+def _check_resume_point(plan) -> None:
+    """A run dir whose newest checkpoint lies beyond the planned steps cannot be resumed into this plan."""
+    from orchestrator.worker.checkpoint import find_latest
+
+    latest = find_latest(plan.run_dir, warn=lambda m: None)
+    if latest is not None and latest.step > plan.total_steps:
+        raise ConfigError(
+            "train.max_steps",
+            f"run dir '{plan.run_dir}' holds a checkpoint at step {latest.step}, beyond the {plan.total_steps}"
+            " steps planned: give more steps or a new run dir",
+        )
 
 
 def print_plan(plan, prepared=None) -> None:
@@ -184,7 +198,7 @@ def run_pipeline(job, run_dir: str, passed: list[str], interactive: bool) -> dic
 
 def _refuse_job_overrides_on_pipeline(passed: list[str]) -> None:
     """A pipeline's stages compose their own jobs: a job-level override on its command line would be lost."""
-    ignorable = PASS_THROUGH + ("experiment", "run_name", "runs_root", "plan_only", "hydra", "debug")
+    ignorable = PASS_THROUGH + ("experiment", "run_name", "runs_root", "plan_only", "hydra")
     for o in passed:
         key = o.lstrip("+~").split("=")[0]
         if key.split(".")[0] not in ignorable and key not in ignorable:

@@ -1,0 +1,351 @@
+"""Launch stage (Ray Jobs): shared helpers for `bert-orch-submit` and the sweep launcher — address and
+token auth, a fail-fast job client, job entrypoints and runtime envs, cluster resource fitting, log
+tailing, and a private `ray start --head` for sweeps and tests.
+
+Nothing here imports torch; ray is imported lazily inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+from urllib.parse import urlparse
+
+from orchestrator.errors import OrchestratorError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# Never uploaded with the working dir (Ray also honours .gitignore): envs, outputs, VCS.
+WORKING_DIR_EXCLUDES = [
+    ".git", ".venv", "venv", "runs", "multirun", "outputs", "wandb", ".cache", ".pytest_cache",
+    "__pycache__", "*.egg-info", "*.pyc",
+]
+# Forwarded into every job's runtime_env when the submitting shell has them (then on to Train workers).
+FORWARD_ENV = (
+    "WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "WANDB_BASE_URL", "WANDB_SILENT", "WANDB_PROJECT",
+    "WANDB_ENTITY", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "BERT_ORCH_CACHE",
+    "BERT_ORCH_FAULT", "TOKENIZERS_PARALLELISM",
+)
+AUTH_HELP = (
+    "this Ray cluster uses token authentication: export RAY_AUTH_MODE=token and make the cluster's "
+    "token available as RAY_AUTH_TOKEN, in the file named by RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token "
+    "(print it on the head node with `ray get-auth-token`)"
+)
+
+
+class ClusterUnreachable(OrchestratorError):
+    """No Ray job server answers at the address. The message names it."""
+
+
+class ClusterAuthError(OrchestratorError):
+    """The cluster refused our (missing or wrong) token. The message says what to set."""
+
+
+# ---------------------------------------------------------------------------------------------
+# address and auth
+
+
+def resolve_address(explicit: Optional[str] = None, default: Optional[str] = DEFAULT_DASHBOARD) -> Optional[str]:
+    """--address / hydra.launcher.address, then RAY_API_SERVER_ADDRESS (the `ray job` CLI's own), then RAY_ADDRESS."""
+    for value in (explicit, os.environ.get("RAY_API_SERVER_ADDRESS"), os.environ.get("RAY_ADDRESS")):
+        if value:
+            return value.strip()
+    return default
+
+
+def local_token_available() -> bool:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        return Path(path).expanduser().is_file()
+    return (Path.home() / ".ray" / "auth_token").is_file()
+
+
+def ensure_token_auth_env() -> str:
+    """Turn on token auth for this process's Ray clients when a token is at hand and the mode is unset.
+
+    Ray 2.60's `ray start --head` enables token auth, but clients only send the token with
+    RAY_AUTH_MODE=token. Sending it to a cluster without auth is harmless, so: token found -> send it.
+    Returns the mode in effect ("token" / "disabled" / "unset").
+    """
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is None and local_token_available():
+        os.environ["RAY_AUTH_MODE"] = "token"
+        mode = "token"
+        try:  # Ray caches its config per process: refresh it if ray was already imported
+            if "ray._raylet" in sys.modules:
+                from ray._raylet import Config
+
+                Config.initialize("")
+        except Exception:  # pragma: no cover - best effort on other Ray versions
+            pass
+    return mode or "unset"
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    if "://" not in address:
+        address = "tcp://" + address
+    u = urlparse(address)
+    if not u.hostname:
+        raise ClusterUnreachable(f"cannot parse Ray address '{address}'")
+    default = 443 if u.scheme == "https" else (8265 if u.scheme == "http" else 6379)
+    return u.hostname, u.port or default
+
+
+def check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """A plain TCP connect, so a wrong address fails in seconds (not after the SDK's retries)."""
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, port = _host_port(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return
+    except OSError as exc:
+        raise ClusterUnreachable(
+            f"no Ray cluster answers at {address} ({exc.strerror or exc}): start one with `ray start --head` "
+            f"or pass the head's dashboard address (--address / hydra.launcher.address / RAY_ADDRESS, "
+            f"e.g. http://<head>:8265)"
+        ) from None
+
+
+def job_client(address: str):
+    """JobSubmissionClient with token auth set up; errors name the address and what to do."""
+    ensure_token_auth_env()
+    check_reachable(address)
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except AuthenticationError as exc:
+        raise ClusterAuthError(f"{address}: {AUTH_HELP} ({str(exc).splitlines()[0]})") from None
+    except ConnectionError as exc:
+        raise ClusterUnreachable(f"no Ray job server at {address}: {str(exc).splitlines()[0]}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# what a job is
+
+
+def entrypoint(overrides: Iterable[str], python: str = "python") -> str:
+    """`python -m orchestrator <overrides>`, each override shell-quoted (Ray runs the entrypoint in a shell)."""
+    return " ".join([python, "-m", "orchestrator", *(shlex.quote(o) for o in overrides)])
+
+
+def forwarded_env(extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
+    env.update(extra or {})
+    return env
+
+
+def runtime_env(working_dir: Optional[str | Path], env_vars: Mapping[str, str]) -> dict[str, Any]:
+    renv: dict[str, Any] = {"env_vars": dict(env_vars)}
+    if working_dir:
+        renv["working_dir"] = str(working_dir)
+        renv["excludes"] = list(WORKING_DIR_EXCLUDES)
+    return renv
+
+
+# ---------------------------------------------------------------------------------------------
+# resources
+
+
+def member_resources(plan) -> dict[str, float]:
+    """What a training run holds while it runs: its Train workers (the job driver reserves nothing)."""
+    c = plan.job.compute
+    need = {"CPU": float(plan.world_size * c.cpus_per_worker)}
+    if c.use_gpu:
+        need["GPU"] = float(plan.world_size)
+    return need
+
+
+def fits(need: Mapping[str, float], free: Mapping[str, float]) -> bool:
+    return all(v <= free.get(k, 0.0) + 1e-9 for k, v in need.items() if v > 0)
+
+
+def cluster_resources(client) -> tuple[dict[str, float], dict[str, float]]:
+    """(total, available) resources of the cluster behind a job client, from the dashboard's GCS view."""
+    resp = client._do_request("GET", "/api/cluster_status?format=0")
+    if resp.status_code != 200:
+        raise OrchestratorError(f"{client.get_address()}: cluster status returned HTTP {resp.status_code}")
+    usage = resp.json()["data"]["clusterStatus"]["loadMetricsReport"]["usage"]
+    total = {k: float(v[1]) for k, v in usage.items()}
+    available = {k: float(v[1]) - float(v[0]) for k, v in usage.items()}
+    return total, available
+
+
+# ---------------------------------------------------------------------------------------------
+# following a job
+
+
+def job_times(info) -> tuple[Optional[float], Optional[float]]:
+    """Start and end of a job in epoch seconds (Ray reports milliseconds)."""
+    start = info.start_time / 1000.0 if getattr(info, "start_time", None) else None
+    end = info.end_time / 1000.0 if getattr(info, "end_time", None) else None
+    return start, end
+
+
+def wait_for_job(client, job_id: str, timeout_s: Optional[float] = None, poll_s: float = 1.0) -> str:
+    deadline = time.time() + timeout_s if timeout_s else None
+    while True:
+        status = str(client.get_job_status(job_id).value)
+        if status in TERMINAL:
+            return status
+        if deadline and time.time() > deadline:
+            raise TimeoutError(f"job {job_id} still {status} after {timeout_s:.0f}s")
+        time.sleep(poll_s)
+
+
+def tail_logs(client, job_id: str, out=sys.stdout) -> str:
+    """Stream a job's logs until it ends; returns its final status."""
+    import asyncio
+
+    async def _tail():
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        asyncio.run(_tail())
+    except Exception:  # the log websocket can drop at the end of a job: fall back to polling
+        pass
+    return wait_for_job(client, job_id)
+
+
+def error_line(logs: str, fallback: str = "") -> str:
+    """The line that says why a run failed: our CLI's `error: ...`, else the last exception line."""
+    lines = [ln.strip() for ln in (logs or "").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ln.startswith("error:"):
+            return ln[len("error:"):].strip()
+    for ln in reversed(lines):
+        head = ln.split(":", 1)[0]
+        if head.endswith(("Error", "Exception")) and " " not in head:
+            return ln
+    return (fallback or (lines[-1] if lines else "")).splitlines()[0] if (fallback or lines) else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# a private Ray head (sweeps without an address, tests)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalHead:
+    """`ray start --head --block` on loopback with its own ports and temp dir, stoppable on its own.
+
+    `--block` keeps the Ray processes in one process group (ours, via a new session), so stopping
+    this head never touches another Ray on the machine (unlike a bare `ray stop`).
+    """
+
+    num_cpus: Optional[int] = None
+    temp_dir: Optional[str] = None
+    env: dict[str, str] = field(default_factory=dict)
+    ray_bin: Optional[str] = None
+    proc: Optional[subprocess.Popen] = None
+    dashboard_port: int = 0
+    gcs_port: int = 0
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    def start(self, timeout_s: float = 90.0) -> "LocalHead":
+        import tempfile
+
+        # unix socket paths are limited to ~107 bytes: keep the temp dir short
+        self.temp_dir = self.temp_dir or tempfile.mkdtemp(prefix="rh_", dir="/tmp")
+        Path(self.temp_dir).mkdir(parents=True, exist_ok=True)
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        ray_bin = self.ray_bin or str(Path(sys.executable).with_name("ray"))
+        cmd = [
+            ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+            f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
+            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+            f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+        ]
+        if self.num_cpus is not None:
+            cmd.append(f"--num-cpus={self.num_cpus}")
+        env = dict(os.environ)
+        # the job's `python` must be this interpreter (the one with the project's dependencies)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+            env.pop(k, None)
+        env.update(self.env)
+        self.log_path = Path(self.temp_dir) / "ray_start.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise OrchestratorError(f"ray start --head exited ({self.proc.returncode}): see {self.log_path}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.dashboard_port), timeout=1):
+                    pass
+                if "--block" in self.log_path.read_text():
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise OrchestratorError(f"Ray head did not come up in {timeout_s:.0f}s: see {self.log_path}")
+
+    def session_pids(self) -> list[int]:
+        """Processes of this head: its process group, plus any process naming its temp dir."""
+        import psutil
+
+        pids = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if self.proc and os.getpgid(p.info["pid"]) == self.proc.pid:
+                    pids.append(p.info["pid"])
+                elif self.temp_dir and any(self.temp_dir in (a or "") for a in (p.info["cmdline"] or [])):
+                    pids.append(p.info["pid"])
+            except (ProcessLookupError, psutil.Error, OSError):
+                continue
+        return sorted(set(pids) - {os.getpid()})
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.time() + grace_s
+        while time.time() < deadline and self.session_pids():
+            time.sleep(0.3)
+        for pid in self.session_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.proc = None
+        self._log.close()

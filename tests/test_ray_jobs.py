@@ -1,0 +1,150 @@
+"""Ray Jobs on a real `ray start --head` (loopback, own ports and temp dir, token auth on): the documented
+`ray job submit` path, stop + resubmit resumes from the newest checkpoint, and a dead address fails fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, read_jsonl
+from orchestrator.launch import ray_job
+
+SMOKE = ["experiment=quickstart_pretrain", "debug=smoke", "launcher=ray", "compute=cpu1"]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A private 2-CPU Ray head; only its own processes are stopped at the end (never a bare `ray stop`)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+            mp.delenv(k, raising=False)
+        mp.setenv("RAY_AUTH_MODE", "token")  # the head below has token auth on (Ray 2.60's default)
+        h = ray_job.LocalHead(num_cpus=2).start()
+        try:
+            yield h
+        finally:
+            h.stop()
+            assert not h.session_pids(), "the head's processes are gone"
+
+
+def _env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
+    env.update(extra)
+    return env
+
+
+@pytest.mark.slow
+def test_ray_job_submit_cli_runs_on_the_cluster(head, tmp_path):
+    """The README's `ray job submit` command: SUCCEEDED, the summary is in the shared run dir, and the job
+    joined this cluster (no nested Ray: its Train workers' CPUs were taken from this head)."""
+    runs = tmp_path / "runs"
+    renv = {"env_vars": {"BERT_ORCH_RUNS": str(runs), "BERT_ORCH_CACHE": os.environ["BERT_ORCH_CACHE"],
+                         "WANDB_MODE": "offline"}}
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", head.dashboard_url, "--working-dir", ".",
+           "--entrypoint-num-cpus", "0", "--runtime-env-json", json.dumps(renv), "--no-wait",
+           "--", "python", "-m", "orchestrator", *SMOKE]
+
+    # token auth: without RAY_AUTH_MODE=token the CLI is refused, and says what to set
+    t0 = time.time()
+    denied = subprocess.run(cmd, cwd=REPO, env={k: v for k, v in _env().items() if k != "RAY_AUTH_MODE"},
+                            capture_output=True, text=True, timeout=120)
+    assert denied.returncode != 0
+    assert "authentication" in (denied.stdout + denied.stderr).lower(), denied.stderr[-2000:]
+    print(f"unauthenticated submit refused in {time.time() - t0:.1f}s")
+
+    out = subprocess.run(cmd, cwd=REPO, env=_env(RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    job_id = next(ln.split("'")[1] for ln in (out.stdout + out.stderr).splitlines() if "submitted successfully" in ln)
+    client = ray_job.job_client(head.dashboard_url)
+    peak_used = 0.0
+    deadline = time.time() + 240
+    while (status := str(client.get_job_status(job_id).value)) not in ray_job.TERMINAL:
+        total, avail = ray_job.cluster_resources(client)
+        peak_used = max(peak_used, total["CPU"] - avail["CPU"])
+        assert time.time() < deadline, "job did not finish in 240s"
+        time.sleep(0.5)
+    logs = client.get_job_logs(job_id)
+    assert status == "SUCCEEDED", logs[-4000:]
+    summary = json.loads((runs / "quickstart_pretrain" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 20
+    assert summary["final_eval"]["eval_mlm_acc"] > 0
+    assert (runs / "quickstart_pretrain" / "export" / "model.safetensors").is_file()
+    # no nested Ray: the driver connected to this head's GCS, never started a local instance ...
+    assert f"Connecting to existing Ray cluster at address: " in logs and f":{head.gcs_port}" in logs
+    assert "Started a local Ray instance" not in logs
+    # ... and its Train worker (1 CPU) ran on this head's resources, with the driver itself holding none
+    assert peak_used == 1.0, peak_used
+    from ray.util.state import list_nodes
+
+    assert len(list_nodes(address=head.dashboard_url)) == 1
+
+
+def _submit(args: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "bert-orch-submit"), *args], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, **kw)
+
+
+@pytest.mark.slow
+def test_stopped_job_resumes_from_its_checkpoint_when_resubmitted(head, tmp_path):
+    runs = tmp_path / "runs"
+    overrides = [*SMOKE, "train.max_steps=60", "train.checkpoint_every_steps=10", "train.keep_last=10",
+                 "train.log_every_steps=1", "train.eval_every_steps=60"]
+    base = ["--address", head.dashboard_url, "--runs-root", str(runs)]
+    first = _submit([*base, "--no-wait", *overrides], timeout=120)
+    assert first.returncode == 0, first.stderr[-3000:]
+    job_id = next(ln.split()[-1] for ln in first.stdout.splitlines() if ln.startswith("job id"))
+    run_dir = Path(next(ln.split(None, 2)[-1] for ln in first.stdout.splitlines() if ln.startswith("run dir")))
+    assert run_dir == runs / "quickstart_pretrain"
+    ckpts = run_dir / "checkpoints"
+    deadline = time.time() + 240
+    while not (ckpts / "step_00000020").is_dir():
+        assert time.time() < deadline, _submit([*base, "--status", job_id]).stdout
+        time.sleep(0.2)
+    stop = _submit([*base, "--stop", job_id], timeout=180)
+    assert stop.returncode == 0 and "STOPPED" in stop.stdout, stop.stdout + stop.stderr[-2000:]
+    done = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_"))
+    assert done and not any(p.name.endswith(".tmp") for p in ckpts.iterdir() if p.name.startswith("step_"))
+    if (run_dir / "summary.json").exists():
+        assert json.loads((run_dir / "summary.json").read_text())["status"] != "completed"
+    newest = ckpts / done[-1]
+    manifest = json.loads((newest / "manifest.json").read_text())
+    assert manifest, "the newest checkpoint is complete"
+    stopped_at = int(done[-1].split("_")[1])
+    assert 20 <= stopped_at < 60
+
+    again = _submit([*base, *overrides], timeout=300)  # same overrides -> same run dir -> resume
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 60
+    assert summary["resumed_from"] is not None and f"{stopped_at:08d}" in str(summary["resumed_from"]), summary["resumed_from"]
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    assert steps[-1] == 60 and set(range(stopped_at + 1, 61)) <= set(steps)
+    print(f"stopped at step {stopped_at}, resumed from {summary['resumed_from']}")
+
+
+def test_submit_to_an_address_with_no_cluster_fails_fast_naming_it(tmp_path):
+    port = ray_job.free_port()
+    address = f"http://127.0.0.1:{port}"
+    t0 = time.time()
+    out = _submit(["--address", address, "--runs-root", str(tmp_path), *SMOKE], timeout=60)
+    took = time.time() - t0
+    assert out.returncode == 2 and address in out.stderr, out.stderr[-2000:]
+    assert took < 15, took
+    print(f"bert-orch-submit: {took:.1f}s: {out.stderr.strip().splitlines()[-1]}")
+
+    t0 = time.time()  # the sweep launcher too
+    sweep = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "-m", *SMOKE, "optim.lr=1e-3,2e-3", f"hydra.launcher.address={address}",
+         f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)
+    took = time.time() - t0
+    assert sweep.returncode != 0 and address in sweep.stderr, sweep.stderr[-2000:]
+    assert took < 20, took
+    print(f"launcher: {took:.1f}s")

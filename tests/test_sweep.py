@@ -1,0 +1,119 @@
+"""Hydra multirun through our Ray Jobs launcher on a real 2-CPU head: members run concurrently as far as
+the free CPUs allow, each in its own run dir; a member the plan refuses fails alone; Optuna search works."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from orchestrator.launch import ray_job
+
+pytestmark = pytest.mark.slow
+
+SMOKE = ["experiment=quickstart_pretrain", "debug=smoke", "launcher=ray", "compute=cpu1"]
+
+
+@pytest.fixture(scope="module")
+def head():
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+            mp.delenv(k, raising=False)
+        mp.setenv("RAY_AUTH_MODE", "token")
+        h = ray_job.LocalHead(num_cpus=2).start()
+        try:
+            yield h
+        finally:
+            h.stop()
+            assert not h.session_pids()
+
+
+def multirun(head, sweep_dir: Path, args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    t0 = time.time()
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "-m", *args, f"hydra.launcher.address={head.dashboard_url}",
+         f"hydra.sweep.dir={sweep_dir}", "hydra.launcher.poll_s=0.5"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    print(f"multirun took {time.time() - t0:.0f}s")
+    print(out.stdout[-4000:])
+    return out
+
+
+def members(sweep_dir: Path) -> list[dict]:
+    return json.loads((sweep_dir / "sweep_summary.json").read_text())["members"]
+
+
+def max_overlap(rows: list[dict]) -> int:
+    events = sorted([(r["start_time"], 1) for r in rows] + [(r["end_time"], -1) for r in rows], key=lambda e: (e[0], e[1]))
+    now = peak = 0
+    for _, d in events:
+        now += d
+        peak = max(peak, now)
+    return peak
+
+
+def test_four_member_grid_runs_two_at_a_time_on_two_cpus(head, tmp_path):
+    sweep_dir = tmp_path / "grid"
+    out = multirun(head, sweep_dir, [*SMOKE, "optim.lr=1e-3,3e-3", "engine=zero1,zero2"])
+    assert out.returncode == 0, out.stderr[-4000:]
+    rows = members(sweep_dir)
+    assert len(rows) == 4 and all(r["status"] == "succeeded" for r in rows), rows
+    for r in sorted(rows, key=lambda r: r["start_time"]):
+        print(f"member {r['num']}: start {r['start_time']:.1f} end {r['end_time']:.1f} ({r['wall_s']:.0f}s) "
+              f"{' '.join(r['overrides'][-2:])} eval_mlm_acc {r['metric']:.4f}")
+    assert max_overlap(rows) == 2, "1-CPU members on a 2-CPU cluster: two at a time, never three"
+    assert {tuple(sorted(o for o in r["overrides"] if o.startswith(("optim.lr", "engine=")))) for r in rows} == {
+        ("engine=zero1", "optim.lr=0.001"), ("engine=zero1", "optim.lr=0.003"),
+        ("engine=zero2", "optim.lr=0.001"), ("engine=zero2", "optim.lr=0.003")}  # Hydra normalises 1e-3
+    for r in rows:  # each its own run, in its own dir
+        summary = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
+        assert summary["steps"] == 20 and r["metric"] == pytest.approx(summary["final_eval"]["eval_mlm_acc"])
+    assert len({r["run_dir"] for r in rows}) == 4
+    with (sweep_dir / "sweep_summary.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == 4 and all(row["final_eval.eval_mlm_acc"] for row in table)
+    metrics = [float(row["final_eval.eval_mlm_acc"]) for row in table]
+    assert metrics == sorted(metrics, reverse=True), "best first"
+    assert "sweep summary" in out.stdout
+
+
+def test_member_refused_by_the_plan_fails_alone(head, tmp_path):
+    sweep_dir = tmp_path / "bad"
+    out = multirun(head, sweep_dir, [*SMOKE, "logger=wandb", "engine.zero_stage=2,4"])
+    assert out.returncode != 0, "a failed member makes the sweep's exit status non-zero"
+    rows = {next(o for o in r["overrides"] if o.startswith("engine.zero_stage=")): r for r in members(sweep_dir)}
+    assert rows["engine.zero_stage=2"]["status"] == "succeeded" and rows["engine.zero_stage=2"]["metric"] > 0
+    good_plan = json.loads((Path(rows["engine.zero_stage=2"]["run_dir"]) / "plan.json").read_text())
+    assert good_plan["config"]["logger"]["group"] == "sweep-bad", "logger=wandb members share a W&B group"
+    bad = rows["engine.zero_stage=4"]
+    assert bad["status"] == "failed" and "engine.zero_stage" in bad["error"] and bad["job_id"] is None, bad
+    with (sweep_dir / "sweep_summary.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    assert [row["status"] for row in table] == ["succeeded", "failed"]
+    assert "ZeRO stage must be 0, 1, 2 or 3" in table[1]["error"]
+
+
+def test_optuna_search_runs_trials_as_ray_jobs(head, tmp_path):
+    sweep_dir = tmp_path / "optuna"
+    out = multirun(head, sweep_dir, [*SMOKE, "hydra/sweeper=optuna_search", "hydra.sweeper.n_trials=3",
+                                     "hydra.sweeper.n_jobs=2", "hydra.sweeper.seed=0",
+                                     "optim.lr=tag(log, interval(1e-4, 1e-2))"])
+    assert out.returncode == 0, out.stderr[-4000:]
+    rows = members(sweep_dir)
+    assert len(rows) == 3 and all(r["status"] == "succeeded" for r in rows)
+    lrs = {float(o.split("=", 1)[1]) for r in rows for o in r["overrides"] if o.startswith("optim.lr=")}
+    assert len(lrs) == 3 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
+    from omegaconf import OmegaConf
+
+    result = OmegaConf.load(sweep_dir / "optimization_results.yaml")
+    assert result.n_completed == 3 and result.best_value == pytest.approx(max(r["metric"] for r in rows))
