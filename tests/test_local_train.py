@@ -154,3 +154,13 @@ def test_wandb_offline_run_is_continued_on_resume(tmp_path):
     assert len(offline) == 2, "each start writes an offline segment of the same run id (wandb sync joins them)"
     steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
     assert steps == [5, 10, 15, 20]
+
+
+def test_checkpoint_beyond_planned_steps_is_refused_before_launch(learned_run):
+    from orchestrator.cli import make_plan
+    from orchestrator.errors import ConfigError
+
+    run_dir, _ = learned_run
+    with pytest.raises(ConfigError) as ei:
+        make_plan(compose([*LEARN, "train.max_steps=100"]), run_dir=str(run_dir), prepare=False)
+    assert "train.max_steps" in str(ei.value) and "step 400" in str(ei.value)

@@ -167,8 +167,8 @@ class EngineConfig:
     """deepspeed | torch (plain PyTorch, world size 1 only: the debugger-friendly path)."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0-3."""
-    bf16: bool = False
-    """bf16 mixed precision."""
+    bf16: Optional[bool] = False
+    """bf16 mixed precision; null = use it where the worker's hardware runs bf16 fast (detected), else fp32."""
     fp16: bool = False
     """fp16 mixed precision with dynamic loss scaling."""
     gradient_clipping: float = 1.0

@@ -36,6 +36,7 @@ def render_deepspeed_config(engine: EngineConfig, batch: BatchPlan, use_gpu: boo
         "gradient_accumulation_steps": batch.grad_accum_steps,
         "gradient_clipping": float(engine.gradient_clipping),
         "zero_optimization": zero,
+        # bf16=null (auto) is resolved on the worker's own hardware (worker/hardware.py)
         "bf16": {"enabled": bool(engine.bf16)},
         "fp16": {"enabled": bool(engine.fp16), "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000},
         "steps_per_print": 10**9,

@@ -386,7 +386,7 @@ def _estimates(cfg: JobConfig, batch: BatchPlan, vocab_size: int, tokens: int) -
     from orchestrator.plan.memory import estimate_memory, estimate_time_cost, flops_per_token
 
     m, e, t = cfg.model, cfg.engine, cfg.task
-    precision = "bf16" if e.bf16 else "fp16" if e.fp16 else "fp32"
+    precision = "bf16" if e.bf16 or (e.bf16 is None and cfg.compute.use_gpu) else "fp16" if e.fp16 else "fp32"
     mem = estimate_memory(
         hidden_size=m.hidden_size,
         num_hidden_layers=m.num_hidden_layers,

@@ -92,7 +92,9 @@ class TorchEngine(Engine):
         self.device = device
         self.accum = plan.grad_accum_steps
         self.clip = job.engine.gradient_clipping
-        self.bf16 = job.engine.bf16
+        from orchestrator.worker.hardware import resolve_bf16
+
+        self.bf16 = resolve_bf16(job.engine.bf16, device)
         self.optimizer = build_optimizer(model, job.optim)
         self.scheduler = lr_lambda_factory(job.schedule.name, plan.warmup_steps, plan.total_steps)(self.optimizer)
         self.micro = 0
@@ -150,19 +152,24 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         job = plan.job
+        ds_config = dict(plan.deepspeed_config)
+        if job.engine.bf16 is None:  # auto: decided by this worker's hardware
+            from orchestrator.worker.hardware import resolve_bf16
+
+            ds_config["bf16"] = {"enabled": resolve_bf16(None, device)}
         optimizer = build_optimizer(model, job.optim)
         engine, _, _, scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
             lr_scheduler=lr_lambda_factory(job.schedule.name, plan.warmup_steps, plan.total_steps),
-            config=dict(plan.deepspeed_config),
+            config=ds_config,
         )
         self.engine = engine
         self.module = engine.module
         self.device = engine.device
         self.scheduler = scheduler
         self.zero_stage = job.engine.zero_stage
-        self.dtype = torch.bfloat16 if job.engine.bf16 else torch.float16 if job.engine.fp16 else None
+        self.bf16 = bool(ds_config["bf16"]["enabled"])
 
     def forward(self, **batch):
         return self.engine(**batch)

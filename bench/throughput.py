@@ -1,0 +1,538 @@
+"""Benchmark: our BERT pretraining worker vs the standard Hugging Face MLM loop, side by side, one command.
+
+Run (from the repo root):
+    .venv/bin/python bench/throughput.py --model mini --steps 150            # 4 x 256, seq 128
+    .venv/bin/python bench/throughput.py --model small --steps 40            # 4 x 512 x 8 heads
+Prints one JSON object and writes it to bench/results/throughput_<model>_seq<seq>.json (--out to change).
+
+In one invocation, on the same text (the training documents of `--data`, the held-out documents for
+evaluation), tokenizer, model shape, sequence length and global batch:
+  (a) baseline: `transformers.BertForMaskedLM` (its default attention), `DataCollatorForLanguageModeling`
+      (15%, 80/10/10), plain `torch.optim.AdamW` + linear warmup/decay + grad clipping 1.0 (what `Trainer`
+      does), fp32, default dropout 0.1, texts tokenised and concatenated into full blocks as `run_mlm.py`
+      does by default (so no padding). Runs in its own process with the same torch thread count.
+  (b) ours, `launcher=local engine=torch`: sparse MLM head, packing with position/segment resets, SDPA
+      with block-diagonal masks, bf16 autocast when `bf16_supported(cpu)`, foreach AdamW, dropout 0.
+  (c) ours, `launcher=ray compute=cpu2 engine=zero2`: 2 CPU workers x 1 thread, DeepSpeed ZeRO-2.
+Throughput is real (non-padding) tokens per second over the steps after `--warmup-steps`, training only
+(no eval/checkpoint time). Held-out MLM accuracy of (a) and (b) is computed here by one function on the
+same masked held-out blocks (`BertForMaskedLM.from_pretrained` of both saved models), after the same
+number of optimizer steps of the same global batch (the baseline's full blocks carry slightly more
+tokens per step than our packed rows, so the comparison favours the baseline; both counts are reported).
+MFU of (a) and (b) is against a matmul peak measured in this run (same threads, same dtype).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_T_PROCESS = time.perf_counter()  # the baseline's time to first step counts from here (process start + imports)
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DEFAULT_DATA = str((REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt").resolve())
+
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_MODE": "disabled",
+    "RAY_DEDUP_LOGS": "0",
+}
+
+
+# -------------------------------------------------------------------------------------- contention
+def _busy_cpu_seconds() -> float:
+    """CPU seconds spent non-idle by the whole machine (Linux /proc/stat; 0 elsewhere)."""
+    try:
+        vals = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0.0
+    return (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class Contention:
+    """Around a phase: how many cores *other* processes kept busy (machine busy time minus ours, per second).
+
+    This box is shared: a phase that ran next to someone else's job is flagged in the output rather than
+    silently compared. Ours = this process + its reaped children (the phase's subprocess tree).
+    """
+
+    def __enter__(self):
+        import resource
+
+        self._r = resource
+        self.t0 = time.perf_counter()
+        self.busy0 = _busy_cpu_seconds()
+        self.own0 = self._own()
+        return self
+
+    def _own(self) -> float:
+        r = self._r
+        a, b = r.getrusage(r.RUSAGE_SELF), r.getrusage(r.RUSAGE_CHILDREN)
+        return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        other = (_busy_cpu_seconds() - self.busy0) - (self._own() - self.own0)
+        self.other_cores = max(0.0, other / wall) if wall > 0 else 0.0
+        return False
+
+
+# ------------------------------------------------------------------------------------------- config
+def compose_job(args, run_dir: str, extra: list[str] = ()):
+    """The JobConfig of our runs (b) and (c) minus launcher: model, data, tokenizer, task, optimizer."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from orchestrator.config.schema import to_job_config
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*common_overrides(args), "launcher=local", "compute=cpu1",
+                                                         "engine=torch", f"hydra.run.dir={run_dir}", *extra])
+    job = to_job_config(cfg)
+    job.run_dir = run_dir
+    return job
+
+
+def common_overrides(args) -> list[str]:
+    o = [
+        "~experiment",  # no preset (the default experiment is a multi-stage pipeline): config.yaml + the groups below
+        f"model={args.model}",
+        "model.hidden_dropout_prob=0.0",
+        "model.attention_probs_dropout_prob=0.0",
+        "data=text",
+        f"data.paths=[{args.data}]",
+        f"tokenizer.vocab_size={args.vocab}",
+        f"task.max_seq_length={args.seq}",
+        f"train.max_steps={args.steps}",
+        f"train.global_batch_size={args.global_batch}",
+        f"train.log_every_steps={args.log_every}",
+        f"train.eval_every_steps={args.steps}",
+        f"train.checkpoint_every_steps={args.steps}",
+        f"train.seed={args.seed}",
+    ]
+    if args.loader_workers:
+        o.append(f"++data.loader_workers={args.loader_workers}")
+    for spec in args.model_override:
+        o.append(f"model.{spec}")
+    return o
+
+
+# ---------------------------------------------------------------------------------------- our runs
+def run_cli(name: str, overrides: list[str], run_dir: Path, warmup_steps: int) -> dict:
+    t0_wall = time.time()
+    t0 = time.perf_counter()
+    with Contention() as load:
+        res = subprocess.run([sys.executable, "-m", "orchestrator", *overrides, f"hydra.run.dir={run_dir}"],
+                             cwd=REPO, capture_output=True, text=True, env=ENV)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
+    summary_path = run_dir / "summary.json"
+    s = json.loads(summary_path.read_text())
+    # summary.json is written right after wall_time_s is taken: its mtime dates the worker's start
+    worker_start_wall = summary_path.stat().st_mtime - s["wall_time_s"]
+    first_step_wall = worker_start_wall + s["time_to_first_step_s"]
+    steady = steady_from_metrics(run_dir / "metrics.jsonl", warmup_steps)
+    return {
+        "overrides": overrides,
+        "tokens_per_s": steady["tokens_per_s"],
+        "tokens_per_s_all_steps": s["tokens_per_s"],
+        "measured_steps": steady["steps"],
+        "measured_seconds": steady["seconds"],
+        "window_tokens_per_s": steady["windows"],
+        "time_to_first_step_s": first_step_wall - t0_wall,
+        "worker_time_to_first_step_s": s["time_to_first_step_s"],
+        "command_wall_time_s": wall,
+        "world_size": s["world_size"],
+        "global_batch_size": s["global_batch_size"],
+        "micro_batch_size_per_gpu": s["micro_batch_size_per_gpu"],
+        "final_train_loss": s["final_train"].get("loss"),
+        "own_eval_mlm_acc": s["final_eval"].get("eval_mlm_acc"),
+        "export": s["export"],
+        "run_dir": str(run_dir),
+        "other_processes_cpu_cores": round(load.other_cores, 2),
+    }
+
+
+def steady_from_metrics(path: Path, warmup_steps: int) -> dict:
+    """Tokens/s over the logged windows after warm-up: sum(tokens) / sum(seconds) of those windows."""
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    recs = [r for r in recs if "tokens_per_s" in r]
+    tokens = seconds = 0.0
+    steps = 0
+    windows = []
+    for prev, cur in zip(recs, recs[1:]):
+        if prev["step"] < warmup_steps:
+            continue
+        dt = cur["time"] - prev["time"]
+        if dt <= 0:
+            continue
+        tokens += cur["tokens_per_s"] * dt
+        seconds += dt
+        steps += cur["step"] - prev["step"]
+        windows.append(round(cur["tokens_per_s"], 1))
+    if seconds == 0:  # too few windows: fall back to everything
+        return {"tokens_per_s": recs[-1]["tokens_per_s"], "steps": recs[-1]["step"], "seconds": None, "windows": windows}
+    return {"tokens_per_s": tokens / seconds, "steps": steps, "seconds": seconds, "windows": windows}
+
+
+def tokens_seen_by_ours(data_dir: str, n_rows: int, global_batch: int, seed: int, steps: int) -> int:
+    """Exact non-padding tokens our loop trains on in `steps` steps (same StepOrder as the worker)."""
+    import numpy as np
+
+    from orchestrator.data.order import StepOrder
+    from orchestrator.data.pretraining import sample_lengths
+
+    d = Path(data_dir) / "train"
+    samples = np.load(d / "samples.npy")
+    offs = np.load(d / "row_offsets.npy")
+    row_samples = np.load(d / "row_samples.npy")
+    per_sample = sample_lengths(samples)
+    per_row = np.add.reduceat(per_sample[row_samples], offs[:-1])
+    order = StepOrder(n_rows, global_batch, seed)
+    return int(sum(int(per_row[order.global_rows(s)].sum()) for s in range(steps)))
+
+
+# ------------------------------------------------------------------------------------------ baseline
+def text_lines(data_paths: list[str], eval_fraction: float, held_out: bool) -> list[str]:
+    """Our corpus split (same hash), one line per document: what run_mlm.py's text loader would see."""
+    from orchestrator.data.corpus import is_eval_document, read_text_documents, resolve_text_paths
+
+    return [" ".join(doc) for doc in read_text_documents(resolve_text_paths(data_paths))
+            if is_eval_document(doc, eval_fraction) == held_out]
+
+
+def group_texts(tokenizer, lines: list[str], block: int) -> list[list[int]]:
+    """run_mlm.py default: tokenize every line (with [CLS]/[SEP]), concatenate, cut full blocks, drop the rest."""
+    enc = tokenizer(lines, return_special_tokens_mask=False)["input_ids"]
+    flat = [t for ids in enc for t in ids]
+    n = len(flat) // block * block
+    return [flat[i : i + block] for i in range(0, n, block)]
+
+
+def baseline_worker(cfg: dict) -> None:
+    """(a), in a fresh process: HF BertForMaskedLM + DataCollatorForLanguageModeling + AdamW, fp32, dropout 0.1."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling
+    from transformers import get_linear_schedule_with_warmup
+
+    torch.set_num_threads(cfg["threads"])
+    tok = AutoTokenizer.from_pretrained(cfg["tokenizer_dir"])
+    blocks = group_texts(tok, text_lines(cfg["data_paths"], cfg["eval_fraction"], False), cfg["seq"])
+    m = cfg["model"]
+    config = BertConfig(
+        vocab_size=len(tok), hidden_size=m["hidden_size"], num_hidden_layers=m["num_hidden_layers"],
+        num_attention_heads=m["num_attention_heads"], intermediate_size=m["intermediate_size"],
+        max_position_embeddings=m["max_position_embeddings"], pad_token_id=tok.pad_token_id,
+    )  # hidden/attention dropout: the defaults (0.1)
+    torch.manual_seed(cfg["seed"])
+    model = BertForMaskedLM(config)
+    model.train()
+    collator = DataCollatorForLanguageModeling(tok, mlm=True, mlm_probability=0.15)
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    loader = torch.utils.data.DataLoader([{"input_ids": b} for b in blocks], batch_size=cfg["global_batch"],
+                                         shuffle=True, drop_last=True, collate_fn=collator, generator=gen)
+    o = cfg["optim"]
+    decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"])
+    steps = cfg["steps"]
+    sched = get_linear_schedule_with_warmup(opt, cfg["warmup_steps"], steps)
+    it = iter(loader)
+    tokens_measured = 0
+    t_measured = 0.0
+    tokens_total = 0
+    first_step = None
+    windows = []
+    win_tok, win_t = 0, 0.0
+    losses = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            batch = next(it)
+        out = model(**batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(out.loss))
+        dt = time.perf_counter() - t0
+        n_tok = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        tokens_total += n_tok
+        if first_step is None:
+            first_step = time.perf_counter() - _T_PROCESS
+        if step >= cfg["warmup_steps_measure"]:
+            tokens_measured += n_tok
+            t_measured += dt
+            win_tok += n_tok
+            win_t += dt
+            if (step + 1) % cfg["log_every"] == 0:
+                windows.append(round(win_tok / win_t, 1))
+                win_tok, win_t = 0, 0.0
+    model.save_pretrained(cfg["save_dir"])
+    tok.save_pretrained(cfg["save_dir"])
+    res = {
+        "tokens_per_s": tokens_measured / t_measured if t_measured else None,
+        "measured_steps": steps - cfg["warmup_steps_measure"],
+        "measured_seconds": t_measured,
+        "window_tokens_per_s": windows,
+        "time_to_first_step_s": first_step,
+        "tokens_seen": tokens_total,
+        "train_blocks": len(blocks),
+        "final_train_loss": sum(losses[-5:]) / len(losses[-5:]),
+        "attn_implementation": model.config._attn_implementation,
+        "hidden_dropout_prob": config.hidden_dropout_prob,
+        "dtype": "float32",
+        "export": cfg["save_dir"],
+    }
+    Path(cfg["result"]).write_text(json.dumps(res))
+
+
+def run_baseline(cfg: dict, tmp: Path) -> dict:
+    cfg = {**cfg, "result": str(tmp / "baseline_result.json"), "save_dir": str(tmp / "baseline_model")}
+    cfg_path = tmp / "baseline_cfg.json"
+    cfg_path.write_text(json.dumps(cfg))
+    t0 = time.perf_counter()
+    with Contention() as load:
+        res = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--baseline-worker", str(cfg_path)],
+                             cwd=REPO, capture_output=True, text=True, env=ENV)
+    if res.returncode != 0:
+        raise SystemExit(f"baseline failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
+    out = json.loads(Path(cfg["result"]).read_text())
+    out["command_wall_time_s"] = time.perf_counter() - t0
+    out["other_processes_cpu_cores"] = round(load.other_cores, 2)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+def heldout_mlm_accuracy(model_dirs: dict[str, str], tokenizer_dir: str, lines: list[str], seq: int,
+                         draws: int, seed: int, batch: int = 32) -> dict:
+    """Every model on the same held-out blocks with the same 15% (80/10/10) masks: accuracy on masked tokens."""
+    import torch
+    from transformers import AutoTokenizer, BertForMaskedLM, DataCollatorForLanguageModeling
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    blocks = group_texts(tok, lines, seq)
+    collator = DataCollatorForLanguageModeling(tok, mlm=True, mlm_probability=0.15)
+    torch.manual_seed(seed)
+    batches = []
+    for _ in range(draws):
+        for i in range(0, len(blocks), batch):
+            batches.append(collator([{"input_ids": b} for b in blocks[i : i + batch]]))
+    counts = {}
+    freq = {}
+    for b in batches:
+        for t in b["labels"][b["labels"] != -100].tolist():
+            freq[t] = freq.get(t, 0) + 1
+    total_masked = sum(freq.values())
+    out = {"heldout_blocks": len(blocks), "mask_draws": draws, "masked_tokens": total_masked,
+           "most_frequent_token_acc": max(freq.values()) / total_masked if total_masked else None}
+    for name, d in model_dirs.items():
+        model = BertForMaskedLM.from_pretrained(d, local_files_only=True)
+        model.eval()
+        correct = n = 0
+        loss_sum = 0.0
+        with torch.no_grad():
+            for b in batches:
+                logits = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).logits
+                sel = b["labels"] != -100
+                pred = logits[sel].argmax(-1)
+                correct += int((pred == b["labels"][sel]).sum())
+                loss_sum += float(torch.nn.functional.cross_entropy(logits[sel].float(), b["labels"][sel], reduction="sum"))
+                n += int(sel.sum())
+        counts[name] = {"mlm_acc": correct / n, "mlm_loss": loss_sum / n}
+    out["models"] = counts
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="mini", help="conf/model/<name> (mini = 4x256, small = 4x512x8 heads)")
+    ap.add_argument("--model-override", action="append", default=[], help="extra model.<key>=<value>, e.g. hidden_size=384")
+    ap.add_argument("--data", default=DEFAULT_DATA)
+    ap.add_argument("--vocab", type=int, default=30522, help="WordPiece vocab size asked of our tokenizer trainer")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--global-batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--warmup-steps", type=int, default=10, help="steps not measured (JIT, allocator, caches)")
+    ap.add_argument("--log-every", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of (a) and (b); (c) uses 2 workers x 1")
+    ap.add_argument("--bf16", default="auto", help="auto | true | false for (b) and (c)")
+    ap.add_argument("--loader-workers", type=int, default=0)
+    ap.add_argument("--phases", default="a,b,c", help="comma list of a (HF baseline), b (local), c (ray), b32 (ours, fp32)")
+    ap.add_argument("--eval-draws", type=int, default=4, help="mask draws over the held-out blocks")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--cache-dir", default=None, help="token cache (default: a fresh temp dir, so data prep is timed cold)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--baseline-worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.baseline_worker:
+        baseline_worker(json.loads(Path(args.baseline_worker).read_text()))
+        return
+
+    import torch
+
+    from orchestrator.data.pretraining import prepare_pretraining_data
+    from orchestrator.plan.memory import flops_per_token
+    from orchestrator.worker import hardware
+
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    torch.set_num_threads(args.threads)
+    bf16 = hardware.resolve_bf16(args.bf16, "cpu")
+    result: dict = {
+        "benchmark": "throughput",
+        "data": args.data,
+        "seq": args.seq,
+        "global_batch_size": args.global_batch,
+        "steps": args.steps,
+        "warmup_steps_not_measured": args.warmup_steps,
+        "threads": args.threads,
+        "cpus": os.cpu_count(),
+        "hardware": hardware.describe(),
+        "ours_bf16": bf16,
+    }
+
+    with tempfile.TemporaryDirectory(prefix="bench_tp_") as tmp_s:
+        tmp = Path(tmp_s)
+        cache = args.cache_dir or str(tmp / "cache")
+        os.environ["BERT_ORCH_CACHE"] = cache
+        ENV["BERT_ORCH_CACHE"] = cache
+
+        # -- data preparation: cold (WordPiece training + parallel tokenising), then warm (cache hit)
+        job = compose_job(args, str(tmp / "plan"))
+        cold = prepare_pretraining_data(job)
+        warm = prepare_pretraining_data(job)
+        result["data_prep"] = {
+            "cold_seconds": cold.seconds, "cold_cached": cold.cached,
+            "tokens_per_s_cold": cold.tokens_per_second if not cold.cached else None,
+            "warm_seconds": warm.seconds, "train_tokens": cold.train_tokens,
+            "train_rows": cold.train_rows, "eval_rows": cold.eval_rows,
+            "note": "cold = train WordPiece + tokenise (Rust, batched, parallel) + build samples + pack; warm = cache hit",
+        }
+        tok_dir, vocab = cold.tokenizer_dir, cold.vocab_size
+        m = job.model
+        result["model"] = {"name": m.name, "hidden_size": m.hidden_size, "num_hidden_layers": m.num_hidden_layers,
+                           "num_attention_heads": m.num_attention_heads, "intermediate_size": m.intermediate_size,
+                           "vocab_size": vocab, "vocab_size_requested": args.vocab}
+        result["tokenizer_dir"] = tok_dir
+
+        # -- matmul peak in this process (same threads), for MFU
+        with Contention() as load:
+            peaks = {"float32": hardware.matmul_peak_flops(torch.float32)}
+            if bf16:
+                peaks["bfloat16"] = hardware.matmul_peak_flops(torch.bfloat16)
+        peaks["other_processes_cpu_cores"] = round(load.other_cores, 2)
+        result["matmul_peak"] = peaks
+
+        warmup_lr_steps = (int(round(job.schedule.warmup_ratio * args.steps)) if job.schedule.warmup_steps is None
+                           else min(job.schedule.warmup_steps, args.steps))  # as orchestrator/plan/job_plan.py
+        common = common_overrides(args) + [f"engine.bf16={str(bf16).lower()}"]
+        runs: dict = {}
+        if "b" in phases:
+            runs["b_local"] = run_cli("b", [*common, "launcher=local", "compute=cpu1", f"compute.cpus_per_worker={args.threads}",
+                                            "engine=torch", f"train.micro_batch_size_per_gpu={args.global_batch}"],
+                                      tmp / "b", args.warmup_steps)
+        if "b32" in phases:
+            runs["b_local_fp32"] = run_cli("b32", [*common[:-1], "engine.bf16=false", "launcher=local", "compute=cpu1",
+                                                   f"compute.cpus_per_worker={args.threads}", "engine=torch",
+                                                   f"train.micro_batch_size_per_gpu={args.global_batch}"],
+                                           tmp / "b32", args.warmup_steps)
+        if "a" in phases:
+            runs["a_hf_baseline"] = run_baseline({
+                "threads": args.threads, "tokenizer_dir": tok_dir, "data_paths": [args.data],
+                "eval_fraction": job.data.eval_fraction, "seq": args.seq, "seed": args.seed,
+                "global_batch": args.global_batch, "steps": args.steps, "warmup_steps": warmup_lr_steps,
+                "warmup_steps_measure": args.warmup_steps, "log_every": args.log_every,
+                "model": {"hidden_size": m.hidden_size, "num_hidden_layers": m.num_hidden_layers,
+                          "num_attention_heads": m.num_attention_heads, "intermediate_size": m.intermediate_size,
+                          "max_position_embeddings": m.max_position_embeddings},
+                "optim": {"lr": job.optim.lr, "weight_decay": job.optim.weight_decay, "beta1": job.optim.beta1,
+                          "beta2": job.optim.beta2, "eps": job.optim.eps},
+            }, tmp)
+        if "c" in phases:
+            half = max(1, args.global_batch // 2)
+            runs["c_ray_zero2"] = run_cli("c", [*common, "launcher=ray", "compute=cpu2", "engine=zero2",
+                                                f"train.micro_batch_size_per_gpu={half}"],
+                                          tmp / "c", args.warmup_steps)
+        for k in ("b_local", "b_local_fp32", "c_ray_zero2"):
+            if k in runs:
+                runs[k]["tokens_seen"] = tokens_seen_by_ours(cold.data_dir, cold.train_rows, args.global_batch, args.seed, args.steps)
+        result["runs"] = runs
+
+        # -- FLOPs and MFU (matmul FLOPs per real token; backward = 2x forward)
+        fpt_ours = flops_per_token(m.hidden_size, m.num_hidden_layers, m.intermediate_size, args.seq, vocab,
+                                   masked_fraction=job.task.mlm_probability, sparse_mlm=True, with_nsp=False)
+        fpt_hf = flops_per_token(m.hidden_size, m.num_hidden_layers, m.intermediate_size, args.seq, vocab,
+                                 sparse_mlm=False, with_nsp=False)
+        result["flops_per_token"] = {"ours_sparse_mlm": fpt_ours, "hf_dense_mlm": fpt_hf, "ratio": fpt_hf / fpt_ours}
+        mfu = {}
+        peak_b = peaks["bfloat16" if bf16 else "float32"]["peak_flops"]
+        if "b_local" in runs:
+            achieved = runs["b_local"]["tokens_per_s"] * fpt_ours
+            mfu["b_local"] = {"achieved_flops": achieved, "peak_dtype": "bfloat16" if bf16 else "float32",
+                              "mfu": achieved / peak_b, "mfu_vs_fp32_peak": achieved / peaks["float32"]["peak_flops"]}
+        if "b_local_fp32" in runs:
+            achieved = runs["b_local_fp32"]["tokens_per_s"] * fpt_ours
+            mfu["b_local_fp32"] = {"achieved_flops": achieved, "mfu": achieved / peaks["float32"]["peak_flops"]}
+        if "a_hf_baseline" in runs:
+            achieved = runs["a_hf_baseline"]["tokens_per_s"] * fpt_hf
+            mfu["a_hf_baseline"] = {"achieved_flops": achieved, "peak_dtype": "float32", "mfu": achieved / peaks["float32"]["peak_flops"]}
+        result["mfu"] = mfu
+
+        ratios = {}
+        tp = {k: v["tokens_per_s"] for k, v in runs.items()}
+        if "a_hf_baseline" in tp and "b_local" in tp:
+            ratios["b_over_a"] = tp["b_local"] / tp["a_hf_baseline"]
+        if "a_hf_baseline" in tp and "b_local_fp32" in tp:
+            ratios["b_fp32_over_a"] = tp["b_local_fp32"] / tp["a_hf_baseline"]
+        if "b_local" in tp and "c_ray_zero2" in tp:
+            ratios["c_over_b"] = tp["c_ray_zero2"] / tp["b_local"]
+        result["ratios"] = ratios
+        result["tokens_per_s"] = tp
+        result["time_to_first_step_s"] = {k: v["time_to_first_step_s"] for k, v in runs.items()}
+        noisy = {k: v["other_processes_cpu_cores"] for k, v in runs.items() if v["other_processes_cpu_cores"] > 0.25}
+        if peaks["other_processes_cpu_cores"] > 0.25:
+            noisy["matmul_peak"] = peaks["other_processes_cpu_cores"]
+        result["contention_warning"] = (f"other processes kept cores busy during {noisy}: numbers of those phases are "
+                                        "low; re-run on a quiet machine") if noisy else None
+
+        # -- held-out MLM accuracy of the saved models, one function, same masked blocks
+        dirs = {}
+        if "a_hf_baseline" in runs:
+            dirs["a_hf_baseline"] = runs["a_hf_baseline"]["export"]
+        for k in ("b_local", "b_local_fp32", "c_ray_zero2"):
+            if k in runs:
+                dirs[k] = runs[k]["export"]
+        if dirs:
+            held = text_lines([args.data], job.data.eval_fraction, True)
+            result["heldout_eval"] = heldout_mlm_accuracy(dirs, tok_dir, held, args.seq, args.eval_draws, args.seed)
+            result["heldout_eval"]["tokens_seen"] = {k: runs[k].get("tokens_seen") for k in dirs}
+        for r in runs.values():  # the temp dirs are gone after this run
+            r.pop("export", None)
+            r.pop("run_dir", None)
+            r.pop("overrides", None)
+    text = json.dumps(result, indent=2)
+    print(text)
+    out = Path(args.out) if args.out else REPO / "bench" / "results" / f"throughput_{args.model}_seq{args.seq}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

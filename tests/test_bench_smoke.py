@@ -1,0 +1,74 @@
+"""bench/throughput.py and bench/profile_worker.py run end to end at a tiny size and emit their JSON keys.
+
+No speed is asserted here: timing targets live in the benchmark output (bench/README.md), never in unit tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+
+
+def _corpus(tmp_path: Path) -> Path:
+    if DATA.is_file():
+        return DATA
+    # no shared data: a small text corpus of its own (paragraphs separated by blank lines)
+    words = "the of and a in to was is for on as with by he at from his an were are which".split()
+    paras = []
+    for p in range(400):
+        sents = [" ".join(words[(p * 7 + s * 3 + k) % len(words)] for k in range(12)).capitalize() + " ." for s in range(4)]
+        paras.append(" ".join(sents))
+    f = tmp_path / "corpus.txt"
+    f.write_text("\n\n".join(paras) + "\n")
+    return f
+
+
+def _run(args: list[str], tmp_path: Path) -> dict:
+    env = {**os.environ, "BERT_ORCH_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return json.loads(res.stdout)
+
+
+def test_throughput_bench_tiny(tmp_path):
+    out = tmp_path / "tp.json"
+    r = _run(["bench/throughput.py", "--model", "tiny", "--seq", "32", "--global-batch", "8", "--steps", "6",
+              "--warmup-steps", "2", "--log-every", "2", "--phases", "a,b", "--eval-draws", "1", "--vocab", "2000",
+              "--data", str(_corpus(tmp_path)), "--out", str(out)], tmp_path)
+    assert json.loads(out.read_text()) == r
+    for key in ("runs", "ratios", "mfu", "matmul_peak", "flops_per_token", "heldout_eval", "data_prep",
+                "time_to_first_step_s", "tokens_per_s", "ours_bf16"):
+        assert key in r, key
+    for run in ("a_hf_baseline", "b_local"):
+        assert r["runs"][run]["tokens_per_s"] > 0
+        assert r["runs"][run]["time_to_first_step_s"] > 0
+        assert 0.0 <= r["heldout_eval"]["models"][run]["mlm_acc"] <= 1.0
+    assert "b_over_a" in r["ratios"]
+    assert r["mfu"]["b_local"]["mfu"] > 0
+    assert r["data_prep"]["tokens_per_s_cold"] > 0
+
+
+@pytest.mark.slow
+def test_throughput_bench_ray_phase(tmp_path):
+    r = _run(["bench/throughput.py", "--model", "tiny", "--seq", "32", "--global-batch", "8", "--steps", "6",
+              "--warmup-steps", "2", "--log-every", "2", "--phases", "b,c", "--eval-draws", "1", "--vocab", "2000",
+              "--data", str(_corpus(tmp_path)), "--out", str(tmp_path / "tp.json")], tmp_path)
+    assert r["runs"]["c_ray_zero2"]["world_size"] == 2
+    assert "c_over_b" in r["ratios"]
+
+
+def test_profile_worker_tiny(tmp_path):
+    r = _run(["bench/profile_worker.py", "--model", "tiny", "--seq", "32", "--global-batch", "8", "--warmup", "1",
+              "--steps", "3", "--profile-steps", "2", "--vocab", "2000", "--data", str(_corpus(tmp_path)),
+              "--out", str(tmp_path / "prof.json")], tmp_path)
+    assert set(r["split"]) == {"data", "forward", "backward", "optimizer"}
+    assert abs(sum(v["fraction"] for v in r["split"].values()) - 1.0) < 1e-6
+    assert r["top_ops"] and r["categories"]
