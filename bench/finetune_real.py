@@ -43,7 +43,7 @@ def sst2(data: Path, work: Path, args) -> dict:
                "tokenizer.vocab_size=8000", "task.max_seq_length=64", f"train.max_steps={args.pretrain_steps}",
                "train.global_batch_size=64", "train.micro_batch_size_per_gpu=64", "optim.lr=2e-3",
                "train.eval_every_steps=500", "train.checkpoint_every_steps=500"], work / "pretrain")
-    ft = cli([*common, "experiment=null", "task=classify", f"task.train_file={data / 'sst2' / 'train.tsv'}",
+    ft = cli([*common, "experiment=none", "task=classify", f"task.train_file={data / 'sst2' / 'train.tsv'}",
               f"task.eval_file={data / 'sst2' / 'dev.tsv'}", "task.max_seq_length=64",
               f"train.init_from={work / 'pretrain'}", "train.max_steps=null", f"train.epochs={args.epochs}",
               "train.eval_every_steps=null", "train.global_batch_size=32", "train.micro_batch_size_per_gpu=32",
@@ -83,7 +83,7 @@ def wnut17(data: Path, work: Path, args) -> dict:
                f"train.max_steps={args.pretrain_steps}", "train.global_batch_size=32",
                "train.micro_batch_size_per_gpu=32", "optim.lr=2e-3", "train.eval_every_steps=500",
                "train.checkpoint_every_steps=500"], work / "pretrain")
-    ft = cli([*common, "experiment=null", "task=ner", f"task.train_file={data / 'wnut17' / 'dev.conll'}",
+    ft = cli([*common, "experiment=none", "task=ner", f"task.train_file={data / 'wnut17' / 'dev.conll'}",
               f"task.eval_file={data / 'wnut17' / 'test.conll'}", "task.max_seq_length=128",
               f"train.init_from={work / 'pretrain'}", "train.max_steps=null", f"train.epochs={args.epochs}",
               "train.eval_every_steps=null", "train.global_batch_size=16", "train.micro_batch_size_per_gpu=16",

@@ -205,7 +205,7 @@ def _refuse_job_overrides_on_pipeline(passed: list[str]) -> None:
             raise ConfigError(
                 key,
                 "the experiment is a pipeline of jobs (the default, experiment=quickstart, pretrains then"
-                " fine-tunes); to change one job run it alone, e.g. experiment=quickstart_pretrain " + o,
+                " fine-tunes); to run one job choose its experiment, e.g. experiment=none (plain defaults) or experiment=quickstart_pretrain " + o,
             )
 
 
