@@ -211,6 +211,13 @@ class ComputeConfig:
     """Assumed model FLOPs utilisation for the time estimate (0.4: typical of tuned BERT pretraining)."""
     price_per_gpu_hour: Optional[float] = None
     """Price of one GPU-hour, for the cost estimate."""
+    min_workers: Optional[int] = None
+    """Elastic (launcher=ray): fewest data-parallel workers the job runs on (null with max_workers = fixed size)."""
+    max_workers: Optional[int] = None
+    """Elastic (launcher=ray): most workers; Ray Train ScalingConfig(num_workers=(min, max)). The global batch is
+    kept: grad accumulation = global / (micro x current workers), so every size in [min, max] must divide it."""
+    elastic_resize_interval_s: float = 60.0
+    """Elastic: how often Ray Train considers growing the worker group (each resize restarts from a checkpoint)."""
 
 
 @dataclass
@@ -269,6 +276,16 @@ class TrainConfig:
     """Initialise the weights from a run dir or export dir (e.g. phase 2 from phase 1); optimizer starts fresh."""
     write_ledger: bool = False
     """Write which rows every rank consumed at every step to ledger/rank<R>.jsonl (proves exactly-once data)."""
+    skip_nonfinite: bool = True
+    """Divergence guard: a step whose loss is NaN/inf on any rank is skipped (no optimizer/LR update)."""
+    spike_factor: Optional[float] = None
+    """Divergence guard: also skip a step whose loss exceeds factor x the mean of the recent good steps (null = off)."""
+    spike_window: int = 20
+    """Good steps whose mean loss the spike check compares against (checked once 5 are known)."""
+    max_bad_steps_in_row: int = 3
+    """This many skipped steps in a row roll back to the newest good checkpoint."""
+    max_rollbacks: int = 2
+    """Rollbacks allowed per run before the job fails (bad data would otherwise loop forever)."""
 
 
 @dataclass

@@ -216,6 +216,10 @@ def _split_docs(corpus, eval_fraction: float, want_eval: bool) -> Iterator[Docum
 
 def prepare_pretraining_data(job) -> PreparedData:
     """Tokenise the corpus (cached by corpus and tokenizer) and build packed rows (cached by task settings)."""
+    if job.data.source == "prepared":  # sharded by `python -m orchestrator.prepare`: validate its manifest only
+        from orchestrator.data.sharded import prepared_data
+
+        return prepared_data(job)
     t0 = time.perf_counter()
     cache_dir = Path(os.path.expanduser(job.data.cache_dir)).resolve()
     corpus = corpus_spec(job.data)
@@ -466,6 +470,11 @@ def open_split(data_dir: str, split: str, job, tokenizer) -> PretrainingRows:
         pad_id=tokenizer.pad_token_id,
     )
     special_ids = np.asarray(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
+    from orchestrator.data.sharded import ShardedRows, is_prepared_dir
+
+    if is_prepared_dir(data_dir):
+        return ShardedRows(data_dir, split, spec, len(tokenizer.get_vocab()), continuation_mask(tokenizer),
+                           job.train.seed, t.nsp, special_ids)
     return PretrainingRows(
         Path(data_dir) / split, spec, len(tokenizer.get_vocab()), continuation_mask(tokenizer), job.train.seed,
         t.nsp, special_ids,

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from orchestrator.config.schema import JobConfig, to_job_config
 from orchestrator.errors import ConfigError
-from orchestrator.plan.batch import BatchPlan, resolve_batch
+from orchestrator.plan.batch import BatchPlan, check_elastic_range, resolve_batch
 from orchestrator.plan.deepspeed_config import render_deepspeed_config
 
 MASKING_UNITS = ("token", "whole_word", "span")
@@ -249,6 +249,36 @@ def validate_config(cfg: JobConfig) -> None:
         )
     if e.backend == "torch" and world != 1:
         raise ConfigError("engine.backend", f"engine=torch is single-process; world size is {world} (use DeepSpeed)")
+    if (c.min_workers is None) != (c.max_workers is None):
+        raise ConfigError("compute.max_workers", "set both compute.min_workers and compute.max_workers (or neither)")
+    if c.min_workers is not None and c.max_workers is not None:
+        if c.min_workers < 1:
+            raise ConfigError("compute.min_workers", f"must be >= 1, got {c.min_workers}")
+        if c.max_workers < c.min_workers:
+            raise ConfigError("compute.max_workers", f"{c.max_workers} is below compute.min_workers {c.min_workers}")
+        if cfg.launcher.name != "ray":
+            raise ConfigError("compute.min_workers", "an elastic worker range needs launcher=ray")
+        if e.backend != "deepspeed":
+            raise ConfigError("engine.backend", "an elastic worker range needs the DeepSpeed engine")
+        if cfg.launcher.max_failures == 0:
+            raise ConfigError(
+                "launcher.max_failures",
+                "elastic training restarts the worker group on every resize (a shrink counts as a failure):"
+                " set launcher.max_failures > 0 or -1",
+            )
+        if tr.grad_accum_steps is not None:
+            raise ConfigError("train.grad_accum_steps", "elastic: accumulation follows the world size; set it to null")
+        if tr.micro_batch_size_per_gpu is None or tr.global_batch_size is None:
+            raise ConfigError("train.micro_batch_size_per_gpu", "elastic: give micro_batch_size_per_gpu and global_batch_size")
+    if c.elastic_resize_interval_s <= 0:
+        raise ConfigError("compute.elastic_resize_interval_s", f"must be > 0, got {c.elastic_resize_interval_s}")
+    for key in ("spike_window", "max_bad_steps_in_row"):
+        if getattr(tr, key) < 1:
+            raise ConfigError(f"train.{key}", f"must be >= 1, got {getattr(tr, key)}")
+    if tr.max_rollbacks < 0:
+        raise ConfigError("train.max_rollbacks", f"must be >= 0, got {tr.max_rollbacks}")
+    if tr.spike_factor is not None and tr.spike_factor <= 1.0:
+        raise ConfigError("train.spike_factor", f"must be > 1 (or null), got {tr.spike_factor}")
 
     budgets = [k for k in ("max_steps", "epochs", "token_budget") if getattr(tr, k) is not None]
     if len(budgets) != 1:
@@ -318,12 +348,25 @@ def build_plan(cfg: JobConfig, dataset: Optional[DatasetStats] = None) -> JobPla
         raise ConfigError("run_dir", "no run dir set")
     wpn = workers_per_node(cfg)
     world = cfg.compute.num_nodes * wpn
+    elastic_accum = None
+    if cfg.compute.max_workers is not None and cfg.compute.min_workers is not None:
+        # elastic: the plan is made for the largest group; workers re-derive accum for the size they run at
+        world = cfg.compute.max_workers
+        elastic_accum = check_elastic_range(
+            cfg.train.global_batch_size, cfg.train.micro_batch_size_per_gpu, cfg.compute.min_workers, world
+        )
     batch: BatchPlan = resolve_batch(
         cfg.train.micro_batch_size_per_gpu, cfg.train.grad_accum_steps, cfg.train.global_batch_size, world
     )
     seq = cfg.task.max_seq_length
     tokens_per_step = batch.global_batch_size * seq
     notes: list[str] = []
+    if elastic_accum is not None:
+        notes.append(
+            "elastic: world size "
+            + ", ".join(f"{w} -> accum {a}" for w, a in elastic_accum.items())
+            + f" (global batch {batch.global_batch_size} kept; every resize restarts from the newest checkpoint)"
+        )
     steps_per_epoch = None
     if dataset is not None:
         if dataset.train_rows < batch.global_batch_size:

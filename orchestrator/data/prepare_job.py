@@ -1,0 +1,719 @@
+"""Data stage (preparation): plan blocks -> pass 1 (filter, hash) -> dedup -> WordPiece -> pass 2 (tokenise, shard).
+
+Every step writes its result atomically under output_dir and is skipped when a re-run finds it complete, so a
+killed preparation resumes where it stopped. Shard contents are a function of (sources, settings) only, never
+of the number of workers or the order blocks finish in: an interrupted and resumed run ends with the same
+manifest as an uninterrupted one. Pass 1 and pass 2 run per block, in this process (launcher=local) or on a
+Ray Data actor pool of num_workers CPUs (launcher=ray); a worker holds one block at a time, so memory is
+bounded by shard_bytes, not by the corpus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+
+from orchestrator.data.prepare_sources import (
+    Block,
+    BlockRefused,
+    DocumentReader,
+    doc_hash,
+    plan_blocks,
+    resolve_sources,
+    sources_fingerprint,
+)
+from orchestrator.errors import ConfigError, DataError
+
+log = logging.getLogger("orchestrator.prepare")
+
+KIND = "bert-orchestrator/prepared-dataset"
+FORMAT_VERSION = 1
+SPLITS = ("train", "eval")
+# settings that do not change any output byte: a re-run may change them freely
+_NON_CONTENT = ("launcher", "num_workers", "verify_existing", "output_dir", "dedup_partition_docs")
+
+
+def content_config(cfg) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    for k in _NON_CONTENT:
+        d.pop(k, None)
+    return d
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _name(i: int) -> str:
+    return f"{i:05d}"
+
+
+# ------------------------------------------------------------------------------------------------ pass 1
+def pass1_block(block: Block, ctx: dict) -> dict:
+    """Read, normalise and filter one block; write the 64-bit hashes of its kept documents and its stats."""
+    work = Path(ctx["out"]) / "work" / "pass1"
+    marker = work / f"block_{_name(block.index)}.json"
+    if marker.is_file() and (work / f"block_{_name(block.index)}.npy").is_file():
+        return json.loads(marker.read_text())
+    reader = DocumentReader.from_config(block, ctx["cfg"])
+    hashes: list[int] = []
+    try:
+        for doc in reader:
+            hashes.append(doc_hash(doc))
+    except BlockRefused:
+        res = {"block": block.index, **asdict(reader.stats)}
+        return res  # not written: the refusal is reported by the driver, with the file's line number
+    _save_npy_atomic(work / f"block_{_name(block.index)}.npy", np.asarray(hashes, dtype=np.uint64))
+    res = {"block": block.index, **asdict(reader.stats)}
+    _write_json_atomic(marker, res)
+    return res
+
+
+def dedup(blocks: list[Block], out: Path, enabled: bool, partition_docs: int, kept: dict[int, int]) -> int:
+    """First occurrence in corpus order (block, index) wins. Bounded: one hash partition in memory at a time."""
+    ddir = out / "work" / "dedup"
+    done = ddir / "DONE.json"
+    if done.is_file():
+        return int(json.loads(done.read_text())["duplicates"])
+    drops: dict[int, list[np.ndarray]] = {b.index: [] for b in blocks}
+    total = sum(kept.values())
+    n_parts = max(1, math.ceil(total / partition_docs)) if enabled else 0
+    p1 = out / "work" / "pass1"
+    for part in range(n_parts):
+        hs, bl, ix = [], [], []
+        for b in blocks:
+            h = np.load(p1 / f"block_{_name(b.index)}.npy", mmap_mode="r")
+            sel = np.flatnonzero(h % np.uint64(n_parts) == np.uint64(part)) if n_parts > 1 else np.arange(len(h))
+            hs.append(np.asarray(h[sel]))
+            bl.append(np.full(len(sel), b.index, dtype=np.int32))
+            ix.append(sel.astype(np.int64))
+        h = np.concatenate(hs) if hs else np.zeros(0, np.uint64)
+        b_ = np.concatenate(bl) if bl else np.zeros(0, np.int32)
+        i_ = np.concatenate(ix) if ix else np.zeros(0, np.int64)
+        order = np.lexsort((i_, b_, h))
+        hs_sorted = h[order]
+        dup = np.zeros(len(order), dtype=bool)
+        dup[1:] = hs_sorted[1:] == hs_sorted[:-1]
+        dup_pos = order[dup]
+        for blk in np.unique(b_[dup_pos]):
+            drops[int(blk)].append(i_[dup_pos][b_[dup_pos] == blk])
+        del h, b_, i_, order, hs_sorted, dup
+    n_dup = 0
+    for b in blocks:
+        arr = np.sort(np.concatenate(drops[b.index])) if drops[b.index] else np.zeros(0, np.int64)
+        n_dup += len(arr)
+        _save_npy_atomic(ddir / f"block_{_name(b.index)}.npy", arr.astype(np.int64))
+    _write_json_atomic(done, {"duplicates": n_dup, "partitions": n_parts})
+    return n_dup
+
+
+def _drops(out: Path, index: int) -> np.ndarray:
+    p = out / "work" / "dedup" / f"block_{_name(index)}.npy"
+    return np.load(p) if p.is_file() else np.zeros(0, np.int64)
+
+
+def kept_documents(block: Block, ctx: dict) -> Iterable[list[str]]:
+    """The block's documents after filtering and dedup."""
+    drops = _drops(Path(ctx["out"]), block.index)
+    j = 0
+    for k, doc in enumerate(DocumentReader.from_config(block, ctx["cfg"])):
+        while j < len(drops) and drops[j] < k:
+            j += 1
+        if j < len(drops) and drops[j] == k:
+            continue
+        yield doc
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+def ensure_tokenizer(cfg, blocks: list[Block], ctx: dict) -> Path:
+    """out/tokenizer: trained on the first documents of every block (spread over the corpus), or copied from a dir."""
+    from orchestrator.data.tokenizer import atomic_save_dir, load_tokenizer_dir, train_wordpiece
+
+    tok_out = Path(ctx["out"]) / "tokenizer"
+    if (tok_out / "tokenizer.json").is_file():
+        return tok_out
+    t = cfg.tokenizer
+    if t.source == "dir":
+        tok = load_tokenizer_dir(t.path)
+    else:
+        per_block = max(1, math.ceil(t.sample_documents / max(1, len(blocks))))
+
+        def sample() -> Iterable[str]:
+            for b in blocks:
+                for n, doc in enumerate(kept_documents(b, ctx)):
+                    if n >= per_block:
+                        break
+                    yield from doc
+
+        tok = train_wordpiece(sample(), t.vocab_size, t.min_frequency, t.lowercase)
+    atomic_save_dir(lambda d: tok.save_pretrained(str(d)), tok_out)
+    return tok_out
+
+
+# ------------------------------------------------------------------------------------------------ pass 2
+class _SplitAcc:
+    def __init__(self) -> None:
+        self.chunks: list[np.ndarray] = []
+        self.sent_lens: list[np.ndarray] = []
+        self.doc_sents: list[int] = []
+
+    def add(self, ids_per_sentence: list[list[int]], dtype) -> None:
+        lens = [len(x) for x in ids_per_sentence if x]
+        if not lens:
+            return
+        self.chunks.append(np.fromiter((t for x in ids_per_sentence for t in x), dtype=dtype, count=sum(lens)))
+        self.sent_lens.append(np.asarray(lens, dtype=np.int64))
+        self.doc_sents.append(len(lens))
+
+    def arrays(self, dtype):
+        toks = np.concatenate(self.chunks) if self.chunks else np.zeros(0, dtype)
+        lens = np.concatenate(self.sent_lens) if self.sent_lens else np.zeros(0, np.int64)
+        sent_off = np.zeros(len(lens) + 1, np.int64)
+        np.cumsum(lens, out=sent_off[1:])
+        doc_off = np.zeros(len(self.doc_sents) + 1, np.int64)
+        np.cumsum(self.doc_sents, out=doc_off[1:])
+        return toks, sent_off, doc_off
+
+
+def _gather(tokens: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    total = int(lens.sum())
+    if total == 0:
+        return tokens[:0]
+    base = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    idx = np.repeat(starts - base, lens) + np.arange(total)
+    return tokens[idx]
+
+
+def _write_arrow_atomic(path: Path, names: list[str], arrays: list, metadata: dict[str, str]) -> tuple[str, int]:
+    import pyarrow as pa
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batch = pa.record_batch(arrays, names=names)
+    schema = batch.schema.with_metadata({k: str(v) for k, v in metadata.items()})
+    batch = batch.replace_schema_metadata(schema.metadata)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        writer.write_batch(batch)
+    digest = _sha256(tmp)
+    size = tmp.stat().st_size
+    os.replace(tmp, path)
+    return digest, size
+
+
+def _list_array(offsets: np.ndarray, values: np.ndarray):
+    import pyarrow as pa
+
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+
+
+def build_split_shard(toks, sent_off, doc_off, cfg: dict, seed: int, out: Path, split: str, index: int,
+                      hist_edges: np.ndarray) -> Optional[dict]:
+    """Samples (NSP pairs or doc-sentences) and packed rows of one block's split, written as two Arrow files."""
+    from orchestrator.data.pretraining import build_samples, pack_rows, sample_lengths
+
+    if len(doc_off) <= 1:
+        return None
+    L, nsp = cfg["max_seq_length"], cfg["nsp"]
+    samples = build_samples(sent_off, doc_off, L, nsp, cfg["short_seq_prob"], seed)
+    if len(samples) == 0:
+        return None
+    lengths = sample_lengths(samples)
+    row_off, row_samples = pack_rows(lengths, L, cfg["packing"])
+    ordered = samples[row_samples]
+    if nsp:
+        starts = ordered[:, [0, 2]].ravel()
+        ends = ordered[:, [1, 3]].ravel()
+        per_sample = 2
+    else:
+        starts, ends, per_sample = ordered[:, 0], ordered[:, 1], 1
+    seg_lens = (ends - starts).astype(np.int64)
+    values = _gather(toks, starts, seg_lens)
+    seg_cum = np.zeros(len(seg_lens) + 1, np.int64)
+    np.cumsum(seg_lens, out=seg_cum[1:])
+    tok_off = seg_cum[row_off * per_sample]
+    row_lengths = np.add.reduceat(lengths[row_samples], row_off[:-1]) if len(row_off) > 1 else np.zeros(0, np.int64)
+    meta = {"kind": KIND, "split": split, "block": index, "max_seq_length": L, "nsp": nsp}
+    rows_file = f"{split}/rows_{_name(index)}.arrow"
+    rows_sha, rows_bytes = _write_arrow_atomic(
+        out / rows_file,
+        ["tokens", "segment_lengths", "nsp_labels"],
+        [_list_array(tok_off, values), _list_array(row_off * per_sample, seg_lens.astype(np.int32)),
+         _list_array(row_off, ordered[:, 4].astype(np.int8))],
+        meta,
+    )
+    # the token dataset itself: every document with its sentence boundaries (rows can be rebuilt from it)
+    docs_file = f"{split}/docs_{_name(index)}.arrow"
+    doc_tok_off = sent_off[doc_off]
+    docs_sha, docs_bytes = _write_arrow_atomic(
+        out / docs_file,
+        ["tokens", "sentence_lengths"],
+        [_list_array(doc_tok_off, toks), _list_array(doc_off, np.diff(sent_off).astype(np.int32))],
+        meta,
+    )
+    return {
+        "block": index,
+        "rows_file": rows_file,
+        "docs_file": docs_file,
+        "rows": int(len(row_off) - 1),
+        "samples": int(len(samples)),
+        "documents": int(len(doc_off) - 1),
+        "sentences": int(len(sent_off) - 1),
+        "tokens": int(len(toks)),
+        "row_tokens": int(row_lengths.sum()),
+        "rows_sha256": rows_sha,
+        "rows_bytes": rows_bytes,
+        "docs_sha256": docs_sha,
+        "docs_bytes": docs_bytes,
+        "row_length_hist": np.histogram(row_lengths, bins=hist_edges)[0].tolist(),
+    }
+
+
+def _marker_ok(marker: Path, out: Path, verify: bool) -> Optional[dict]:
+    if not marker.is_file():
+        return None
+    res = json.loads(marker.read_text())
+    for sh in res["splits"].values():
+        if sh is None:
+            continue
+        for kind in ("rows", "docs"):
+            p = out / sh[f"{kind}_file"]
+            if not p.is_file() or p.stat().st_size != sh[f"{kind}_bytes"]:
+                return None
+            if verify and _sha256(p) != sh[f"{kind}_sha256"]:
+                log.warning("%s does not match its checksum: block %d is redone", p, res["block"])
+                return None
+    if not (out / res["counts_file"]).is_file():
+        return None
+    return res
+
+
+class _TokenizerCache:
+    tok = None
+    tok_dir = None
+
+
+def pass2_block(block: Block, ctx: dict, cache: Optional[_TokenizerCache] = None) -> dict:
+    """Tokenise one block's kept documents, split train/eval by document hash, write its shards and marker."""
+    from tokenizers import Tokenizer
+
+    from orchestrator.data.corpus import is_eval_document
+
+    out = Path(ctx["out"])
+    marker = out / "work" / "blocks" / f"block_{_name(block.index)}.json"
+    done = _marker_ok(marker, out, ctx["verify_existing"])
+    if done is not None:
+        return {**done, "skipped": True}
+    cfg = ctx["cfg"]
+    cache = cache or _TokenizerCache()
+    if cache.tok is None or cache.tok_dir != ctx["tok_dir"]:
+        cache.tok = Tokenizer.from_file(str(Path(ctx["tok_dir"]) / "tokenizer.json"))
+        cache.tok_dir = ctx["tok_dir"]
+    tok = cache.tok
+    vocab = tok.get_vocab_size()
+    dtype = np.uint16 if vocab <= 65535 else np.int32
+    unk_id = tok.token_to_id("[UNK]")
+    accs = {s: _SplitAcc() for s in SPLITS}
+    pending: list[list[str]] = []
+
+    def flush() -> None:
+        flat = [s for d in pending for s in d]
+        encs = tok.encode_batch(flat, add_special_tokens=False)
+        i = 0
+        for d in pending:
+            split = "eval" if is_eval_document(d, cfg["eval_fraction"]) else "train"
+            accs[split].add([e.ids for e in encs[i : i + len(d)]], dtype)
+            i += len(d)
+        pending.clear()
+
+    try:
+        for doc in kept_documents(block, ctx):
+            pending.append(doc)
+            if len(pending) >= 256:
+                flush()
+        if pending:
+            flush()
+    except BlockRefused as exc:  # the file changed since pass 1
+        raise DataError(block.uri, exc.info["message"] + " (file changed since pass 1?)") from None
+    delay = float(os.environ.get("BERT_ORCH_PREPARE_BLOCK_DELAY_S", "0") or 0)  # fault-injection tests
+    if delay:
+        time.sleep(delay)
+    L = cfg["max_seq_length"]
+    edges = np.unique(np.linspace(0, L, 9).round().astype(np.int64))
+    edges[-1] = L + 1
+    counts = np.zeros(vocab, np.int64)
+    splits: dict[str, Optional[dict]] = {}
+    unk = 0
+    for si, split in enumerate(SPLITS):
+        toks, sent_off, doc_off = accs[split].arrays(dtype)
+        accs[split] = _SplitAcc()
+        counts += np.bincount(toks, minlength=vocab)[:vocab]
+        unk += int((toks == unk_id).sum()) if unk_id is not None else 0
+        seed = cfg["seed"] * 1_000_003 + 2 * block.index + si  # a shard's samples depend on its block only
+        splits[split] = build_split_shard(toks, sent_off, doc_off, cfg, seed, out, split, block.index, edges)
+        del toks, sent_off, doc_off
+    counts_file = f"work/counts/block_{_name(block.index)}.npy"
+    _save_npy_atomic(out / counts_file, counts)
+    res = {"block": block.index, "splits": splits, "unk_tokens": unk, "counts_file": counts_file,
+           "hist_edges": edges.tolist()}
+    _write_json_atomic(marker, res)
+    return {**res, "skipped": False}
+
+
+# --------------------------------------------------------------------------------------------- executors
+def _run_task(kind: str, block: Block, ctx: dict, cache) -> dict:
+    if kind == "pass1":
+        return pass1_block(block, ctx)
+    return pass2_block(block, ctx, cache)
+
+
+class BlockActor:
+    """A Ray Data actor: holds the tokenizer across blocks; a batch is one block descriptor."""
+
+    def __init__(self, ctx_json: str):
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one actor = one CPU
+        self.ctx = json.loads(ctx_json)
+        self.cache = _TokenizerCache()
+
+    def __call__(self, batch: dict) -> dict:
+        from orchestrator.errors import OrchestratorError
+
+        out = []
+        for item in batch["item"]:
+            task = json.loads(str(item))
+            try:
+                res = _run_task(task["kind"], Block(**task["block"]), self.ctx, self.cache)
+            except OrchestratorError as exc:
+                res = {"raised": {"path": getattr(exc, "path", ""), "line": getattr(exc, "line", None),
+                                  "message": str(exc)}}
+            out.append(json.dumps(res))
+        return {"result": np.asarray(out, dtype=object)}
+
+
+def run_blocks(kind: str, blocks: list[Block], ctx: dict, cfg, progress: Callable[[dict], None]) -> None:
+    if not blocks:
+        return
+    if cfg.launcher.name == "local":
+        cache = _TokenizerCache()
+        for b in blocks:
+            progress(_run_task(kind, b, ctx, cache))
+        return
+    import ray
+
+    ctxd = ray.data.DataContext.get_current()
+    ctxd.enable_progress_bars = sys.stderr.isatty()
+    ctxd.execution_options.preserve_order = False
+    items = [{"item": json.dumps({"kind": kind, "block": asdict(b)})} for b in blocks]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        BlockActor,
+        fn_constructor_kwargs={"ctx_json": json.dumps(ctx)},
+        batch_size=1,
+        concurrency=cfg.num_workers,
+        num_cpus=1,
+    )
+    for row in ds.iter_rows():
+        res = json.loads(row["result"])
+        if "raised" in res:
+            raise _reraise(res["raised"])
+        progress(res)
+
+
+def _reraise(r: dict):
+    msg = r["message"]
+    if not r["path"]:
+        return DataError("?", msg)
+    prefix = f"{r['path']}:{r['line']}: " if r["line"] is not None else f"{r['path']}: "
+    return DataError(r["path"], msg[len(prefix):] if msg.startswith(prefix) else msg, line=r["line"])
+
+
+def connect_ray(cfg) -> bool:
+    """Join launcher.address / RAY_ADDRESS (also what `ray job submit` sets), else start a small local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.launcher.address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}}
+    if address:
+        ray.init(address=address, log_to_driver=True, runtime_env=env)
+        return False
+    ray.init(
+        address="local",
+        num_cpus=cfg.launcher.num_cpus or cfg.num_workers,
+        object_store_memory=cfg.launcher.object_store_memory_mb * 2**20,
+        include_dashboard=False,
+        log_to_driver=True,
+        runtime_env=env,
+    )
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def _location_error(res: dict, block: Block, line_base: int) -> DataError:
+    e = res["error"]
+    if "rel_line" in e:
+        return DataError(block.uri, e["message"], line=line_base + e["rel_line"] - 1)
+    return DataError(block.uri, e["message"])
+
+
+def _problem_location(p: dict, block: Block, line_base: int) -> dict:
+    q = {"file": block.uri, "kind": p["kind"], "message": p["message"]}
+    if "rel_line" in p:
+        q["line"] = line_base + p["rel_line"] - 1
+    if "byte" in p:
+        q["byte"] = p["byte"]
+    if "row" in p:
+        q["row"] = p["row"]
+    return q
+
+
+def _load_or_plan(cfg, out: Path) -> tuple[list, list[Block]]:
+    files = resolve_sources(list(cfg.sources), cfg.format)
+    content = content_config(cfg)
+    plan_path = out / "work" / "plan.json"
+    want = {"kind": KIND, "version": FORMAT_VERSION, "content": content,
+            "sources": [asdict(f) for f in files]}
+    if plan_path.is_file():
+        have = json.loads(plan_path.read_text())
+        if {k: have.get(k) for k in want} == want:
+            return files, [Block(**b) for b in have["blocks"]]
+        finished = any((out / "work" / "blocks").glob("block_*.json")) or (out / "manifest.json").is_file()
+        if finished:
+            diff = sorted(k for k in set(content) | set(have.get("content", {}))
+                          if content.get(k) != have.get("content", {}).get(k))
+            what = f"settings {diff}" if diff else "sources (files added, removed or modified)"
+            raise ConfigError("output_dir", f"'{out}' holds a preparation with other {what}; choose another"
+                              " output_dir or delete it")
+        shutil.rmtree(out / "work", ignore_errors=True)  # only pass-1 results: cheap to redo
+        shutil.rmtree(out / "tokenizer", ignore_errors=True)
+    blocks = plan_blocks(files, cfg.shard_bytes, cfg.text_field)
+    _write_json_atomic(plan_path, {**want, "blocks": [asdict(b) for b in blocks]})
+    return files, blocks
+
+
+def prepare_corpus(cfg, echo: Callable[[str], None] = print) -> dict:
+    """Run (or resume) the whole preparation; returns the stats (also in output_dir/stats.json)."""
+    t0 = time.perf_counter()
+    out = Path(os.path.expanduser(cfg.output_dir)).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    files, blocks = _load_or_plan(cfg, out)
+    if not blocks:
+        raise DataError(", ".join(f.uri for f in files), "corpus is empty: the sources hold no bytes")
+    echo(f"prepare: {len(files)} file(s), {sum(f.size for f in files):,} bytes, {len(blocks)} block(s) -> {out}")
+    ctx = {"out": str(out), "cfg": content_config(cfg), "verify_existing": cfg.verify_existing}
+    started_ray = connect_ray(cfg) if cfg.launcher.name == "ray" else False
+    try:
+        return _prepare(cfg, out, files, blocks, ctx, t0, echo)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _prepare(cfg, out: Path, files, blocks: list[Block], ctx: dict, t0: float, echo) -> dict:
+    by_index = {b.index: b for b in blocks}
+
+    # pass 1: filter + hash (errors are collected, then reported with the file's line number)
+    t1 = time.perf_counter()
+    p1: dict[int, dict] = {}
+    todo = []
+    for b in blocks:
+        m = out / "work" / "pass1" / f"block_{_name(b.index)}.json"
+        if m.is_file() and m.with_suffix(".npy").is_file():
+            p1[b.index] = json.loads(m.read_text())
+        else:
+            todo.append(b)
+    run_blocks("pass1", todo, ctx, cfg, lambda r: p1.__setitem__(r["block"], r))
+    line_base: dict[int, int] = {}
+    next_line: dict[str, int] = {}
+    for b in blocks:
+        line_base[b.index] = next_line.get(b.uri, 1)
+        next_line[b.uri] = line_base[b.index] + p1[b.index]["lines"]
+    for b in blocks:
+        if p1[b.index].get("error"):
+            raise _location_error(p1[b.index], b, line_base[b.index])
+    s = {k: sum(p1[b.index][k] for b in blocks) for k in (
+        "documents_read", "documents_kept", "empty_dropped", "too_short_dropped", "documents_cut",
+        "invalid_utf8_skipped", "bad_records_skipped", "lines", "bytes", "chars")}
+    problems = [_problem_location(p, by_index[i], line_base[i]) for i in sorted(p1) for p in p1[i]["problems"]][:20]
+    if s["documents_kept"] == 0:
+        raise DataError(
+            ", ".join(f.uri for f in files),
+            f"corpus is empty after filtering: {s['documents_read']} documents read, {s['empty_dropped']} empty,"
+            f" {s['too_short_dropped']} shorter than min_chars={cfg.min_chars}, {s['invalid_utf8_skipped']} lines of"
+            f" invalid UTF-8 and {s['bad_records_skipped']} bad records skipped",
+        )
+    pass1_s = time.perf_counter() - t1
+
+    # dedup: global, deterministic, one hash partition in memory at a time
+    duplicates = dedup(blocks, out, cfg.dedup, cfg.dedup_partition_docs,
+                       {b.index: p1[b.index]["documents_kept"] for b in blocks})
+
+    # vocabulary
+    t2 = time.perf_counter()
+    tok_dir = ensure_tokenizer(cfg, blocks, ctx)
+    tok_s = time.perf_counter() - t2
+
+    # pass 2: tokenise + shard
+    t3 = time.perf_counter()
+    ctx2 = {**ctx, "tok_dir": str(tok_dir)}
+    results: dict[int, dict] = {}
+    n_done = [0]
+
+    def progress(r: dict) -> None:
+        results[r["block"]] = r
+        n_done[0] += 1
+        if not r.get("skipped"):
+            echo(f"  shard {r['block']:5d} written ({n_done[0]}/{len(blocks)})")
+
+    run_blocks("pass2", blocks, ctx2, cfg, progress)
+    pass2_s = time.perf_counter() - t3
+    skipped = sum(1 for r in results.values() if r.get("skipped"))
+    manifest, stats = _manifest(cfg, out, files, blocks, results, tok_dir, s, duplicates, problems)
+    _write_json_atomic(out / "manifest.json", manifest)
+    secs = time.perf_counter() - t0
+    tokens = stats["tokens"]
+    timing = {
+        "seconds": secs, "pass1_seconds": pass1_s, "tokenizer_seconds": tok_s, "pass2_seconds": pass2_s,
+        "tokens_per_s": tokens / secs if secs > 0 else 0.0, "blocks": len(blocks), "blocks_skipped": skipped,
+        "launcher": cfg.launcher.name, "num_workers": cfg.num_workers,
+    }
+    full = {**stats, "timing": timing, "output_dir": str(out)}
+    _write_json_atomic(out / "stats.json", full)
+    for line in format_stats(full):
+        echo(line)
+    return full
+
+
+def _manifest(cfg, out: Path, files, blocks, results, tok_dir: Path, s: dict, duplicates: int, problems):
+    from tokenizers import Tokenizer
+
+    from orchestrator.data.tokenizer import tokenizer_hash
+
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    vocab = tok.get_vocab_size()
+    counts = np.zeros(vocab, np.int64)
+    splits: dict[str, dict] = {}
+    hist = None
+    edges = None
+    unk = 0
+    for split in SPLITS:
+        shards = []
+        for b in blocks:
+            sh = results[b.index]["splits"].get(split)
+            if sh:
+                shards.append({k: v for k, v in sh.items() if k != "row_length_hist"})
+                h = np.asarray(sh["row_length_hist"])
+                if split == "train":
+                    hist = h if hist is None else hist + h
+        splits[split] = {
+            "rows": sum(x["rows"] for x in shards),
+            "documents": sum(x["documents"] for x in shards),
+            "sentences": sum(x["sentences"] for x in shards),
+            "tokens": sum(x["tokens"] for x in shards),
+            "samples": sum(x["samples"] for x in shards),
+            "shards": shards,
+        }
+    for b in blocks:
+        r = results[b.index]
+        counts += np.load(out / r["counts_file"])
+        unk += r["unk_tokens"]
+        edges = r["hist_edges"]
+    tokens = int(counts.sum())
+    if splits["train"]["rows"] == 0:
+        raise DataError(", ".join(f.uri for f in files), "corpus holds no training rows after filtering")
+    stats = {
+        "files": len(files),
+        "bytes": s["bytes"],
+        "documents_read": s["documents_read"],
+        "documents": s["documents_kept"] - duplicates,
+        "empty_dropped": s["empty_dropped"],
+        "too_short_dropped": s["too_short_dropped"],
+        "duplicates_dropped": duplicates,
+        "documents_cut": s["documents_cut"],
+        "invalid_utf8_lines_skipped": s["invalid_utf8_skipped"],
+        "bad_records_skipped": s["bad_records_skipped"],
+        "skipped_examples": problems,
+        "tokens": tokens,
+        "train_tokens": splits["train"]["tokens"],
+        "eval_tokens": splits["eval"]["tokens"],
+        "train_rows": splits["train"]["rows"],
+        "eval_rows": splits["eval"]["rows"],
+        "unknown_tokens": unk,
+        "unknown_token_rate": unk / tokens if tokens else 0.0,
+        "row_length_histogram": {"edges": edges, "train_rows": hist.tolist() if hist is not None else []},
+    }
+    manifest = {
+        "kind": KIND,
+        "version": FORMAT_VERSION,
+        "config": content_config(cfg),
+        "sources": [asdict(f) for f in files],
+        "tokenizer": {"dir": "tokenizer", "hash": tokenizer_hash(tok_dir), "vocab_size": vocab,
+                      "token_dtype": "uint16" if vocab <= 65535 else "int32"},
+        "task": {"max_seq_length": cfg.max_seq_length, "nsp": cfg.nsp, "short_seq_prob": cfg.short_seq_prob,
+                 "packing": cfg.packing, "seed": cfg.seed},
+        "order": {"shuffle_window_shards": cfg.shuffle_window_shards},
+        "most_frequent_token_id": int(counts.argmax()) if tokens else -1,
+        "splits": splits,
+        "stats": stats,
+    }
+    return manifest, stats
+
+
+def format_stats(st: dict) -> list[str]:
+    t = st.get("timing", {})
+    lines = [
+        f"documents          {st['documents']:,} kept of {st['documents_read']:,} read"
+        f" ({st['empty_dropped']:,} empty, {st['too_short_dropped']:,} too short,"
+        f" {st['duplicates_dropped']:,} duplicates dropped; {st['documents_cut']:,} cut)",
+        f"skipped            {st['invalid_utf8_lines_skipped']:,} invalid UTF-8 lines,"
+        f" {st['bad_records_skipped']:,} bad records",
+        f"tokens             {st['tokens']:,} (train {st['train_tokens']:,}, eval {st['eval_tokens']:,}),"
+        f" unknown-token rate {st['unknown_token_rate']:.4%}",
+        f"rows               train {st['train_rows']:,}, eval {st['eval_rows']:,}",
+        "row lengths        " + ", ".join(
+            f"[{a},{b}): {n:,}" for a, b, n in zip(st["row_length_histogram"]["edges"][:-1],
+                                                   st["row_length_histogram"]["edges"][1:],
+                                                   st["row_length_histogram"]["train_rows"])),
+    ]
+    if t:
+        lines.append(
+            f"time               {t['seconds']:.1f}s ({t['tokens_per_s']:,.0f} tokens/s; pass 1 {t['pass1_seconds']:.1f}s,"
+            f" vocabulary {t['tokenizer_seconds']:.1f}s, pass 2 {t['pass2_seconds']:.1f}s;"
+            f" {t['blocks_skipped']}/{t['blocks']} blocks already done)"
+        )
+    for p in st.get("skipped_examples", [])[:5]:
+        where = f"{p['file']}:{p['line']}" if "line" in p else p["file"]
+        lines.append(f"skipped            {where}: {p['message']}")
+    return lines
