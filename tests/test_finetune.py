@@ -80,22 +80,38 @@ def test_ner_learns_entities_and_export_predicts_the_same_tags(tmp_path):
         assert decode_ner(ids, enc.word_ids(0), id2tag, len(p["tokens"])) == p["predictions"]
 
 
-@pytest.mark.parametrize("version", ["squad", "squad_v2"])
-def test_qa_beats_first_window_baseline(version, tmp_path):
-    run_dir = tmp_path / version
-    summary = train(compose(_ft("qa", version, "task.max_seq_length=96", "task.doc_stride=32", "task.max_query_length=24",
-                                "train.epochs=8", "train.global_batch_size=32", "train.micro_batch_size_per_gpu=32",
-                                "optim.lr=2e-3", "task.synthetic_train=150", "task.synthetic_eval=60",
-                                *(["task.version_2=true"] if version == "squad_v2" else []))),
+QA = ["task.max_seq_length=96", "task.doc_stride=32", "task.max_query_length=24", "train.global_batch_size=32",
+      "train.micro_batch_size_per_gpu=32", "optim.lr=1e-3", "task.synthetic_eval=60"]
+
+
+def test_qa_windows_beat_the_first_window_baseline(tmp_path):
+    """Long contexts are split into windows; reading all windows beats reading only the first one."""
+    run_dir = tmp_path / "squad"
+    summary = train(compose(_ft("qa", "squad", *QA, "task.synthetic_train=300", "train.epochs=8")),
                     run_dir=str(run_dir), interactive=False)
     ev = summary["final_eval"]
+    print("QA v1.1:", {k: round(v, 2) for k, v in ev.items()})
     assert ev["eval_windows_per_question"] > 1.5, "contexts are split into several windows"
-    assert ev["eval_f1"] > ev["eval_first_window_f1"] + 10, ev
-    assert ev["eval_exact"] > ev["eval_first_window_exact"] + 10, ev
-    if version == "squad_v2":
-        assert "eval_NoAns_f1" in ev and "eval_HasAns_f1" in ev
+    assert ev["eval_f1"] > 20, ev
+    assert ev["eval_f1"] > ev["eval_first_window_f1"] + 5, ev
+    assert ev["eval_exact"] > ev["eval_first_window_exact"] + 5, ev
     preds = read_jsonl(run_dir / "predictions_eval.jsonl")
     assert preds and {"id", "prediction", "answers"} <= preds[0].keys()
+
+
+def test_qa_v2_handles_unanswerable_questions(tmp_path):
+    run_dir = tmp_path / "squad_v2"
+    summary = train(compose(_ft("qa", "squad_v2", *QA, "task.version_2=true", "task.synthetic_train=100",
+                                "train.epochs=4")), run_dir=str(run_dir), interactive=False)
+    ev = summary["final_eval"]
+    assert {"eval_HasAns_f1", "eval_NoAns_f1", "eval_HasAns_total", "eval_NoAns_total"} <= ev.keys(), ev
+    assert ev["eval_NoAns_total"] > 0 and ev["eval_HasAns_total"] > 0
+    preds = read_jsonl(run_dir / "predictions_eval.jsonl")
+    unanswerable = [p for p in preds if not p["answers"]]
+    assert unanswerable, "v2 eval set has questions without answers"
+    # an empty prediction is how v2 says "no answer"; the metric scores it against the empty gold
+    assert ev["eval_NoAns_f1"] == pytest.approx(
+        100 * sum(p["prediction"] == "" for p in unanswerable) / len(unanswerable))
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -143,7 +159,7 @@ def test_squad_answer_start_mismatch_names_question(tmp_path):
         {"id": "q1", "question": "What is the capital ?", "answers": [{"text": "Paris", "answer_start": 3}]}]}]}]}
     tr = _write(tmp_path / "train.json", json.dumps(data))
     with pytest.raises(DataError) as ei:
-        _plan([*LOCAL, "task=qa", f"task.train_file={tr}", f"task.eval_file={tr}"], tmp_path)
+        _plan([*LOCAL, "task=qa", "task.max_seq_length=256", f"task.train_file={tr}", f"task.eval_file={tr}"], tmp_path)
     assert str(tr) in str(ei.value) and "q1" in str(ei.value) and "answer_start" in str(ei.value)
 
 
