@@ -28,16 +28,7 @@ def prepare_data(job) -> Any:
     if job.task.name in FINETUNE_TASKS:
         return _prepare_finetune(job)
     prepared = prepare_pretraining_data(job)
-    stats = DatasetStats(
-        train_rows=prepared.train_rows,
-        eval_rows=prepared.eval_rows,
-        train_tokens=prepared.train_tokens,
-        vocab_size=prepared.vocab_size,
-        data_dir=prepared.data_dir,
-        tokenizer_dir=prepared.tokenizer_dir,
-        most_frequent_token_id=prepared.most_frequent_token_id,
-    )
-    return stats, prepared
+    return DatasetStats.of(prepared), prepared
 
 
 def _prepare_finetune(job):
@@ -53,17 +44,7 @@ def _prepare_finetune(job):
                     "max_position_embeddings", "type_vocab_size"):
             setattr(job.model, key, src[key])
         job.model.name = f"from {prepared.model_config_dir}"
-    stats = DatasetStats(
-        train_rows=prepared.train_rows,
-        eval_rows=prepared.eval_rows,
-        train_tokens=prepared.train_tokens,
-        vocab_size=prepared.vocab_size,
-        data_dir=prepared.data_dir,
-        tokenizer_dir=prepared.tokenizer_dir,
-        labels=prepared.labels,
-        model_config_dir=prepared.model_config_dir,
-    )
-    return stats, None
+    return DatasetStats.of(prepared), None
 
 
 def make_plan(cfg, run_dir: Optional[str] = None, prepare: bool = True):

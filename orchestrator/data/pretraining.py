@@ -334,6 +334,14 @@ class PretrainingRows:
         return int(sample_lengths(np.asarray(s)).sum())
 
     def row(self, i: int, epoch: int) -> dict[str, np.ndarray]:
+        segments = []
+        for s_idx in self.row_samples[self.row_offsets[i] : self.row_offsets[i + 1]]:
+            a0, a1, b0, b1, label = (int(x) for x in self.samples[s_idx])
+            segments.append((self.tokens[a0:a1], self.tokens[b0:b1] if b0 >= 0 else None, label))
+        return self.assemble(segments, i, epoch)
+
+    def assemble(self, segments, i: int, epoch: int) -> dict[str, np.ndarray]:
+        """Packed row from its samples [(A tokens, B tokens or None, NSP label)], masked for (epoch, row i)."""
         sp = self.spec
         ids: list[np.ndarray] = []
         types: list[np.ndarray] = []
@@ -342,21 +350,20 @@ class PretrainingRows:
         cls_positions: list[int] = []
         nsp_labels: list[int] = []
         cursor = 0
-        for k, s_idx in enumerate(self.row_samples[self.row_offsets[i] : self.row_offsets[i + 1]]):
-            a0, a1, b0, b1, label = (int(x) for x in self.samples[s_idx])
-            parts = [np.asarray([sp.cls_id]), self.tokens[a0:a1], np.asarray([sp.sep_id])]
-            tparts = [np.zeros(a1 - a0 + 2, dtype=np.int64)]
-            if b0 >= 0:
-                parts += [self.tokens[b0:b1], np.asarray([sp.sep_id])]
-                tparts.append(np.ones(b1 - b0 + 1, dtype=np.int64))
-            sample_ids = np.concatenate(parts).astype(np.int64)
+        for k, (a, b, label) in enumerate(segments):
+            parts = [np.asarray([sp.cls_id]), a, np.asarray([sp.sep_id])]
+            tparts = [np.zeros(len(a) + 2, dtype=np.int64)]
+            if b is not None:
+                parts += [b, np.asarray([sp.sep_id])]
+                tparts.append(np.ones(len(b) + 1, dtype=np.int64))
+            sample_ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
             n = len(sample_ids)
             ids.append(sample_ids)
             types.append(np.concatenate(tparts))
             pos.append(np.arange(n, dtype=np.int64))
             seq.append(np.full(n, k + 1, dtype=np.int64))
             cls_positions.append(cursor)
-            nsp_labels.append(label)
+            nsp_labels.append(int(label))
             cursor += n
         input_ids = np.concatenate(ids)
         rng = np.random.default_rng([self.seed, epoch & 0x7FFFFFFF, i])

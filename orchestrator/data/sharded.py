@@ -198,42 +198,18 @@ class ShardedRows(PretrainingRows):
         return int(len(tokens) + len(labels) * (3 if self.nsp else 2))
 
     def row(self, i: int, epoch: int) -> dict[str, np.ndarray]:
-        sp = self.spec
         tokens, seg, labels = self._segments(i)
         per_sample = 2 if self.nsp else 1
         bounds = np.concatenate([[0], np.cumsum(seg)])
-        ids, types, pos, seqs, cls_positions = [], [], [], [], []
-        cursor = 0
-        for k in range(len(labels)):
-            a = tokens[bounds[k * per_sample] : bounds[k * per_sample + 1]]
-            parts = [np.asarray([sp.cls_id]), a, np.asarray([sp.sep_id])]
-            tparts = [np.zeros(len(a) + 2, dtype=np.int64)]
-            if self.nsp:
-                b = tokens[bounds[k * 2 + 1] : bounds[k * 2 + 2]]
-                parts += [b, np.asarray([sp.sep_id])]
-                tparts.append(np.ones(len(b) + 1, dtype=np.int64))
-            sample_ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
-            n = len(sample_ids)
-            ids.append(sample_ids)
-            types.append(np.concatenate(tparts))
-            pos.append(np.arange(n, dtype=np.int64))
-            seqs.append(np.full(n, k + 1, dtype=np.int64))
-            cls_positions.append(cursor)
-            cursor += n
-        input_ids = np.concatenate(ids)
-        rng = np.random.default_rng([self.seed, epoch & 0x7FFFFFFF, i])
-        masked, mlm_labels = self.mask(input_ids, rng)
-        out = {
-            "input_ids": masked,
-            "token_type_ids": np.concatenate(types),
-            "position_ids": np.concatenate(pos),
-            "sequence_ids": np.concatenate(seqs),
-            "mlm_labels": mlm_labels,
-            "cls_positions": np.asarray(cls_positions, dtype=np.int64),
-        }
-        if self.nsp:
-            out["nsp_labels"] = np.asarray(labels, dtype=np.int64)
-        return out
+        segments = [
+            (
+                tokens[bounds[k * per_sample] : bounds[k * per_sample + 1]],
+                tokens[bounds[k * 2 + 1] : bounds[k * 2 + 2]] if self.nsp else None,
+                labels[k],
+            )
+            for k in range(len(labels))
+        ]
+        return self.assemble(segments, i, epoch)
 
 
 def prepared_data(job):

@@ -41,6 +41,12 @@ class DatasetStats:
     labels: Optional[list] = None
     model_config_dir: Optional[str] = None
 
+    @staticmethod
+    def of(prepared: Any) -> "DatasetStats":
+        """From what a data preparation returned (pretraining or fine-tuning): the fields both share."""
+        names = [f.name for f in dataclasses.fields(DatasetStats)]
+        return DatasetStats(**{n: getattr(prepared, n) for n in names if hasattr(prepared, n)})
+
 
 @dataclass(frozen=True)
 class JobPlan:
