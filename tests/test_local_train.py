@@ -80,7 +80,7 @@ def _cli(args, run_dir: Path, **kw):
 
 
 RESUME = [
-    "launcher=local", "compute=cpu1", "engine=zero2", "data.synthetic_documents=600", "task.max_seq_length=64",
+    "experiment=quickstart_pretrain", "launcher=local", "compute=cpu1", "engine=zero2", "data.synthetic_documents=600", "task.max_seq_length=64",
     "train.max_steps=40", "train.global_batch_size=16", "train.micro_batch_size_per_gpu=8",
     "train.checkpoint_every_steps=10", "train.eval_every_steps=20", "train.log_every_steps=1", "train.keep_last=5",
 ]

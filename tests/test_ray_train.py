@@ -60,7 +60,7 @@ def test_default_pipeline_pretrains_then_finetunes(ray_cluster, tmp_path):
 
 
 KILL_RUN = [
-    "launcher=ray", "compute=cpu2", "engine=zero2", "data.synthetic_documents=600", "task.max_seq_length=64",
+    "experiment=quickstart_pretrain", "launcher=ray", "compute=cpu2", "engine=zero2", "data.synthetic_documents=600", "task.max_seq_length=64",
     "train.max_steps=30", "train.global_batch_size=16", "train.micro_batch_size_per_gpu=8",
     "train.log_every_steps=1", "train.eval_every_steps=30", "train.checkpoint_every_steps=10", "train.keep_last=5",
     "launcher.num_cpus=2",

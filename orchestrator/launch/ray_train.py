@@ -73,12 +73,24 @@ def launch_ray(plan: JobPlan) -> dict[str, Any]:
         resources = {"CPU": float(job.compute.cpus_per_worker)}
         if job.compute.use_gpu:
             resources["GPU"] = 1.0
-        scaling = ScalingConfig(
-            num_workers=plan.world_size,
-            use_gpu=job.compute.use_gpu,
-            resources_per_worker=resources,
-            placement_strategy=job.compute.placement_strategy,
-        )
+        c = job.compute
+        if c.min_workers is not None and c.max_workers is not None:
+            # elastic: Ray restarts the whole group from the newest checkpoint on every resize; the worker
+            # re-derives grad accumulation for the size it gets (global batch kept) and re-shards ZeRO state
+            scaling = ScalingConfig(
+                num_workers=(c.min_workers, c.max_workers),
+                use_gpu=c.use_gpu,
+                resources_per_worker=resources,
+                placement_strategy=c.placement_strategy,
+                elastic_resize_monitor_interval_s=float(c.elastic_resize_interval_s),
+            )
+        else:
+            scaling = ScalingConfig(
+                num_workers=plan.world_size,
+                use_gpu=c.use_gpu,
+                resources_per_worker=resources,
+                placement_strategy=c.placement_strategy,
+            )
         run_dir = Path(plan.run_dir).resolve()
         # storage_path/name is the run dir itself: our checkpoints are Ray's checkpoints, nothing is copied
         run_config = RunConfig(

@@ -61,3 +61,27 @@ def resolve_batch(
             f"{glob} != micro_batch_size_per_gpu x grad_accum_steps x data_parallel_size = {micro} x {accum} x {dp}",
         )
     return BatchPlan(micro, accum, glob, dp)  # type: ignore[arg-type]
+
+
+def batch_for_world(global_batch_size: int, micro_batch_size_per_gpu: int, world: int) -> BatchPlan:
+    """Elastic: the global batch and micro batch are fixed; accumulation follows the current world size."""
+    if world < 1 or global_batch_size % (micro_batch_size_per_gpu * world):
+        raise ConfigError(
+            "train.global_batch_size",
+            f"{global_batch_size} is not divisible by micro_batch_size_per_gpu x world size"
+            f" = {micro_batch_size_per_gpu} x {world}",
+        )
+    return BatchPlan(micro_batch_size_per_gpu, global_batch_size // (micro_batch_size_per_gpu * world), global_batch_size, world)
+
+
+def check_elastic_range(global_batch_size: int, micro_batch_size_per_gpu: int, min_workers: int, max_workers: int) -> dict[int, int]:
+    """{world size: grad accum} for every size in [min, max]; refuses a range holding sizes that break the batch."""
+    bad = [w for w in range(min_workers, max_workers + 1) if global_batch_size % (micro_batch_size_per_gpu * w)]
+    if bad:
+        raise ConfigError(
+            "train.global_batch_size",
+            f"{global_batch_size} cannot be kept at world size(s) {bad} of compute.min_workers..max_workers ="
+            f" {min_workers}..{max_workers} with micro_batch_size_per_gpu {micro_batch_size_per_gpu}"
+            " (global must be divisible by micro x world for every size in the range)",
+        )
+    return {w: global_batch_size // (micro_batch_size_per_gpu * w) for w in range(min_workers, max_workers + 1)}

@@ -120,3 +120,65 @@ def _rotate(root: Path, keep_last: int) -> None:
     good = [p for _, p in steps if verify(p) is None]
     for p in good[keep_last:]:
         shutil.rmtree(p, ignore_errors=True)
+
+
+UNIVERSAL_TAG = "ds_universal"
+
+
+def ensure_universal(ckpt_dir: Path, rank: int, barrier: Callable[[], None], tag: str = "ds") -> tuple[Path, float]:
+    """Collective: a DeepSpeed universal copy of ckpt_dir/<tag> (ZeRO state re-shardable to any world size).
+
+    Rank 0 runs DeepSpeed's converter once into a temporary dir under the checkpoint and renames it when
+    complete (a crash mid-way leaves no half copy); the others wait. Returns (its path, conversion seconds;
+    0 when it was already there).
+    """
+    import subprocess
+    import sys
+    import time
+
+    final = ckpt_dir / UNIVERSAL_TAG
+    seconds = 0.0
+    if rank == 0 and not (final / "zero").is_dir():
+        tmp = ckpt_dir / f".{UNIVERSAL_TAG}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        t0 = time.perf_counter()
+        cmd = [
+            sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder", str(ckpt_dir / tag), "--output_folder", str(tmp),
+            "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1",
+        ]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError(f"universal checkpoint conversion of {ckpt_dir} failed:\n{res.stderr[-3000:]}")
+        # ZeRO's converter writes latest_universal next to its output; we name the tag explicitly instead
+        (ckpt_dir / "latest_universal").unlink(missing_ok=True)
+        _fsync_tree(tmp)
+        os.replace(tmp, final)
+        seconds = time.perf_counter() - t0
+        log.info("converted %s to a universal checkpoint in %.1fs", ckpt_dir, seconds)
+    barrier()
+    return final, seconds
+
+
+def truncate_ledgers(run_dir: str | os.PathLike, resume_step: int) -> None:
+    """Drop ledger lines past the resume step from every rank's file, also of ranks that no longer exist.
+
+    Called by rank 0 alone before any rank writes (then a barrier): after a resize the old group's rank files
+    may hold steps that the new group redoes.
+    """
+    ledger_dir = Path(run_dir) / "ledger"
+    if not ledger_dir.is_dir():
+        return
+    for path in sorted(ledger_dir.glob("rank*.jsonl")):
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash
+            if rec.get("step", 0) <= resume_step:
+                kept.append(line)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, path)

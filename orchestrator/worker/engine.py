@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import types
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,6 +31,35 @@ def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
         return Lamb(groups, lr=optim_cfg.lr, betas=betas, eps=optim_cfg.eps)
     # foreach: one multi-tensor kernel per group instead of a Python loop over parameters
     return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=betas, eps=optim_cfg.eps, foreach=True)
+
+
+def _nonfinite_grads(params) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return False
+    return not bool(torch.isfinite(torch.stack([g.detach().float().norm() for g in grads]).sum()))
+
+
+def guard_nonfinite_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Make optimizer.step() a no-op (and set .overflow) when a gradient is NaN/inf.
+
+    For DeepSpeed ZeRO stage 0 in fp32, where the client optimizer is used unwrapped: DeepSpeed's engine reads
+    `optimizer.overflow` after the step and then also skips the LR scheduler and counts a skipped step, just as
+    its ZeRO-1/2/3 optimizers do on a non-finite gradient norm.
+    """
+    inner = optimizer.step
+    optimizer.overflow = False  # type: ignore[attr-defined]
+
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"]]
+        self.overflow = _nonfinite_grads(params)
+        if self.overflow:
+            return None
+        return inner(closure) if closure is not None else inner()
+
+    # a bound method: torch's LR scheduler re-wraps optimizer.step through __func__ / __get__
+    optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
+    return optimizer
 
 
 def lr_lambda_factory(schedule_name: str, warmup_steps: int, total_steps: int):
@@ -62,7 +92,15 @@ class Engine:
         raise NotImplementedError
 
     def step(self) -> None:
-        """Called after every micro batch; the optimizer steps at the accumulation boundary."""
+        """Called after every micro batch; the optimizer steps at the accumulation boundary.
+
+        A boundary whose gradients are non-finite is skipped (no optimizer or LR-schedule update, gradients
+        cleared): the divergence guard poisons the gradients of a step it wants skipped.
+        """
+        raise NotImplementedError
+
+    def step_applied(self) -> bool:
+        """Whether the last accumulation boundary updated the weights."""
         raise NotImplementedError
 
     def lr(self) -> float:
@@ -74,7 +112,7 @@ class Engine:
     def save(self, directory: Path) -> None:
         raise NotImplementedError
 
-    def load(self, directory: Path) -> None:
+    def load(self, directory: Path, universal: bool = False) -> None:
         raise NotImplementedError
 
     @contextlib.contextmanager
@@ -99,6 +137,7 @@ class TorchEngine(Engine):
         self.scheduler = lr_lambda_factory(job.schedule.name, plan.warmup_steps, plan.total_steps)(self.optimizer)
         self.micro = 0
         self._grad_norm: Optional[float] = None
+        self._applied = True
 
     def forward(self, **batch):
         ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
@@ -112,6 +151,12 @@ class TorchEngine(Engine):
         self.micro += 1
         if self.micro % self.accum:
             return
+        if _nonfinite_grads(self.module.parameters()):  # skipped step: as DeepSpeed's overflow handling
+            self._applied = False
+            self._grad_norm = float("inf")
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        self._applied = True
         if self.clip > 0:
             self._grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip))
         else:
@@ -119,6 +164,9 @@ class TorchEngine(Engine):
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def step_applied(self):
+        return self._applied
 
     def lr(self):
         return float(self.scheduler.get_last_lr()[0])
@@ -136,11 +184,13 @@ class TorchEngine(Engine):
             directory / "engine_state.pt",
         )
 
-    def load(self, directory: Path):
+    def load(self, directory: Path, universal: bool = False):
         state = torch.load(directory / "engine_state.pt", map_location=self.device, weights_only=False)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.micro = 0
 
 
 class DeepSpeedEngine(Engine):
@@ -148,16 +198,18 @@ class DeepSpeedEngine(Engine):
 
     TAG = "ds"
 
-    def __init__(self, model: nn.Module, plan, device: torch.device):
+    def __init__(self, model: nn.Module, plan, device: torch.device, ds_config: Optional[dict[str, Any]] = None):
         import deepspeed
 
         job = plan.job
-        ds_config = dict(plan.deepspeed_config)
+        ds_config = dict(ds_config or plan.deepspeed_config)
         if job.engine.bf16 is None:  # auto: decided by this worker's hardware
             from orchestrator.worker.hardware import resolve_bf16
 
             ds_config["bf16"] = {"enabled": resolve_bf16(None, device)}
         optimizer = build_optimizer(model, job.optim)
+        if job.engine.zero_stage == 0 and not ds_config["bf16"]["enabled"] and not ds_config["fp16"]["enabled"]:
+            guard_nonfinite_step(optimizer)  # ZeRO-1/2/3 (and fp16) skip non-finite steps themselves
         engine, _, _, scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -180,6 +232,9 @@ class DeepSpeedEngine(Engine):
     def step(self):
         self.engine.step()
 
+    def step_applied(self):
+        return bool(self.engine.was_step_applied())
+
     def lr(self):
         return float(self.engine.get_lr()[0])
 
@@ -191,9 +246,18 @@ class DeepSpeedEngine(Engine):
         # every rank writes its ZeRO partition; rank 0 also the module states and `latest`
         self.engine.save_checkpoint(str(directory), tag=self.TAG, save_latest=True)
 
-    def load(self, directory: Path):
+    def load(self, directory: Path, universal: bool = False):
+        """universal: load directory/ds_universal (checkpoint.ensure_universal), written at another world size.
+
+        DeepSpeed reads `checkpoint.load_universal` only when loading, so it is set per load here: a later
+        rollback to a checkpoint of the current world size loads the plain way again.
+        """
+        from orchestrator.worker.checkpoint import UNIVERSAL_TAG
+
+        self.engine._config.load_universal_checkpoint = universal
         path, _ = self.engine.load_checkpoint(
-            str(directory), tag=self.TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(directory), tag=UNIVERSAL_TAG if universal else self.TAG,
+            load_optimizer_states=True, load_lr_scheduler_states=True,
         )
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {directory}")
@@ -209,10 +273,10 @@ class DeepSpeedEngine(Engine):
             yield
 
 
-def build_engine(model: nn.Module, plan, device: torch.device) -> Engine:
+def build_engine(model: nn.Module, plan, device: torch.device, ds_config: Optional[dict[str, Any]] = None) -> Engine:
     if plan.job.engine.backend == "torch":
         return TorchEngine(model, plan, device)
-    return DeepSpeedEngine(model, plan, device)
+    return DeepSpeedEngine(model, plan, device, ds_config)
 
 
 def init_single_process_group() -> None:

@@ -1,0 +1,80 @@
+"""Worker stage: deterministic fault injection for the fault-tolerance tests (never set it in real jobs).
+
+`BERT_ORCH_FAULT` (forwarded to Ray workers by launch/ray_train.py) holds `;`-separated specs:
+
+    kill_rank=R@step=N      after optimizer step N, rank R SIGKILLs itself (a dead worker / node)
+    sigterm_rank=R@step=N   after step N, rank R sends itself SIGTERM (a preemption notice)
+    nan_loss_at=A,B,...     the loss of steps A, B, ... becomes NaN (rank 0, first micro batch)
+    nan_loss_sticky_at=...  as nan_loss_at, but again on every re-run of the step (bad data: rollbacks loop)
+    spike_loss_at=A,B,...   the loss of steps A, B, ... is multiplied by 100 (rank 0, first micro batch; once)
+    slow_step=S             sleep S seconds after every step (gives tests time to act mid-run)
+
+kill/sigterm/nan_loss_at/spike_loss_at fire once per run dir: a marker `.faults/<spec>` (holding the time it fired) is written
+first, so the restarted attempt, or the steps redone after a rollback, run clean.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+ENV = "BERT_ORCH_FAULT"
+
+
+class Faults:
+    def __init__(self, spec: str, run_dir: Path, rank: int):
+        self.run_dir, self.rank = Path(run_dir), rank
+        self.kills: dict[int, tuple[int, int]] = {}  # step -> (rank, signal)
+        self.nan_once: set[int] = set()
+        self.nan_sticky: set[int] = set()
+        self.spike_once: set[int] = set()
+        self.slow = 0.0
+        for part in filter(None, (p.strip() for p in spec.split(";"))):
+            key, _, val = part.partition("=")
+            if key in ("kill_rank", "sigterm_rank"):
+                r, _, s = val.partition("@step=")
+                self.kills[int(s)] = (int(r), signal.SIGKILL if key == "kill_rank" else signal.SIGTERM)
+            elif key == "nan_loss_at":
+                self.nan_once |= {int(x) for x in val.split(",") if x}
+            elif key == "nan_loss_sticky_at":
+                self.nan_sticky |= {int(x) for x in val.split(",") if x}
+            elif key == "spike_loss_at":
+                self.spike_once |= {int(x) for x in val.split(",") if x}
+            elif key == "slow_step":
+                self.slow = float(val)
+            else:
+                raise ValueError(f"{ENV}: unknown fault '{part}'")
+
+    @staticmethod
+    def from_env(run_dir: Path, rank: int) -> "Faults":
+        return Faults(os.environ.get(ENV, ""), run_dir, rank)
+
+    def _fire_once(self, name: str) -> bool:
+        marker = self.run_dir / ".faults" / name
+        if marker.exists():
+            return False
+        marker.parent.mkdir(exist_ok=True)
+        marker.write_text(json.dumps({"time": time.time(), "rank": self.rank}))
+        return True
+
+    def loss_factor(self, step: int, micro: int) -> float:
+        """What the loss of step `step` (1-based) is multiplied by here: NaN, 100 (a spike) or 1."""
+        if self.rank != 0 or micro != 0:
+            return 1.0
+        if step in self.nan_sticky or (step in self.nan_once and self._fire_once(f"nan_loss_at={step}")):
+            return float("nan")
+        if step in self.spike_once and self._fire_once(f"spike_loss_at={step}"):
+            return 100.0
+        return 1.0
+
+    def after_step(self, step: int) -> None:
+        if self.slow:
+            time.sleep(self.slow)
+        if step in self.kills:
+            rank, sig = self.kills[step]
+            name = "kill_rank" if sig == signal.SIGKILL else "sigterm_rank"
+            if rank == self.rank and self._fire_once(f"{name}={rank}@step={step}"):
+                os.kill(os.getpid(), sig)
