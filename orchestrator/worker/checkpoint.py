@@ -170,15 +170,7 @@ def truncate_ledgers(run_dir: str | os.PathLike, resume_step: int) -> None:
     ledger_dir = Path(run_dir) / "ledger"
     if not ledger_dir.is_dir():
         return
+    from orchestrator.worker.metrics import truncate_jsonl
+
     for path in sorted(ledger_dir.glob("rank*.jsonl")):
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a line cut by a crash
-            if rec.get("step", 0) <= resume_step:
-                kept.append(line)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, path)
+        truncate_jsonl(path, resume_step)

@@ -15,23 +15,29 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Keep the JSON lines whose step is <= max_step (atomic rewrite); lines cut by a crash are dropped."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a crash
+        if rec.get("step", 0) <= max_step:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(k + "\n" for k in kept))
+    os.replace(tmp, path)
+
+
 class MetricsJsonl:
     """Append-only JSON lines; on resume, lines past the resumed step are dropped (they will be redone)."""
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
-        if path.exists():
-            kept = []
-            for line in path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue  # a line cut by a crash
-                if rec.get("step", 0) <= resume_step:
-                    kept.append(line)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(k + "\n" for k in kept))
-            os.replace(tmp, path)
+        truncate_jsonl(path, resume_step)
         self.fh = open(path, "a", buffering=1)
 
     def write(self, record: dict[str, Any]) -> None:
