@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     common = [
-        f"model={args.model}", f"train.max_steps={args.steps}", f"train.global_batch_size={args.global_batch}",
+        "experiment=quickstart_pretrain", f"model={args.model}", f"train.max_steps={args.steps}", f"train.global_batch_size={args.global_batch}",
         "train.micro_batch_size_per_gpu=null", "train.grad_accum_steps=1", f"task.max_seq_length={args.seq}",
         f"train.eval_every_steps={args.steps}", f"train.checkpoint_every_steps={args.steps}",
         "train.log_every_steps=10", "engine=zero2",
