@@ -367,6 +367,8 @@ def build_plan(cfg: JobConfig, dataset: Optional[DatasetStats] = None) -> JobPla
     seq = cfg.task.max_seq_length
     tokens_per_step = batch.global_batch_size * seq
     notes: list[str] = []
+    if dataset is not None and dataset.eval_rows == 0 and cfg.task.name == "pretrain":
+        notes.append("no document fell into the held-out split (data.eval_fraction): no evaluation metrics")
     if elastic_accum is not None:
         notes.append(
             "elastic: world size "

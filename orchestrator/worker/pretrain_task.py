@@ -117,6 +117,8 @@ class PretrainTask:
         """Held-out MLM (and NSP) with fixed masks; every rank runs the same number of forwards (ZeRO-3 gathers)."""
         d, rows = self.d, self._eval_rows
         n = min(len(rows), self.job.data.eval_max_samples)
+        if n == 0:  # no document fell into the held-out split (tiny or repetitive corpus): nothing to score
+            return {"eval_rows": 0}
         micro = self.plan.micro_batch_size_per_gpu
         mft_id = self.ds["most_frequent_token_id"]
         sums = np.zeros(7)  # loss*count, correct, count, nsp_correct, nsp_count, mft hits, rows
