@@ -164,3 +164,16 @@ def test_checkpoint_beyond_planned_steps_is_refused_before_launch(learned_run):
     with pytest.raises(ConfigError) as ei:
         make_plan(compose([*LEARN, "train.max_steps=100"]), run_dir=str(run_dir), prepare=False)
     assert "train.max_steps" in str(ei.value) and "step 400" in str(ei.value)
+
+
+def test_empty_held_out_split_is_reported_not_a_crash(tmp_path):
+    """A repetitive corpus can leave no document in the held-out split: the job still trains and says so."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(["the cat sat on the mat . a dog ran ."] * 50) + "\n")
+    summary = train(compose(["launcher=local", "compute=cpu1", "engine=torch", "data=text", f"data.paths=[{corpus}]",
+                             "tokenizer.vocab_size=100", "train.max_steps=4", "train.global_batch_size=4",
+                             "train.micro_batch_size_per_gpu=4", "task.max_seq_length=16"]),
+                    run_dir=str(tmp_path / "r"), interactive=False)
+    assert summary["status"] == "completed" and summary["final_eval"] == {"eval_rows": 0}
+    plan = json.loads((tmp_path / "r" / "plan.json").read_text())
+    assert any("held-out split" in n for n in plan["notes"])
