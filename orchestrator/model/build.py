@@ -127,6 +127,9 @@ def load_encoder_weights(hf_model, init_from: str, keep_heads: bool) -> None:
         hf_model.load_state_dict(loaded.state_dict(), strict=False)
     else:
         encoder = BertModel.from_pretrained(str(src), local_files_only=True, add_pooling_layer=True)
-        missing, unexpected = hf_model.bert.load_state_dict(encoder.state_dict(), strict=False)
+        state = encoder.state_dict()
+        if getattr(hf_model.bert, "pooler", None) is None:  # token classification / QA heads have no pooler
+            state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
+        missing, unexpected = hf_model.bert.load_state_dict(state, strict=False)
         if unexpected:
             raise ConfigError("train.init_from", f"'{src}' has weights the encoder does not: {unexpected[:3]}")
