@@ -280,7 +280,11 @@ def build_engine(model: nn.Module, plan, device: torch.device, ds_config: Option
 
 
 def init_single_process_group() -> None:
-    """DeepSpeed needs a process group even at world size 1 (Ray creates one; the local launcher does here)."""
+    """DeepSpeed needs a process group even at world size 1 (Ray creates one; the local launcher does here).
+
+    The store is an in-process HashStore, not a TCPStore on MASTER_PORT: a port picked here and bound
+    later can be taken in between (and a MASTER_PORT left in os.environ is inherited by every child
+    process, which then fails with EADDRINUSE while this process still holds it)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -289,11 +293,4 @@ def init_single_process_group() -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
