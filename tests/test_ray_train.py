@@ -87,11 +87,15 @@ def test_ray_job_killed_with_sigkill_resumes_with_same_command(ray_cluster, tmp_
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    killed_at = max(r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "step" in r)
+    assert killed_at < 30, "the kill landed after the run had finished"
+    assert not (run_dir / "summary.json").exists() or json.loads((run_dir / "summary.json").read_text())["status"] != "completed"
     again = _cli(run_dir)
     out, _ = again.communicate(timeout=900)
     assert again.returncode == 0, out[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"] is not None and summary["steps"] == 30
+    assert summary["steps_this_start"] == 30 - int(Path(summary["resumed_from"]).name.split("_")[1])
     for k, v in ref["final_eval"].items():
         assert summary["final_eval"][k] == pytest.approx(v, rel=1e-3, abs=1e-5), k
     steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]

@@ -52,21 +52,21 @@ class Faults:
     def from_env(run_dir: Path, rank: int) -> "Faults":
         return Faults(os.environ.get(ENV, ""), run_dir, rank)
 
-    def _fire_once(self, name: str) -> bool:
+    def _fire_once(self, name: str, step: int) -> bool:
         marker = self.run_dir / ".faults" / name
         if marker.exists():
             return False
         marker.parent.mkdir(exist_ok=True)
-        marker.write_text(json.dumps({"time": time.time(), "rank": self.rank}))
+        marker.write_text(json.dumps({"time": time.time(), "rank": self.rank, "step": step}))
         return True
 
     def loss_factor(self, step: int, micro: int) -> float:
         """What the loss of step `step` (1-based) is multiplied by here: NaN, 100 (a spike) or 1."""
         if self.rank != 0 or micro != 0:
             return 1.0
-        if step in self.nan_sticky or (step in self.nan_once and self._fire_once(f"nan_loss_at={step}")):
+        if step in self.nan_sticky or (step in self.nan_once and self._fire_once(f"nan_loss_at={step}", step)):
             return float("nan")
-        if step in self.spike_once and self._fire_once(f"spike_loss_at={step}"):
+        if step in self.spike_once and self._fire_once(f"spike_loss_at={step}", step):
             return 100.0
         return 1.0
 
@@ -76,5 +76,5 @@ class Faults:
         if step in self.kills:
             rank, sig = self.kills[step]
             name = "kill_rank" if sig == signal.SIGKILL else "sigterm_rank"
-            if rank == self.rank and self._fire_once(f"{name}={rank}@step={step}"):
+            if rank == self.rank and self._fire_once(f"{name}={rank}@step={step}", step):
                 os.kill(os.getpid(), sig)

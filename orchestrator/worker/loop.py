@@ -499,7 +499,8 @@ def _run(plan_dict: dict[str, Any], reporter: Optional[Reporter], interactive: b
         summary = {
             "status": "completed",
             "task": job.task.name,
-            "steps": plan.total_steps,
+            "steps": step,
+            "steps_this_start": step - start_step,
             "resumed_from": resumed_from,
             "world_size": d.world,
             "global_batch_size": plan.global_batch_size,
@@ -524,7 +525,7 @@ def _run(plan_dict: dict[str, Any], reporter: Optional[Reporter], interactive: b
             summary["final_eval_details"] = {k: v for k, v in best_eval.items() if isinstance(v, dict)}
         if wandb_sink is not None:
             summary["wandb_run_id"] = wandb_sink.run_id
-            wandb_sink.summary({**summary["final_eval"], "steps": plan.total_steps})
+            wandb_sink.summary({**summary["final_eval"], "steps": step})
         write_json_atomic(run_dir / "summary.json", summary)
         for sink in sinks:
             sink.close()
