@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from orchestrator.data.tokenizer import replace_dir
+
 log = logging.getLogger("orchestrator.checkpoint")
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -104,9 +106,7 @@ def save(
         (tmp / STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
         _fsync_tree(tmp)
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": _file_list(tmp)}, indent=2, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
         _rotate(root, keep_last)
     barrier()
     return final
