@@ -240,9 +240,27 @@ def hydra_entry(cfg) -> Any:
         sys.exit(2)
 
 
+def _check_run_dir_args(argv: list[str]) -> None:
+    """Hydra creates the run dir before our code runs, so a run dir given on the command line that cannot be
+    created is refused here with one line naming the key, not with Hydra's traceback."""
+    from orchestrator.plan.job_plan import check_run_dir
+
+    if "-m" in argv or "--multirun" in argv:
+        return  # members' dirs are made by the sweep launcher, under hydra.sweep.dir
+    for arg in argv:
+        key, eq, value = arg.lstrip("+").partition("=")
+        if eq and key in ("hydra.run.dir", "runs_root") and value and "${" not in value:
+            try:
+                check_run_dir(value)
+            except ConfigError as exc:
+                print(f"error: {str(exc).replace('run_dir', key, 1)}", file=sys.stderr)
+                sys.exit(2)
+
+
 def main() -> None:
     import hydra
 
+    _check_run_dir_args(sys.argv[1:])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(hydra_entry)

@@ -148,6 +148,19 @@ def test_cli_refuses_with_one_line_and_exit_2(tmp_path):
     assert err_lines[-1].startswith("error: config key 'engine.zero_stage'"), res.stderr
 
 
+@pytest.mark.parametrize("key", ["hydra.run.dir", "runs_root"])
+def test_cli_refuses_a_run_dir_it_cannot_create_with_one_line(tmp_path, key):
+    """Hydra makes the run dir before our code runs: the CLI refuses it first (a path under a file fails
+    for root too, unlike permission bits)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    res = run_cli(["experiment=quickstart_pretrain", "plan_only=true", f"{key}={blocker}/run"], timeout=120)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    err_lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert len(err_lines) == 1 and err_lines[0].startswith(f"error: config key '{key}'"), res.stderr
+    assert str(blocker) in err_lines[0]
+
+
 def test_plan_only_is_fast_and_starts_no_ray(tmp_path):
     """plan_only=true prints the plan and writes plan.json without importing ray, torch or deepspeed."""
     code = (
