@@ -117,3 +117,16 @@ def test_optuna_search_runs_trials_as_ray_jobs(head, tmp_path):
 
     result = OmegaConf.load(sweep_dir / "optimization_results.yaml")
     assert result.n_completed == 3 and result.best_value == pytest.approx(max(r["metric"] for r in rows))
+
+
+def test_sweep_over_the_default_pipeline_is_refused_before_submitting(head, tmp_path):
+    """The default experiment is a two-stage pipeline: a job-level sweep key would be lost, so every member is
+    refused at once, naming the key, and nothing reaches the cluster."""
+    sweep_dir = tmp_path / "pipe"
+    t0 = time.time()
+    out = multirun(head, sweep_dir, ["optim.lr=1e-3,3e-3"], timeout=300)
+    assert out.returncode != 0
+    rows = members(sweep_dir)
+    assert len(rows) == 2 and all(r["status"] == "failed" and r["job_id"] is None for r in rows), rows
+    assert all("optim.lr" in r["error"] and "pipeline" in r["error"] for r in rows), rows
+    assert time.time() - t0 < 120
