@@ -32,8 +32,8 @@ class OptunaSearchConf:
     """Trials in total."""
     n_jobs: int = 2
     """Trials asked per batch (the launcher runs a batch concurrently, as resources allow)."""
-    direction: str = "maximize"
-    """maximize | minimize the launcher's metric (hydra.launcher.metric)."""
+    direction: Optional[str] = None
+    """maximize | minimize the launcher's metric (hydra.launcher.metric); null follows hydra.launcher.metric_mode."""
     sampler: str = "tpe"
     """tpe | random | qmc."""
     seed: Optional[int] = None
@@ -59,9 +59,13 @@ def _distribution(override: Override):
             return D.IntDistribution(int(value.start), int(value.end), log=log_scale)
         return D.FloatDistribution(float(value.start), float(value.end), log=log_scale)
     if isinstance(value, RangeSweep):
+        # Hydra's range() excludes stop; Optuna's high must be on the grid start + k*step
+        last = math.ceil((value.stop - value.start) / value.step) - 1
+        if last < 0:
+            raise ValueError(f"{override.input_line}: an empty range")
         if all(isinstance(x, int) for x in (value.start, value.stop, value.step)):
-            return D.IntDistribution(value.start, value.stop - value.step, step=value.step)
-        return D.FloatDistribution(value.start, value.stop - value.step, step=value.step)
+            return D.IntDistribution(value.start, value.start + last * value.step, step=value.step)
+        return D.FloatDistribution(value.start, value.start + last * value.step, step=value.step)
     raise ValueError(f"{override.input_line}: not a search range (use interval/range/choice or a,b)")
 
 
@@ -112,12 +116,14 @@ class OptunaSearchSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        direction = self.params.direction or (
+            "minimize" if str(OmegaConf.select(self.config, "hydra.launcher.metric_mode", default="max")) == "min" else "maximize")
         study = optuna.create_study(
             study_name=self.params.study_name, storage=self.params.storage, sampler=self._sampler(),
-            direction=self.params.direction, load_if_exists=bool(self.params.storage),
+            direction=direction, load_if_exists=bool(self.params.storage),
         )
         log.info(f"Optuna {optuna.__version__} study: {self.params.n_trials} trials, {self.params.n_jobs} per batch, "
-                 f"{self.params.direction}, sampler {self.params.sampler}, space {sorted(space)}")
+                 f"{direction}, sampler {self.params.sampler}, space {sorted(space)}")
         done = 0
         while done < self.params.n_trials:
             n = min(self.params.n_jobs, self.params.n_trials - done)
