@@ -170,3 +170,66 @@ def test_init_dir_without_weights(tmp_path):
     with pytest.raises(ConfigError) as ei:
         _plan(_ft("classify", "sentiment", "train.epochs=1", f"train.init_from={d}"), tmp_path)
     assert "train.init_from" in str(ei.value) and "no weights" in str(ei.value)
+
+
+def _hf_bert_dir(classify_run, d: Path, hidden: int = 64, layers: int = 1, weights: bool = True) -> Path:
+    """A Hugging Face BERT directory not made by us: random weights of another shape than model=tiny,
+    saved with save_pretrained, and a tokenizer (the classify run's, so the synthetic words are known)."""
+    import shutil
+
+    from transformers import BertConfig, BertForMaskedLM
+
+    run_dir, _ = classify_run
+    vocab = json.loads((run_dir / "export" / "config.json").read_text())["vocab_size"]
+    cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=2 * hidden, max_position_embeddings=128)
+    BertForMaskedLM(cfg).save_pretrained(str(d))
+    for f in (run_dir / "export").iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            shutil.copy(f, d / f.name)
+    if not weights:  # weights of something else: no BERT encoder key in the file
+        from safetensors.torch import save_file
+        import torch
+
+        save_file({"other.weight": torch.zeros(2, 2)}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+def test_init_from_a_hugging_face_bert_dir_takes_its_shape_and_weights(classify_run, tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification, BertForMaskedLM
+
+    src = _hf_bert_dir(classify_run, tmp_path / "hf_bert")
+    run_dir = tmp_path / "ft"
+    summary = train(compose(_ft("classify", "sentiment", "task.max_seq_length=32", "train.epochs=1",
+                                "train.global_batch_size=32", "train.micro_batch_size_per_gpu=32",
+                                "task.synthetic_train=32", "task.synthetic_eval=32", f"train.init_from={src}")),
+                    run_dir=str(run_dir), interactive=False)
+    assert summary["status"] == "completed"
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["config"]["model"]["hidden_size"] == 64 and plan["config"]["model"]["num_hidden_layers"] == 1
+    ft = AutoModelForSequenceClassification.from_pretrained(str(run_dir / "export"), local_files_only=True)
+    ref = BertForMaskedLM.from_pretrained(str(src), local_files_only=True)
+    a, b = ft.bert.embeddings.word_embeddings.weight, ref.bert.embeddings.word_embeddings.weight
+    # one warmup step moves a weight by at most ~lr; two random inits (std 0.02) differ by ~0.03
+    assert a.shape == b.shape and torch.max(torch.abs(a - b)).item() < 5e-3
+
+
+def test_init_from_a_dir_without_encoder_weights_is_refused(classify_run, tmp_path):
+    src = _hf_bert_dir(classify_run, tmp_path / "not_bert", weights=False)
+    with pytest.raises(ConfigError) as ei:
+        train(compose(_ft("classify", "sentiment", "train.epochs=1", "task.synthetic_train=32", "task.synthetic_eval=32",
+                          f"train.init_from={src}")), run_dir=str(tmp_path / "r"), interactive=False)
+    assert "train.init_from" in str(ei.value) and "lacks" in str(ei.value) and "encoder weights" in str(ei.value)
+
+
+def test_init_checkpoint_vocabulary_mismatch_names_both(classify_run, tmp_path):
+    run_dir, _ = classify_run
+    tok = tmp_path / "other_tok"
+    tok.mkdir()
+    (tok / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad"]) + "\n")
+    with pytest.raises(ConfigError) as ei:
+        _plan(_ft("classify", "sentiment", "train.epochs=1", f"train.init_from={run_dir}", "tokenizer=dir",
+                  f"tokenizer.path={tok}"), tmp_path)
+    msg = str(ei.value)
+    assert "tokenizer.path" in msg and "7 tokens" in msg and "vocab_size=" in msg and str(run_dir) in msg

@@ -126,7 +126,12 @@ def load_encoder_weights(hf_model, init_from: str, keep_heads: bool) -> None:
         loaded = BertForPreTraining.from_pretrained(str(src), local_files_only=True)
         hf_model.load_state_dict(loaded.state_dict(), strict=False)
     else:
-        encoder = BertModel.from_pretrained(str(src), local_files_only=True, add_pooling_layer=True)
+        encoder, info = BertModel.from_pretrained(str(src), local_files_only=True, add_pooling_layer=True,
+                                                  output_loading_info=True)
+        # transformers fills weights absent from the files with random ones and only warns: refuse instead
+        absent = [k for k in info.get("missing_keys", []) if not k.startswith("pooler.")]
+        if absent:
+            raise ConfigError("train.init_from", f"'{src}' lacks {len(absent)} encoder weights, e.g. {sorted(absent)[:3]}")
         state = encoder.state_dict()
         if getattr(hf_model.bert, "pooler", None) is None:  # token classification / QA heads have no pooler
             state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
