@@ -127,9 +127,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             job = args.stop or args.logs or args.status
             if args.stop:
                 client.stop_job(job)
-                status = ray_job.wait_for_job(client, job, timeout_s=120)
+                try:
+                    status = ray_job.wait_for_job(client, job, timeout_s=120)
+                except TimeoutError as exc:
+                    print(f"error: {exc} (asked to stop; `ray job status {job}` follows it)", file=sys.stderr)
+                    return 1
                 print(f"job {job}: {status}")
-                return 0
+                # it may have ended by itself before the stop reached it: say so in the exit status
+                return 0 if status == "STOPPED" else _EXIT.get(status, 1)
             if args.status:
                 print(f"job {job}: {client.get_job_status(job).value}")
                 return 0
