@@ -142,12 +142,18 @@ def test_pretrain_on_wikitext_with_fresh_wordpiece(tmp_path):
     assert summary["final_eval"]["eval_rows"] > 0
 
 
-def test_wandb_offline_run_is_continued_on_resume(tmp_path):
+def test_wandb_offline_run_is_continued_on_resume_and_keep_last_rotates(tmp_path):
     base = ["launcher=local", "compute=cpu1", "engine=torch", "logger=wandb", "debug=smoke",
-            "train.checkpoint_every_steps=10"]
+            "train.checkpoint_every_steps=5", "train.keep_last=2"]
     run_dir = tmp_path / "wb"
+
+    def ckpts():
+        return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
     s1 = train(compose(base + ["train.max_steps=10"]), run_dir=str(run_dir), interactive=False)
+    assert ckpts() == ["step_00000005", "step_00000010"]
     s2 = train(compose(base + ["train.max_steps=20"]), run_dir=str(run_dir), interactive=False)
+    assert ckpts() == ["step_00000015", "step_00000020"], "keep_last=2 rotates the older ones away"
     assert s1["wandb_run_id"] == s2["wandb_run_id"]
     assert s2["resumed_from"].endswith("step_00000010")
     offline = list((run_dir / "wandb").glob(f"offline-run-*-{s1['wandb_run_id']}"))
