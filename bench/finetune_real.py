@@ -1,7 +1,7 @@
 """Real-data fine-tuning runs: SST-2 (sentiment) and WNUT-17 (NER), each after a short pretraining here.
 
     .venv/bin/python bench/finetune_real.py sst2   [--data ../shared/data] [--out bench/results/sst2.json]
-    .venv/bin/python bench/finetune_real.py wnut17 [--data ../shared/data]
+    .venv/bin/python bench/finetune_real.py wnut17 [--data ../shared/data] [--out bench/results/wnut17.json]
 
 Both stages are ordinary CLI jobs (launcher=local, one process): a small BERT is pretrained on the task's
 own unlabelled text (plus wikitext-2 for WNUT), then fine-tuned from that run dir. Prints one JSON object
@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,7 +89,7 @@ def wnut17(data: Path, work: Path, args) -> dict:
               f"task.eval_file={data / 'wnut17' / 'test.conll'}", "task.max_seq_length=128",
               f"train.init_from={work / 'pretrain'}", "train.max_steps=null", f"train.epochs={args.epochs}",
               "train.eval_every_steps=null", "train.global_batch_size=16", "train.micro_batch_size_per_gpu=16",
-              "optim.lr=5e-4", "schedule.warmup_ratio=0.1", "train.checkpoint_every_steps=100000",
+              "optim.lr=1e-3", "schedule.warmup_ratio=0.1", "train.checkpoint_every_steps=100000",
               "train.log_every_steps=20"], work / "finetune")
     return {
         "task": "wnut17",
@@ -105,20 +107,35 @@ def main() -> None:
     ap.add_argument("task", choices=["sst2", "wnut17"])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--work", default=None)
-    ap.add_argument("--pretrain-steps", type=int, default=1500)
-    ap.add_argument("--epochs", type=float, default=2)
+    ap.add_argument("--pretrain-steps", type=int, default=600)
+    ap.add_argument("--epochs", type=float, default=None, help="fine-tuning epochs (default: sst2 1, wnut17 10)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     data = Path(args.data)
-    work = Path(args.work or f"/tmp/bert-orch-{args.task}")
+    # a fresh work dir by default: a reused one would resume the finished runs and time nothing
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix=f"bert-orch-{args.task}-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.epochs is None:
+        args.epochs = 1.0 if args.task == "sst2" else 10.0
+    t0 = time.perf_counter()
     result = (sst2 if args.task == "sst2" else wnut17)(data, work, args)
+    result["command"] = " ".join(["bench/finetune_real.py", *sys.argv[1:]])
+    result["args"] = {k: v for k, v in vars(args).items() if k not in ("out",)}
+    result["bench_wall_s"] = time.perf_counter() - t0  # incl. reading and writing the corpora
+    result["hardware"] = {"cpus": os.cpu_count(), "cpu_flags_bf16": _cpu_has_bf16()}
     text = json.dumps(result, indent=2)
     print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    out = Path(args.out or REPO / "bench" / "results" / f"{args.task}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text() or "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 if __name__ == "__main__":
