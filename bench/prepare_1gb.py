@@ -197,7 +197,12 @@ def main() -> None:
         "rss_at_peak_by_process_gib": {k: round(v / 2**30, 3) for k, v in top},
         "output_bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
     }
+    result["peak_memory_limit_gib"] = 3.0
+    result["peak_memory_within_limit"] = result["peak_pss_all_processes_gib"] < 3.0
     print(json.dumps(result, indent=1))
+    out_json = REPO / "bench" / "results" / "prepare_1gb.json"
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(result, indent=1) + "\n")
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)
 

@@ -113,6 +113,9 @@ def main() -> None:
     result["ours_2_workers_vs_hf"] = result["ours_ray_2_workers"]["tokens_per_s"] / \
         result["hf_datasets_map_batched_1_process"]["tokens_per_s"]
     print(json.dumps(result, indent=1))
+    out_json = Path(__file__).resolve().parent / "results" / "prepare_throughput.json"
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(result, indent=1) + "\n")
     for d in ("out1", "out2", "hf_cache"):
         shutil.rmtree(base / d, ignore_errors=True)
 
