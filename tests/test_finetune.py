@@ -67,6 +67,11 @@ def test_ner_learns_entities_and_export_predicts_the_same_tags(tmp_path):
                     interactive=False)
     ev = summary["final_eval"]
     assert ev["eval_f1"] > 0.6, ev
+    recs = read_jsonl(run_dir / "metrics.jsonl")
+    losses = [r["loss"] for r in recs if "loss" in r]
+    assert losses[-1] < 0.5 * losses[0], "training loss falls"
+    f1s = [r["eval_f1"] for r in recs if "eval_f1" in r]
+    assert len(f1s) == 6 and max(f1s) > f1s[0], f"entity F1 rises over the epochs: {f1s}"
     per_type = summary["final_eval_details"]["eval_per_type"]
     assert {"PER", "LOC", "ORG"} <= per_type.keys() and all("f1" in v for v in per_type.values())
     preds = read_jsonl(run_dir / "predictions_eval.jsonl")
@@ -95,8 +100,38 @@ def test_qa_windows_beat_the_first_window_baseline(tmp_path):
     assert ev["eval_f1"] > 25, ev
     assert ev["eval_f1"] > ev["eval_first_window_f1"] + 10, ev
     assert ev["eval_exact"] > ev["eval_first_window_exact"] + 10, ev
+    losses = [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    assert losses[-1] < 0.5 * losses[0], "training loss falls"
     preds = read_jsonl(run_dir / "predictions_eval.jsonl")
     assert preds and {"id", "prediction", "answers"} <= preds[0].keys()
+    _qa_export_predicts_the_same_spans(run_dir, preds)
+
+
+def _qa_export_predicts_the_same_spans(run_dir: Path, preds: list[dict]) -> None:
+    """The export reloads as a transformers QA model whose logits, post-processed the job's way, give the
+    answers the job wrote."""
+    import torch
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+    from orchestrator.data.finetuning import featurize_qa_eval, postprocess_qa, read_squad
+
+    t = json.loads((run_dir / "plan.json").read_text())["config"]["task"]
+    dev = next(p for p in run_dir.rglob("dev.json") if p.parent.name == "synthetic")
+    examples = read_squad(dev)[:15]
+    tok = AutoTokenizer.from_pretrained(str(run_dir / "export"))
+    model = AutoModelForQuestionAnswering.from_pretrained(str(run_dir / "export")).eval()
+    feats = featurize_qa_eval(examples, tok, t["max_seq_length"], t["doc_stride"], t["max_query_length"])
+    starts, ends = [], []
+    with torch.no_grad():
+        for i in range(len(feats["input_ids"])):
+            out = model(**{k: torch.tensor([feats[k][i]]) for k in ("input_ids", "token_type_ids", "attention_mask")})
+            starts.append(out.start_logits[0].numpy())
+            ends.append(out.end_logits[0].numpy())
+    answers = postprocess_qa(examples, feats, starts, ends, n_best_size=t["n_best_size"],
+                             max_answer_length=t["max_answer_length"], version_2=t["version_2"],
+                             null_score_diff_threshold=t["null_score_diff_threshold"])
+    by_id = {p["id"]: p["prediction"] for p in preds}
+    assert answers == {ex.qid: by_id[ex.qid] for ex in examples}
 
 
 def test_qa_v2_handles_unanswerable_questions(tmp_path):
@@ -219,7 +254,8 @@ def test_init_from_a_dir_without_encoder_weights_is_refused(classify_run, tmp_pa
     src = _hf_bert_dir(classify_run, tmp_path / "not_bert", weights=False)
     with pytest.raises(ConfigError) as ei:
         train(compose(_ft("classify", "sentiment", "train.epochs=1", "task.synthetic_train=32", "task.synthetic_eval=32",
-                          f"train.init_from={src}")), run_dir=str(tmp_path / "r"), interactive=False)
+                          "train.global_batch_size=32", "train.micro_batch_size_per_gpu=32", f"train.init_from={src}")),
+              run_dir=str(tmp_path / "r"), interactive=False)
     assert "train.init_from" in str(ei.value) and "lacks" in str(ei.value) and "encoder weights" in str(ei.value)
 
 
