@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from orchestrator.worker.hardware import cpu_has_native_bf16  # noqa: E402
 
 
 def cli(overrides: list[str], run_dir: Path) -> dict:
@@ -123,19 +126,12 @@ def main() -> None:
     result["command"] = " ".join(["bench/finetune_real.py", *sys.argv[1:]])
     result["args"] = {k: v for k, v in vars(args).items() if k not in ("out",)}
     result["bench_wall_s"] = time.perf_counter() - t0  # incl. reading and writing the corpora
-    result["hardware"] = {"cpus": os.cpu_count(), "cpu_flags_bf16": _cpu_has_bf16()}
+    result["hardware"] = {"cpus": os.cpu_count(), "cpu_flags_bf16": cpu_has_native_bf16()}
     text = json.dumps(result, indent=2)
     print(text)
     out = Path(args.out or REPO / "bench" / "results" / f"{args.task}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text() or "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
 
 
 if __name__ == "__main__":
