@@ -181,6 +181,9 @@ class EngineConfig:
     """ZeRO-3: keep parameters in CPU memory."""
     compile: bool = False
     """torch.compile the model."""
+    attention: str = "auto"
+    """SDPA kernel: auto (math on CPU under bf16, where PyTorch's CPU flash backward is ~2x slower at BERT
+    lengths; PyTorch's own choice elsewhere) | flash | efficient | math | cudnn | default (no preference)."""
 
 
 @dataclass

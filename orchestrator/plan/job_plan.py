@@ -24,6 +24,7 @@ LOGGERS = ("none", "wandb")
 OPTIMIZERS = ("adamw", "lamb")
 SCHEDULES = ("linear", "cosine", "constant")
 ENGINES = ("deepspeed", "torch")
+ATTENTION_KERNELS = ("auto", "default", "flash", "efficient", "math", "cudnn")
 PLACEMENTS = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
 
 
@@ -207,6 +208,8 @@ def validate_config(cfg: JobConfig) -> None:
 
     if e.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("engine.zero_stage", f"ZeRO stage must be 0, 1, 2 or 3, got {e.zero_stage}")
+    if e.attention not in ATTENTION_KERNELS:
+        raise ConfigError("engine.attention", f"must be one of {', '.join(ATTENTION_KERNELS)}, got {e.attention!r}")
     if e.bf16 and e.fp16:
         raise ConfigError("engine.fp16", "bf16 and fp16 are both on; choose one")
     if e.fp16 and not c.use_gpu:

@@ -130,9 +130,10 @@ class TorchEngine(Engine):
         self.device = device
         self.accum = plan.grad_accum_steps
         self.clip = job.engine.gradient_clipping
-        from orchestrator.worker.hardware import resolve_bf16
+        from orchestrator.worker.hardware import attention_kernel, resolve_bf16
 
         self.bf16 = resolve_bf16(job.engine.bf16, device)
+        self.attention = attention_kernel(job.engine.attention, device, self.bf16)
         self.optimizer = build_optimizer(model, job.optim)
         self.scheduler = lr_lambda_factory(job.schedule.name, plan.warmup_steps, plan.total_steps)(self.optimizer)
         self.micro = 0
@@ -140,8 +141,10 @@ class TorchEngine(Engine):
         self._applied = True
 
     def forward(self, **batch):
+        from orchestrator.worker.hardware import attention_context
+
         ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
-        with ctx:
+        with ctx, attention_context(self.attention):
             return self.module(**batch)
 
     def backward(self, loss):
@@ -222,9 +225,15 @@ class DeepSpeedEngine(Engine):
         self.scheduler = scheduler
         self.zero_stage = job.engine.zero_stage
         self.bf16 = bool(ds_config["bf16"]["enabled"])
+        from orchestrator.worker.hardware import attention_kernel
+
+        self.attention = attention_kernel(job.engine.attention, self.device, self.bf16)
 
     def forward(self, **batch):
-        return self.engine(**batch)
+        from orchestrator.worker.hardware import attention_context
+
+        with attention_context(self.attention):
+            return self.engine(**batch)
 
     def backward(self, loss):
         self.engine.backward(loss)

@@ -140,3 +140,29 @@ def describe() -> dict:
         "cpu_native_bf16": cpu_has_native_bf16(),
         "cuda": torch.cuda.is_available(),
     }
+
+
+_SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH", "cudnn": "CUDNN_ATTENTION"}
+
+
+def attention_kernel(setting: str, device: Union[str, torch.device], bf16: bool) -> str:
+    """`engine.attention` resolved for this device: "default" (PyTorch picks) or one SDPA backend name.
+
+    "auto" = "math" on CPU under bf16: PyTorch's CPU flash-attention backward in bf16 takes about twice as long
+    as the unfused math path at BERT lengths (B=32, 4 heads, T=128, d=64: 37 ms vs 16-20 ms per layer, fwd 7 vs
+    13 ms; bench/README.md), while in fp32 the two are even; elsewhere PyTorch's own choice (flash on GPUs).
+    """
+    if setting == "auto":
+        return "math" if (torch.device(device).type == "cpu" and bf16) else "default"
+    return setting
+
+
+def attention_context(kernel: str):
+    """A context manager that makes F.scaled_dot_product_attention use `kernel` (from `attention_kernel`)."""
+    import contextlib
+
+    if kernel == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, _SDPA_BACKENDS[kernel]))
