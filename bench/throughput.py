@@ -62,26 +62,75 @@ class Contention:
     """Around a phase: how many cores *other* processes kept busy (machine busy time minus ours, per second).
 
     This box is shared: a phase that ran next to someone else's job is flagged in the output rather than
-    silently compared. Ours = this process + its reaped children (the phase's subprocess tree).
+    silently compared. Ours = this process + every descendant, polled with psutil twice a second (the Ray
+    phase's workers and daemons are grandchildren that are never reaped by us, so `RUSAGE_CHILDREN` alone
+    misses them and counted Ray's own work as contention); without psutil, this process + reaped children.
     """
+
+    POLL_S = 0.5
 
     def __enter__(self):
         import resource
+        import threading
 
         self._r = resource
         self.t0 = time.perf_counter()
         self.busy0 = _busy_cpu_seconds()
-        self.own0 = self._own()
+        self._self0 = self._self_cpu()
+        self._seen: dict = {}  # (pid, create_time) -> [cpu at first sight (0 if born during the phase), last cpu]
+        try:
+            import psutil
+
+            self._proc = psutil.Process()
+        except ImportError:
+            self._proc = None
+            self._children0 = self._reaped()
+        else:
+            self._poll(initial=True)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
         return self
 
-    def _own(self) -> float:
-        r = self._r
-        a, b = r.getrusage(r.RUSAGE_SELF), r.getrusage(r.RUSAGE_CHILDREN)
-        return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+    def _self_cpu(self) -> float:
+        a = self._r.getrusage(self._r.RUSAGE_SELF)
+        return a.ru_utime + a.ru_stime
+
+    def _reaped(self) -> float:
+        b = self._r.getrusage(self._r.RUSAGE_CHILDREN)
+        return b.ru_utime + b.ru_stime
+
+    def _poll(self, initial: bool = False) -> None:
+        import psutil
+
+        for child in self._proc.children(recursive=True):
+            try:
+                with child.oneshot():
+                    key = (child.pid, child.create_time())
+                    t = child.cpu_times()
+                    cpu = t.user + t.system
+            except psutil.Error:
+                continue
+            if key in self._seen:
+                self._seen[key][1] = cpu
+            else:
+                self._seen[key] = [cpu if initial else 0.0, cpu]
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.POLL_S):
+            self._poll()
 
     def __exit__(self, *exc):
         wall = time.perf_counter() - self.t0
-        other = (_busy_cpu_seconds() - self.busy0) - (self._own() - self.own0)
+        own = self._self_cpu() - self._self0
+        if self._proc is not None:
+            self._stop.set()
+            self._thread.join()
+            self._poll()
+            own += sum(last - first for first, last in self._seen.values())
+        else:
+            own += self._reaped() - self._children0
+        other = (_busy_cpu_seconds() - self.busy0) - own
         self.other_cores = max(0.0, other / wall) if wall > 0 else 0.0
         return False
 
