@@ -29,10 +29,10 @@ DEFAULT_DATA = str((REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 
 CATEGORIES = [  # first match wins; matched against the lower-cased op name
     ("optimizer", ("_foreach", "adam", "clip_grad", "norm_except", "lerp", "optimizer")),
-    ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax")),
-    ("matmul", ("addmm", "::mm", "bmm", "matmul", "linear", "baddbmm", "mkldnn")),
     ("loss (log_softmax, nll)", ("log_softmax", "nll_loss", "cross_entropy")),
-    ("norm + activation", ("layer_norm", "gelu", "tanh", "dropout")),
+    ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention", "_softmax")),
+    ("matmul", ("addmm", "::mm", "bmm", "matmul", "linear", "baddbmm", "mkldnn")),
+    ("norm + activation + dropout", ("layer_norm", "gelu", "tanh", "dropout", "bernoulli")),
     ("dtype casts / copies", ("::copy_", "::to", "_to_copy", "clone", "contiguous")),
     ("embedding / gather", ("embedding", "index_select", "index", "gather", "nonzero", "masked")),
     ("elementwise", ("add", "mul", "div", "sub", "where", "fill", "zero", "eq", "ne", "sum", "argmax", "max")),
