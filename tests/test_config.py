@@ -58,6 +58,7 @@ BAD_INPUTS = [
     (["train.global_batch_size=100", "train.micro_batch_size_per_gpu=32"], "train.global_batch_size"),
     (["engine.zero_stage=4"], "engine.zero_stage"),
     (["engine.attention=flashy"], "engine.attention"),
+    (["engine.attention=efficient"], "engine.attention"),
     (["engine.bf16=true", "engine.fp16=true"], "engine.fp16"),
     (["task.max_seq_length=1024"], "task.max_seq_length"),
     (["task.mlm_probability=1.5"], "task.mlm_probability"),

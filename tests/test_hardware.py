@@ -1,4 +1,4 @@
-"""engine.attention: which SDPA kernel a step runs, and that every choice computes the same loss."""
+"""engine.attention: which SDPA kernel a step runs, and that the math and flash kernels agree."""
 
 from __future__ import annotations
 

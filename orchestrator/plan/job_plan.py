@@ -210,6 +210,8 @@ def validate_config(cfg: JobConfig) -> None:
         raise ConfigError("engine.zero_stage", f"ZeRO stage must be 0, 1, 2 or 3, got {e.zero_stage}")
     if e.attention not in ATTENTION_KERNELS:
         raise ConfigError("engine.attention", f"must be one of {', '.join(ATTENTION_KERNELS)}, got {e.attention!r}")
+    if e.attention in ("efficient", "cudnn") and not c.use_gpu:
+        raise ConfigError("engine.attention", f"the {e.attention} SDPA kernel exists only on GPUs; use auto, flash or math on CPU")
     if e.bf16 and e.fp16:
         raise ConfigError("engine.fp16", "bf16 and fp16 are both on; choose one")
     if e.fp16 and not c.use_gpu:
