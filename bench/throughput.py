@@ -64,7 +64,7 @@ class Contention:
     This box is shared: a phase that ran next to someone else's job is flagged in the output rather than
     silently compared. Ours = this process + every descendant, polled with psutil twice a second (the Ray
     phase's workers and daemons are grandchildren that are never reaped by us, so `RUSAGE_CHILDREN` alone
-    misses them and counted Ray's own work as contention); without psutil, this process + reaped children.
+    misses them and counted Ray's own work as contention).
     """
 
     POLL_S = 0.5
@@ -73,32 +73,23 @@ class Contention:
         import resource
         import threading
 
+        import psutil  # a dev dependency, as for bench/prepare_1gb.py
+
         self._r = resource
         self.t0 = time.perf_counter()
         self.busy0 = _busy_cpu_seconds()
         self._self0 = self._self_cpu()
         self._seen: dict = {}  # (pid, create_time) -> [cpu at first sight (0 if born during the phase), last cpu]
-        try:
-            import psutil
-
-            self._proc = psutil.Process()
-        except ImportError:
-            self._proc = None
-            self._children0 = self._reaped()
-        else:
-            self._poll(initial=True)
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._loop, daemon=True)
-            self._thread.start()
+        self._proc = psutil.Process()
+        self._poll(initial=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
         return self
 
     def _self_cpu(self) -> float:
         a = self._r.getrusage(self._r.RUSAGE_SELF)
         return a.ru_utime + a.ru_stime
-
-    def _reaped(self) -> float:
-        b = self._r.getrusage(self._r.RUSAGE_CHILDREN)
-        return b.ru_utime + b.ru_stime
 
     def _poll(self, initial: bool = False) -> None:
         import psutil
@@ -122,14 +113,10 @@ class Contention:
 
     def __exit__(self, *exc):
         wall = time.perf_counter() - self.t0
-        own = self._self_cpu() - self._self0
-        if self._proc is not None:
-            self._stop.set()
-            self._thread.join()
-            self._poll()
-            own += sum(last - first for first, last in self._seen.values())
-        else:
-            own += self._reaped() - self._children0
+        self._stop.set()
+        self._thread.join()
+        self._poll()
+        own = self._self_cpu() - self._self0 + sum(last - first for first, last in self._seen.values())
         other = (_busy_cpu_seconds() - self.busy0) - own
         self.other_cores = max(0.0, other / wall) if wall > 0 else 0.0
         return False

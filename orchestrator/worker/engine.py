@@ -11,6 +11,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from orchestrator.worker.hardware import attention_context, attention_kernel, resolve_bf16
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on biases and LayerNorm weights, as in BERT."""
@@ -130,8 +132,6 @@ class TorchEngine(Engine):
         self.device = device
         self.accum = plan.grad_accum_steps
         self.clip = job.engine.gradient_clipping
-        from orchestrator.worker.hardware import attention_kernel, resolve_bf16
-
         self.bf16 = resolve_bf16(job.engine.bf16, device)
         self.attention = attention_kernel(job.engine.attention, device, self.bf16)
         self.optimizer = build_optimizer(model, job.optim)
@@ -141,8 +141,6 @@ class TorchEngine(Engine):
         self._applied = True
 
     def forward(self, **batch):
-        from orchestrator.worker.hardware import attention_context
-
         ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         with ctx, attention_context(self.attention):
             return self.module(**batch)
@@ -207,8 +205,6 @@ class DeepSpeedEngine(Engine):
         job = plan.job
         ds_config = dict(ds_config or plan.deepspeed_config)
         if job.engine.bf16 is None:  # auto: decided by this worker's hardware
-            from orchestrator.worker.hardware import resolve_bf16
-
             ds_config["bf16"] = {"enabled": resolve_bf16(None, device)}
         optimizer = build_optimizer(model, job.optim)
         if job.engine.zero_stage == 0 and not ds_config["bf16"]["enabled"] and not ds_config["fp16"]["enabled"]:
@@ -225,13 +221,9 @@ class DeepSpeedEngine(Engine):
         self.scheduler = scheduler
         self.zero_stage = job.engine.zero_stage
         self.bf16 = bool(ds_config["bf16"]["enabled"])
-        from orchestrator.worker.hardware import attention_kernel
-
         self.attention = attention_kernel(job.engine.attention, self.device, self.bf16)
 
     def forward(self, **batch):
-        from orchestrator.worker.hardware import attention_context
-
         with attention_context(self.attention):
             return self.engine(**batch)
 

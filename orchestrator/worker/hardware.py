@@ -8,6 +8,7 @@ fp32 on some parts, and much slower on others. `resolve_bf16("auto" | bool, devi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import platform
 import time
@@ -159,8 +160,6 @@ def attention_kernel(setting: str, device: Union[str, torch.device], bf16: bool)
 
 def attention_context(kernel: str):
     """A context manager that makes F.scaled_dot_product_attention use `kernel` (from `attention_kernel`)."""
-    import contextlib
-
     if kernel == "default":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
