@@ -356,6 +356,18 @@ def run_baseline(cfg: dict, tmp: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- evaluation
+def check_heldout(args, held: list[str], tokenizer_dir: str, eval_fraction: float) -> None:
+    """One line and exit 2 when the held-out split gives no block of --seq tokens to score."""
+    from transformers import AutoTokenizer
+
+    blocks = group_texts(AutoTokenizer.from_pretrained(tokenizer_dir), held, args.seq) if held else []
+    if not blocks:
+        print(f"error: --data {args.data}: the held-out split ({len(held)} documents, data.eval_fraction="
+              f"{eval_fraction} chosen by a hash of each document's text) gives no block of --seq {args.seq} "
+              f"tokens to score: give a corpus with more distinct documents", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def heldout_mlm_accuracy(model_dirs: dict[str, str], tokenizer_dir: str, lines: list[str], seq: int,
                          draws: int, seed: int, batch: int = 32) -> dict:
     """Every model on the same held-out blocks with the same 15% (80/10/10) masks: accuracy on masked tokens."""
@@ -462,6 +474,9 @@ def main() -> None:
             "note": "cold = train WordPiece + tokenise (Rust, batched, parallel) + build samples + pack; warm = cache hit",
         }
         tok_dir, vocab = cold.tokenizer_dir, cold.vocab_size
+        # the held-out blocks every phase is scored on: refused now, before any phase runs, if there are none
+        held = text_lines([args.data], job.data.eval_fraction, True)
+        check_heldout(args, held, tok_dir, job.data.eval_fraction)
         m = job.model
         result["model"] = {"name": m.name, "hidden_size": m.hidden_size, "num_hidden_layers": m.num_hidden_layers,
                            "num_attention_heads": m.num_attention_heads, "intermediate_size": m.intermediate_size,
@@ -556,7 +571,6 @@ def main() -> None:
             if k in runs:
                 dirs[k] = runs[k]["export"]
         if dirs:
-            held = text_lines([args.data], job.data.eval_fraction, True)
             result["heldout_eval"] = heldout_mlm_accuracy(dirs, tok_dir, held, args.seq, args.eval_draws, args.seed)
             result["heldout_eval"]["tokens_seen"] = {k: runs[k].get("tokens_seen") for k in dirs}
         for r in runs.values():  # the temp dirs are gone after this run

@@ -65,3 +65,23 @@ def run_cli(args: list[str], cwd: Path = REPO, timeout: float = 900, env_extra: 
     return subprocess.run(
         [sys.executable, "-m", "orchestrator", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """One private 2-CPU `ray start --head` (loopback, own ports and temp dir, token auth with its own token)
+    shared by the Ray Jobs and sweep tests; only its own processes are stopped at the end."""
+    from orchestrator.launch import ray_job
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+            mp.delenv(k, raising=False)
+        h = ray_job.LocalHead(num_cpus=2, auth=True)
+        h.start()
+        for k, v in h.client_env().items():  # this process and the CLIs the tests start are its clients
+            mp.setenv(k, v)
+        try:
+            yield h
+        finally:
+            h.stop()
+            assert not h.session_pids(), "the head's processes are gone"

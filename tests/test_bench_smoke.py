@@ -20,22 +20,48 @@ DATA = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 def _corpus(tmp_path: Path) -> Path:
     if DATA.is_file():
         return DATA
-    # no shared data: a small text corpus of its own (paragraphs separated by blank lines)
+    return _own_corpus(tmp_path, 400)
+
+
+def _own_corpus(tmp_path: Path, documents: int) -> Path:
+    """No shared data: a text corpus of its own, `documents` distinct paragraphs separated by blank lines
+    (distinct, so the held-out split, chosen by a hash of each document's text, gets its 5%)."""
+    import random
+
+    rng = random.Random(0)
     words = "the of and a in to was is for on as with by he at from his an were are which".split()
-    paras = []
-    for p in range(400):
-        sents = [" ".join(words[(p * 7 + s * 3 + k) % len(words)] for k in range(12)).capitalize() + " ." for s in range(4)]
-        paras.append(" ".join(sents))
-    f = tmp_path / "corpus.txt"
+    paras = [" ".join(" ".join(rng.choice(words) for _ in range(12)).capitalize() + " ." for _ in range(4))
+             for _ in range(documents)]
+    f = tmp_path / f"corpus_{documents}.txt"
     f.write_text("\n\n".join(paras) + "\n")
     return f
 
 
-def _run(args: list[str], tmp_path: Path) -> dict:
+def _bench(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "BERT_ORCH_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _run(args: list[str], tmp_path: Path) -> dict:
+    res = _bench(args, tmp_path)
     assert res.returncode == 0, res.stderr[-4000:]
     return json.loads(res.stdout)
+
+
+def test_throughput_bench_refuses_an_empty_heldout_split_before_any_phase(tmp_path):
+    """No document falls in the 5% held-out split: one line naming the corpus, and no phase runs."""
+    from orchestrator.data.corpus import is_eval_document, read_text_documents
+
+    corpus = _own_corpus(tmp_path, 60)  # keep only the documents outside the held-out split
+    docs = [d for d in read_text_documents([corpus]) if not is_eval_document(d, 0.05)]
+    corpus.write_text("\n\n".join(" ".join(d) for d in docs) + "\n")
+    res = _bench(["bench/throughput.py", "--model", "tiny", "--seq", "32", "--global-batch", "8", "--steps", "4",
+                  "--phases", "b", "--vocab", "200", "--data", str(corpus), "--out", str(tmp_path / "tp.json")],
+                 tmp_path)
+    err = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.returncode == 2 and len(err) == 1, res.stderr[-3000:]
+    assert str(corpus) in err[0] and "held-out split (0 documents" in err[0], err
+    assert "Traceback" not in res.stderr and not (tmp_path / "tp.json").exists()
 
 
 @pytest.mark.slow

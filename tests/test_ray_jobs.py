@@ -20,18 +20,8 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def head():
-    """A private 2-CPU Ray head; only its own processes are stopped at the end (never a bare `ray stop`)."""
-    with pytest.MonkeyPatch.context() as mp:
-        for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
-            mp.delenv(k, raising=False)
-        mp.setenv("RAY_AUTH_MODE", "token")  # the head below has token auth on (Ray 2.60's default)
-        h = ray_job.LocalHead(num_cpus=2).start()
-        try:
-            yield h
-        finally:
-            h.stop()
-            assert not h.session_pids(), "the head's processes are gone"
+def head(ray_head):
+    return ray_head
 
 
 def _env(**extra) -> dict[str, str]:
@@ -67,8 +57,8 @@ def test_ray_job_submit_cli_runs_on_the_cluster(head, tmp_path):
     peak_used = 0.0
     deadline = time.time() + 240
     while (status := str(client.get_job_status(job_id).value)) not in ray_job.TERMINAL:
-        total, avail = ray_job.cluster_resources(client)
-        peak_used = max(peak_used, total["CPU"] - avail["CPU"])
+        res = ray_job.cluster_resources(head.dashboard_url)
+        peak_used = max(peak_used, res.total["CPU"] - res.available["CPU"])
         assert time.time() < deadline, "job did not finish in 240s"
         time.sleep(0.5)
     logs = client.get_job_logs(job_id)

@@ -22,17 +22,8 @@ SMOKE = ["experiment=quickstart_pretrain", "debug=smoke", "launcher=ray", "compu
 
 
 @pytest.fixture(scope="module")
-def head():
-    with pytest.MonkeyPatch.context() as mp:
-        for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
-            mp.delenv(k, raising=False)
-        mp.setenv("RAY_AUTH_MODE", "token")
-        h = ray_job.LocalHead(num_cpus=2).start()
-        try:
-            yield h
-        finally:
-            h.stop()
-            assert not h.session_pids()
+def head(ray_head):
+    return ray_head
 
 
 def multirun(head, sweep_dir: Path, args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:

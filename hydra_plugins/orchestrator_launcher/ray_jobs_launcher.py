@@ -47,6 +47,8 @@ class RayJobsLauncherConf:
     python: str = "python"
     """The cluster's Python (with the project's dependencies) used in each member's entrypoint."""
     poll_s: float = 1.0
+    resources_timeout_s: float = 60.0
+    """How long to wait for the cluster's first resource report before failing the sweep."""
     member_timeout_s: Optional[float] = None
     """Stop a member still running after this long (null = no limit)."""
     wandb_group: Optional[str] = None
@@ -81,7 +83,9 @@ class RayJobsLauncher(Launcher):
             return self._client
         address = ray_job.resolve_address(self.params.address, default=None)
         if address is None:
-            self._head = ray_job.LocalHead(num_cpus=self.params.num_cpus).start()
+            # token auth with a token of its own: nobody else on this machine can submit to it
+            self._head = ray_job.LocalHead(num_cpus=self.params.num_cpus, auth=True).start()
+            os.environ.update(self._head.client_env())
             atexit.register(self._stop_head)
             address = self._head.dashboard_url
             log.info(f"started a private Ray head for this sweep at {address} (temp dir {self._head.temp_dir})")
@@ -192,7 +196,8 @@ class RayJobsLauncher(Launcher):
         log.info(f"Launching {len(job_overrides)} jobs as Ray Jobs, sweep dir {self._sweep_dir}")
 
         members = [self._prepare_member(initial_job_idx + i, ov) for i, ov in enumerate(job_overrides)]
-        total, _ = ray_job.cluster_resources(client)
+        # waits (bounded) for the cluster's first report: a head started a moment ago has none yet
+        total = ray_job.cluster_resources(client.get_address(), timeout_s=self.params.resources_timeout_s).total
         for res, _, _ in members:
             if res.status == "pending" and not ray_job.fits(res.need, total):
                 res.status = "failed"
@@ -209,8 +214,9 @@ class RayJobsLauncher(Launcher):
                         active.remove(res)
                     elif self.params.member_timeout_s and time.time() - res.submitted_at > self.params.member_timeout_s:
                         client.stop_job(res.job_id)
-                if pending:
-                    total, available = ray_job.cluster_resources(client)
+                reading = ray_job.read_cluster_resources(client.get_address()) if pending else None
+                if reading is not None:  # no report this round: submit nothing, ask again next round
+                    total, available = reading.total, reading.available
                     # the usage report lags a few seconds behind a new member's placement group: count our
                     # running members' needs against the total too, and take the tighter of the two
                     held = {}

@@ -74,22 +74,27 @@ def local_token_available() -> bool:
 def ensure_token_auth_env() -> str:
     """Turn on token auth for this process's Ray clients when a token is at hand and the mode is unset.
 
-    Ray 2.60's `ray start --head` enables token auth, but clients only send the token with
-    RAY_AUTH_MODE=token. Sending it to a cluster without auth is harmless, so: token found -> send it.
-    Returns the mode in effect ("token" / "disabled" / "unset").
+    Ray 2.60 heads started with a token (`ray get-auth-token --generate`, or RAY_AUTH_MODE=token) demand
+    it, but clients only send it with RAY_AUTH_MODE=token. Sending it to a cluster without auth is
+    harmless, so: token found -> send it. Returns the mode in effect ("token" / "disabled" / "unset").
     """
     mode = os.environ.get("RAY_AUTH_MODE")
     if mode is None and local_token_available():
-        os.environ["RAY_AUTH_MODE"] = "token"
-        mode = "token"
-        try:  # Ray caches its config per process: refresh it if ray was already imported
-            if "ray._raylet" in sys.modules:
-                from ray._raylet import Config
-
-                Config.initialize("")
-        except Exception:  # pragma: no cover - best effort on other Ray versions
-            pass
+        os.environ["RAY_AUTH_MODE"] = mode = "token"
+    _sync_ray_auth_cache()
     return mode or "unset"
+
+
+def _sync_ray_auth_cache() -> None:
+    """Ray caches the auth mode and the token per process: make them follow this process's environment
+    (what `ray get-auth-token --generate` does for itself), so a second cluster with other settings works."""
+    if "ray._raylet" not in sys.modules:
+        return  # nothing cached yet: Ray reads the environment when first used
+    from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, Config, get_authentication_mode
+
+    if (get_authentication_mode() == AuthenticationMode.TOKEN) != (os.environ.get("RAY_AUTH_MODE") == "token"):
+        Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _host_port(address: str) -> tuple[str, int]:
@@ -173,15 +178,78 @@ def fits(need: Mapping[str, float], free: Mapping[str, float]) -> bool:
     return all(v <= free.get(k, 0.0) + 1e-9 for k, v in need.items() if v > 0)
 
 
-def cluster_resources(client) -> tuple[dict[str, float], dict[str, float]]:
-    """(total, available) resources of the cluster behind a job client, from the dashboard's GCS view."""
-    resp = client._do_request("GET", "/api/cluster_status?format=0")
-    if resp.status_code != 200:
-        raise OrchestratorError(f"{client.get_address()}: cluster status returned HTTP {resp.status_code}")
-    usage = resp.json()["data"]["clusterStatus"]["loadMetricsReport"]["usage"]
-    total = {k: float(v[1]) for k, v in usage.items()}
-    available = {k: float(v[1]) - float(v[0]) for k, v in usage.items()}
-    return total, available
+@dataclass(frozen=True)
+class ClusterResources:
+    """What a cluster has: the sum over its alive nodes (`total`) and what no placement group or actor
+    outside one holds (`available`). Read through Ray's State API, which the dashboard serves."""
+
+    total: dict[str, float]
+    available: dict[str, float]
+    nodes: int
+
+
+class ClusterNotReporting(OrchestratorError):
+    """The cluster answered but reported no alive node with resources within the timeout."""
+
+
+STATE_API_LIMIT = 10_000  # the State API truncates lists at `limit`; far above what a cluster holds
+
+
+def _add(into: dict[str, float], resources: Optional[Mapping[str, Any]]) -> None:
+    for k, v in (resources or {}).items():
+        into[k] = into.get(k, 0.0) + float(v)
+
+
+def read_cluster_resources(address: str) -> Optional[ClusterResources]:
+    """One reading through `ray.util.state` (alive nodes, placement groups, actors); None = no report yet.
+
+    Held = bundles of placement groups that hold their resources (Ray Train/Tune/Data workers) plus
+    actors outside a placement group. Plain tasks are not counted (this project runs none).
+    """
+    from ray.util.state import list_actors, list_nodes, list_placement_groups
+    from ray.util.state.exception import RayStateApiException
+
+    kw = dict(address=address, limit=STATE_API_LIMIT, raise_on_missing_output=False)
+    try:
+        nodes = [n for n in list_nodes(filters=[("state", "=", "ALIVE")], **kw) if n.resources_total]
+        if not nodes:
+            return None
+        groups = list_placement_groups(filters=[("state", "=", "CREATED")], detail=True, **kw)
+        actors = list_actors(detail=True, **kw)
+    except RayStateApiException:  # the dashboard is up but its state service is not serving yet
+        return None
+    total: dict[str, float] = {}
+    held: dict[str, float] = {}
+    for n in nodes:
+        _add(total, n.resources_total)
+    for g in groups:
+        for bundle in g.bundles or []:
+            _add(held, bundle.get("unit_resources"))
+    for a in actors:
+        if a.state in ("ALIVE", "RESTARTING") and not a.placement_group_id:
+            _add(held, a.required_resources)
+    available = {k: max(0.0, v - held.get(k, 0.0)) for k, v in total.items()}
+    return ClusterResources(total=total, available=available, nodes=len(nodes))
+
+
+def cluster_resources(address: str, timeout_s: float = 60.0, poll_s: float = 0.5) -> ClusterResources:
+    """The cluster's resources, waiting (up to `timeout_s`) until it reports an alive node with resources.
+
+    Right after `ray start --head` a cluster may not have reported yet: that is "not known yet", never
+    "zero CPUs" (a sweep started with its cluster would otherwise refuse every member).
+    """
+    ensure_token_auth_env()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reading = read_cluster_resources(address)
+        if reading is not None:
+            return reading
+        if time.monotonic() >= deadline:
+            raise ClusterNotReporting(
+                f"{address}: no alive node with resources reported by Ray's State API after {timeout_s:.0f}s "
+                f"(waited for the cluster's first resource report); is a node up? (`ray status` on the head)"
+            )
+        time.sleep(poll_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,6 +324,8 @@ class LocalHead:
     num_cpus: Optional[int] = None
     temp_dir: Optional[str] = None
     env: dict[str, str] = field(default_factory=dict)
+    auth: bool = False
+    """Token authentication with a fresh token of this head's own (in its temp dir); `client_env` names it."""
     ray_bin: Optional[str] = None
     proc: Optional[subprocess.Popen] = None
     dashboard_port: int = 0
@@ -269,12 +339,28 @@ class LocalHead:
     def gcs_address(self) -> str:
         return f"127.0.0.1:{self.gcs_port}"
 
+    def client_env(self) -> dict[str, str]:
+        """What a client of this head needs in its environment (the token, when `auth`)."""
+        if not self.auth:
+            return {}
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(Path(self.temp_dir) / "auth_token")}
+
+    def _write_token(self) -> None:
+        import secrets
+
+        path = Path(self.temp_dir) / "auth_token"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))  # Ray's own token format (ray get-auth-token --generate)
+
     def start(self, timeout_s: float = 90.0) -> "LocalHead":
         import tempfile
 
         # unix socket paths are limited to ~107 bytes: keep the temp dir short
         self.temp_dir = self.temp_dir or tempfile.mkdtemp(prefix="rh_", dir="/tmp")
         Path(self.temp_dir).mkdir(parents=True, exist_ok=True)
+        if self.auth:
+            self._write_token()
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         ray_bin = self.ray_bin or str(Path(sys.executable).with_name("ray"))
         cmd = [
@@ -290,6 +376,7 @@ class LocalHead:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
             env.pop(k, None)
+        env.update(self.client_env())
         env.update(self.env)
         self.log_path = Path(self.temp_dir) / "ray_start.log"
         self._log = open(self.log_path, "w")
