@@ -52,13 +52,14 @@ def make_plan(cfg, run_dir: Optional[str] = None, prepare: bool = True):
     from orchestrator.config.schema import JobConfig, to_job_config
     from orchestrator.data.corpus import corpus_spec
     from orchestrator.data.tokenizer import load_tokenizer_dir
-    from orchestrator.plan.job_plan import build_plan, check_run_dir, validate_config
+    from orchestrator.plan.job_plan import build_plan, check_run_dir, plan_batch, validate_config
 
     job = cfg if isinstance(cfg, JobConfig) else to_job_config(cfg)
     if run_dir and not job.run_dir:
         job.run_dir = run_dir
     validate_config(job)
     check_run_dir(job.run_dir or "")
+    plan_batch(job)  # batch arithmetic refused before any data work (tokenising a corpus can take hours)
     stats = None
     prepared = None
     if prepare or job.train.epochs is not None:  # an epoch count needs the dataset's size

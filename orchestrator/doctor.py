@@ -339,7 +339,8 @@ def format_report(summary: dict) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The doctor's options, checked (bad sizes or fewer than 2 workers exit 2 with argparse's one line)."""
     ap = argparse.ArgumentParser(prog="python -m orchestrator.doctor", description=__doc__.splitlines()[0])
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--use-gpu", action="store_true")
@@ -359,9 +360,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(e))
     if args.num_workers < 2:
         ap.error("--num-workers must be >= 2 for an all-reduce test")
+    args.sizes = sizes
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         summary = run_doctor(args.num_workers, use_gpu=args.use_gpu, address=args.address, network=args.network,
-                             sizes=sizes, iters=args.iters, warmup=args.warmup, debug=args.debug,
+                             sizes=args.sizes, iters=args.iters, warmup=args.warmup, debug=args.debug,
                              storage_path=args.storage_path, cpus_per_worker=args.cpus_per_worker)
     except Exception as e:  # noqa: BLE001 - the doctor reports, it does not trace back
         print(f"doctor: FAILED to run: {type(e).__name__}: {e}", file=sys.stderr)

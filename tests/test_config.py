@@ -194,3 +194,32 @@ def test_plan_only_bert_base_preset_prints_memory_and_time_estimate(tmp_path):
     plan = json.loads((tmp_path / "p" / "plan.json").read_text())
     assert plan["cost"]["hours"] > 0 and plan["cost"]["gpu_hours"] == pytest.approx(8 * plan["cost"]["hours"])
     assert plan["memory"]["zero_stage"] == 1 and plan["memory"]["dp_size"] == 8
+
+
+def test_plan_of_a_cpu_job_shows_no_gpu_as_its_own(tmp_path):
+    """A CPU job's plan: its memory estimate is host memory per worker (no 'of 80 GiB' device), and the
+    GPU time estimate says it is for hardware the job does not run on."""
+    from orchestrator.cli import make_plan
+
+    plan, _ = make_plan(compose(["experiment=quickstart_pretrain"]), str(tmp_path / "p"), prepare=False)
+    text = "\n".join(plan.summary_lines())
+    assert "memory/GPU" not in text and "of 80 GiB" not in text
+    assert "memory/worker" in text and "host memory" in text
+    assert "GPU-hours if run on 2 x A100" in text, text
+
+
+def test_batch_arithmetic_is_refused_before_any_data_work(tmp_path, monkeypatch):
+    """The README's BERT-Base command on 4 x 8 GPUs without its micro batch: refused, with the fix, before the
+    corpus is tokenised (that can take hours)."""
+    import orchestrator.cli as cli
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a b c.\n\nd e f.\n")
+    touched = []
+    monkeypatch.setattr(cli, "prepare_data", lambda job: touched.append(job) or (_ for _ in ()).throw(AssertionError))
+    with pytest.raises(ConfigError) as err:
+        make_plan(compose(["experiment=bert_base_pretrain", f"data.paths=[{corpus}]", "compute=gpu_4x8"]),
+                  str(tmp_path / "p"), prepare=True)
+    assert not touched, "no data work before the batch arithmetic is checked"
+    assert "train.global_batch_size" in str(err.value)
+    assert "set train.micro_batch_size_per_gpu=8 or train.global_batch_size=1024" in str(err.value)

@@ -45,7 +45,8 @@ def resolve_batch(
         if glob % (micro * dp):  # type: ignore[operator]
             raise ConfigError(
                 "train.global_batch_size",
-                f"{glob} is not divisible by micro_batch_size_per_gpu x data_parallel_size = {micro} x {dp}",
+                f"{glob} is not divisible by micro_batch_size_per_gpu x data_parallel_size = {micro} x {dp}"
+                + _divisible_hint(glob, micro, dp),  # type: ignore[arg-type]
             )
         accum = glob // (micro * dp)  # type: ignore[operator]
     elif micro is None:
@@ -61,6 +62,18 @@ def resolve_batch(
             f"{glob} != micro_batch_size_per_gpu x grad_accum_steps x data_parallel_size = {micro} x {accum} x {dp}",
         )
     return BatchPlan(micro, accum, glob, dp)  # type: ignore[arg-type]
+
+
+def _divisible_hint(global_batch_size: int, micro: int, dp: int) -> str:
+    """What to change so that micro x dp divides the global batch: a smaller micro batch, or a larger global."""
+    options = []
+    if global_batch_size % dp == 0:
+        per_worker = global_batch_size // dp
+        fitting = max(d for d in range(1, min(micro, per_worker) + 1) if per_worker % d == 0)
+        options.append(f"train.micro_batch_size_per_gpu={fitting}")
+    step = micro * dp
+    options.append(f"train.global_batch_size={-(-global_batch_size // step) * step}")
+    return ": set " + " or ".join(options)
 
 
 def batch_for_world(global_batch_size: int, micro_batch_size_per_gpu: int, world: int) -> BatchPlan:

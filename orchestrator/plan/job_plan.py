@@ -120,18 +120,23 @@ class JobPlan:
                 f"data               {d['train_rows']:,} train rows ({d['train_tokens']:,} tokens),"
                 f" {d['eval_rows']:,} eval rows, vocab {d['vocab_size']:,}"
             )
+        on_gpu = j["compute"]["use_gpu"]
         if self.memory:
             m = self.memory
-            lines.append(
-                f"memory/GPU         {m['total_gib']:.2f} GiB est. (params {m['params_bytes'] / 2**30:.2f},"
-                f" grads {m['gradients_bytes'] / 2**30:.2f}, optimizer {m['optimizer_bytes'] / 2**30:.2f},"
-                f" activations {m['activations_bytes'] / 2**30:.2f}) of {j['compute']['gpu_memory_gib']:g} GiB"
-            )
+            parts = (f"(params {m['params_bytes'] / 2**30:.2f}, grads {m['gradients_bytes'] / 2**30:.2f},"
+                     f" optimizer {m['optimizer_bytes'] / 2**30:.2f}, activations {m['activations_bytes'] / 2**30:.2f})")
+            if on_gpu:
+                lines.append(f"memory/GPU         {m['total_gib']:.2f} GiB est. {parts} of"
+                             f" {j['compute']['gpu_memory_gib']:g} GiB {j['compute']['gpu_type']}")
+            else:  # no GPU in this job: the same estimate is host memory per worker, with no device to fill
+                lines.append(f"memory/worker      {m['total_gib']:.2f} GiB est. of host memory {parts}")
         if self.cost:
             c = self.cost
             price = f", cost {c['cost']:,.0f}" if c.get("cost") is not None else ""
+            # the estimate is for GPUs: say so, and for a CPU job that it is not this job's hardware
+            where = "on" if on_gpu else "if run on"
             lines.append(
-                f"time estimate      {c['hours']:,.2f} h, {c['gpu_hours']:,.1f} GPU-hours on {c['num_gpus']} x"
+                f"time estimate      {c['hours']:,.2f} h, {c['gpu_hours']:,.1f} GPU-hours {where} {c['num_gpus']} x"
                 f" {c['gpu_type']} at {c['mfu']:.0%} MFU ({c['flops_per_token']:.3e} FLOPs/token){price}"
             )
         lines.extend(f"note               {n}" for n in self.notes)
@@ -222,6 +227,10 @@ def validate_config(cfg: JobConfig) -> None:
         raise ConfigError("engine.offload_param", "parameter offload needs ZeRO stage 3")
     if e.offload_optimizer and e.zero_stage == 0:
         raise ConfigError("engine.offload_optimizer", "optimizer offload needs ZeRO stage 1-3")
+    if cfg.optim.name == "lamb" and e.backend == "deepspeed" and (e.offload_optimizer or e.offload_param):
+        # ZeRO-Offload steps on the host with DeepSpeedCPUAdam (DeepSpeed refuses other client optimizers there)
+        raise ConfigError("engine.offload_optimizer" if e.offload_optimizer else "engine.offload_param",
+                          "ZeRO-Offload steps with DeepSpeedCPUAdam, which has no LAMB: use optim=adamw")
     if cfg.optim.name == "lamb" and e.backend == "deepspeed" and e.zero_stage > 0:
         # ZeRO flattens and partitions parameters, so a per-tensor trust ratio would be computed on slices.
         raise ConfigError("optim.name", "LAMB's per-layer trust ratio needs whole tensors: use engine=zero0 with lamb")
@@ -352,13 +361,10 @@ def check_run_dir(run_dir: str) -> None:
         raise ConfigError("run_dir", f"cannot write to '{run_dir}': {exc.strerror or exc}") from None
 
 
-def build_plan(cfg: JobConfig, dataset: Optional[DatasetStats] = None) -> JobPlan:
-    """Resolve world size, batch arithmetic, total steps and the DeepSpeed config."""
-    validate_config(cfg)
-    if not cfg.run_dir:
-        raise ConfigError("run_dir", "no run dir set")
-    wpn = workers_per_node(cfg)
-    world = cfg.compute.num_nodes * wpn
+def plan_batch(cfg: JobConfig) -> tuple[BatchPlan, Optional[dict[int, int]]]:
+    """World size and batch arithmetic (and the elastic range's accumulation per size): needs no data, so the
+    CLI checks it before any tokenising."""
+    world = cfg.compute.num_nodes * workers_per_node(cfg)
     elastic_accum = None
     if cfg.compute.max_workers is not None and cfg.compute.min_workers is not None:
         # elastic: the plan is made for the largest group; workers re-derive accum for the size they run at
@@ -366,9 +372,18 @@ def build_plan(cfg: JobConfig, dataset: Optional[DatasetStats] = None) -> JobPla
         elastic_accum = check_elastic_range(
             cfg.train.global_batch_size, cfg.train.micro_batch_size_per_gpu, cfg.compute.min_workers, world
         )
-    batch: BatchPlan = resolve_batch(
+    batch = resolve_batch(
         cfg.train.micro_batch_size_per_gpu, cfg.train.grad_accum_steps, cfg.train.global_batch_size, world
     )
+    return batch, elastic_accum
+
+
+def build_plan(cfg: JobConfig, dataset: Optional[DatasetStats] = None) -> JobPlan:
+    """Resolve world size, batch arithmetic, total steps and the DeepSpeed config."""
+    validate_config(cfg)
+    if not cfg.run_dir:
+        raise ConfigError("run_dir", "no run dir set")
+    batch, elastic_accum = plan_batch(cfg)
     seq = cfg.task.max_seq_length
     tokens_per_step = batch.global_batch_size * seq
     notes: list[str] = []
@@ -418,9 +433,9 @@ def build_plan(cfg: JobConfig, dataset: Optional[DatasetStats] = None) -> JobPla
     return JobPlan(
         config=dataclasses.asdict(cfg),
         run_dir=str(cfg.run_dir),
-        world_size=world,
+        world_size=batch.data_parallel_size,
         num_nodes=cfg.compute.num_nodes,
-        workers_per_node=wpn,
+        workers_per_node=workers_per_node(cfg),
         micro_batch_size_per_gpu=batch.micro_batch_size_per_gpu,
         grad_accum_steps=batch.grad_accum_steps,
         global_batch_size=batch.global_batch_size,
