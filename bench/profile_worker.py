@@ -8,7 +8,7 @@ Prints one JSON object (also written to bench/results/profile_<model>[_baseline]
     (clip + AdamW + scheduler), timed with perf_counter over --steps steps after --warmup steps, no profiler;
   - top_ops: torch.profiler's table of the ops with the most self CPU time over --profile-steps steps;
   - categories: those self times summed into matmul / attention / norm+activation / optimizer / ...
-The model, data, engine and batches are built exactly as orchestrator/worker/loop.py builds them.
+The model, data, engine and batches are built exactly as orchestrator/worker/trainer.py builds them.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def build_ours(args, run_dir: str):
     from orchestrator.worker import hardware
     from orchestrator.worker.dist import Dist
     from orchestrator.worker.engine import build_engine
-    from orchestrator.worker.loop import StepBatches, make_task
+    from orchestrator.worker.trainer import StepBatches, make_task
 
     bf16 = hardware.resolve_bf16(args.bf16, "cpu")
     overrides = [
@@ -78,7 +78,7 @@ def build_ours(args, run_dir: str):
     job = plan.job
     torch.set_num_threads(max(1, job.compute.cpus_per_worker))
     d = Dist(0, 1, 0)
-    task = make_task(plan, d)  # as orchestrator/worker/loop.py: task -> source -> order -> model -> engine
+    task = make_task(plan, d)  # as orchestrator/worker/trainer.py: task -> source -> order -> model -> engine
     source = task.train_source()
     order = source.step_order(plan.global_batch_size, job.train.seed)
     model = task.build_model()
@@ -87,7 +87,7 @@ def build_ours(args, run_dir: str):
     device = torch.device("cpu")
     engine = build_engine(model, plan, device)
     loader = torch.utils.data.DataLoader(
-        StepBatches(source, order, plan, d, 0), batch_size=None, shuffle=False,
+        StepBatches(source, order, plan, d, 0, plan.grad_accum_steps), batch_size=None, shuffle=False,
         num_workers=job.data.loader_workers, prefetch_factor=4 if job.data.loader_workers > 0 else None)
     batches = iter(loader)
     ds = plan.dataset

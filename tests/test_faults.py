@@ -119,7 +119,7 @@ def test_loss_spike_is_skipped(tmp_path, monkeypatch):
 
 
 def test_sticky_bad_data_fails_after_max_rollbacks(tmp_path, monkeypatch):
-    from orchestrator.worker.loop import DivergenceError
+    from orchestrator.worker.trainer import DivergenceError
 
     _fault_env(monkeypatch, "nan_loss_sticky_at=3,4")
     with pytest.raises(DivergenceError, match="max_rollbacks"):

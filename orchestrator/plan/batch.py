@@ -76,17 +76,6 @@ def _divisible_hint(global_batch_size: int, micro: int, dp: int) -> str:
     return ": set " + " or ".join(options)
 
 
-def batch_for_world(global_batch_size: int, micro_batch_size_per_gpu: int, world: int) -> BatchPlan:
-    """Elastic: the global batch and micro batch are fixed; accumulation follows the current world size."""
-    if world < 1 or global_batch_size % (micro_batch_size_per_gpu * world):
-        raise ConfigError(
-            "train.global_batch_size",
-            f"{global_batch_size} is not divisible by micro_batch_size_per_gpu x world size"
-            f" = {micro_batch_size_per_gpu} x {world}",
-        )
-    return BatchPlan(micro_batch_size_per_gpu, global_batch_size // (micro_batch_size_per_gpu * world), global_batch_size, world)
-
-
 def check_elastic_range(global_batch_size: int, micro_batch_size_per_gpu: int, min_workers: int, max_workers: int) -> dict[int, int]:
     """{world size: grad accum} for every size in [min, max]; refuses a range holding sizes that break the batch."""
     bad = [w for w in range(min_workers, max_workers + 1) if global_batch_size % (micro_batch_size_per_gpu * w)]

@@ -42,14 +42,3 @@ def render_deepspeed_config(engine: EngineConfig, batch: BatchPlan, use_gpu: boo
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-
-
-def with_batch(ds_config: dict[str, Any], batch: BatchPlan) -> dict[str, Any]:
-    """The rendered config with its batch fields for another world size (elastic workers call this)."""
-    out = dict(ds_config)
-    out.update(
-        train_batch_size=batch.global_batch_size,
-        train_micro_batch_size_per_gpu=batch.micro_batch_size_per_gpu,
-        gradient_accumulation_steps=batch.grad_accum_steps,
-    )
-    return out

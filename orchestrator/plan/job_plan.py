@@ -69,10 +69,27 @@ class JobPlan:
     memory: Optional[dict[str, Any]] = None
     cost: Optional[dict[str, Any]] = None
     notes: list[str] = field(default_factory=list)
+    grad_accum_by_world: Optional[dict[str, int]] = None
+    """Elastic ranges: gradient accumulation at each world size of the range (JSON keys are strings)."""
 
     @property
     def job(self) -> JobConfig:
         return to_job_config(self.config)
+
+    def grad_accum_at(self, world_size: int) -> int:
+        """The accumulation a worker group of `world_size` runs with: the plan's, or its elastic table's."""
+        if self.grad_accum_by_world is not None and str(world_size) in self.grad_accum_by_world:
+            return int(self.grad_accum_by_world[str(world_size)])
+        if world_size != self.world_size:
+            raise ConfigError("compute.max_workers", f"the plan has no batch for world size {world_size}"
+                              f" (planned: {self.world_size}{', elastic ' + ', '.join(self.grad_accum_by_world) if self.grad_accum_by_world else ''})")
+        return self.grad_accum_steps
+
+    def deepspeed_config_at(self, world_size: int) -> dict[str, Any]:
+        """The rendered DeepSpeed config with the batch fields of `world_size` (micro and global stay)."""
+        return {**self.deepspeed_config, "train_batch_size": self.global_batch_size,
+                "train_micro_batch_size_per_gpu": self.micro_batch_size_per_gpu,
+                "gradient_accumulation_steps": self.grad_accum_at(world_size)}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -445,6 +462,7 @@ def build_plan(cfg: JobConfig, dataset: Optional[DatasetStats] = None) -> JobPla
         warmup_steps=warmup,
         steps_per_epoch=steps_per_epoch,
         deepspeed_config=ds_config,
+        grad_accum_by_world={str(w): a for w, a in elastic_accum.items()} if elastic_accum else None,
         dataset=dataclasses.asdict(dataset) if dataset else None,
         memory=memory,
         cost=cost,

@@ -1,10 +1,16 @@
-"""Worker stage: rank, world size and the few collectives the loop needs (no-ops in one process)."""
+"""Worker stage: rank, world size and the few collectives the trainer needs (no-ops in one process).
+
+Collectives run on tensors on `device`, the engine's device. Ray Train makes an NCCL process group for GPU
+workers and NCCL serves CUDA tensors only, so a CPU tensor there fails with "No backend type associated with
+device type cpu". Reducing on the engine's device needs no second (gloo) group and no copy of the values to
+the host before the reduce; the one host read follows the reduce.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -15,25 +21,37 @@ class Dist:
     rank: int
     world: int
     local_rank: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @staticmethod
-    def current() -> "Dist":
+    def current(device: torch.device | None = None) -> "Dist":
+        d = Dist(0, 1, 0)
         if dist.is_available() and dist.is_initialized():
-            return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-        return Dist(0, 1, 0)
+            d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        return d.on(device) if device is not None else d
+
+    def on(self, device: torch.device) -> "Dist":
+        return replace(self, device=torch.device(device))
 
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
 
-    def sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place; `t` must sit on this Dist's device (the one the process group serves)."""
+        if t.device != self.device:
+            raise ValueError(f"collective on a {t.device} tensor; the process group serves {self.device}")
         if self.world > 1:
             dist.all_reduce(t)
-        return t.tolist()
+        return t
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Sum of host values over ranks (evaluation totals): reduced on the device, read back once."""
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        return self.all_reduce(t).tolist()
 
     def gather(self, obj: Any) -> list[Any]:
-        """Every rank's obj, in rank order, on every rank."""
+        """Every rank's obj, in rank order, on every rank (pickled through the group's own device)."""
         if self.world == 1:
             return [obj]
         out: list[Any] = [None] * self.world

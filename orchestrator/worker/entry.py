@@ -23,12 +23,12 @@ class RayReporter:
 
 def ray_train_loop(config: dict[str, Any]) -> None:
     """`train_loop_per_worker` of the TorchTrainer: everything comes through its one config argument."""
-    from orchestrator.worker.loop import run
+    from orchestrator.worker.trainer import run
 
     run(config["plan"], reporter=RayReporter(), interactive=False)
 
 
 def local_run(plan_dict: dict[str, Any], interactive: bool = True) -> dict[str, Any]:
-    from orchestrator.worker.loop import run
+    from orchestrator.worker.trainer import run
 
     return run(plan_dict, reporter=None, interactive=interactive)
