@@ -60,45 +60,56 @@ def connect(plan: JobPlan) -> bool:
     return True
 
 
+def trainer_configs(plan: JobPlan) -> tuple[Any, Any]:
+    """The (ScalingConfig, RunConfig) a plan's TorchTrainer runs with: one worker per GPU (or CPU worker),
+    placement from compute.*, the run dir as Ray's storage, the worker env (network profile, forwarded vars).
+
+    Pure construction (no Ray connection), so a test can start the same worker group with another train function.
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+
+    job = plan.job
+    c = job.compute
+    resources = {"CPU": float(c.cpus_per_worker)}
+    if c.use_gpu:
+        resources["GPU"] = 1.0
+    if c.min_workers is not None and c.max_workers is not None:
+        # elastic: Ray restarts the whole group from the newest checkpoint on every resize; the worker takes
+        # the plan's grad accumulation for the size it gets (global batch kept) and re-shards ZeRO state
+        scaling = ScalingConfig(
+            num_workers=(c.min_workers, c.max_workers),
+            use_gpu=c.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=c.placement_strategy,
+            elastic_resize_monitor_interval_s=float(c.elastic_resize_interval_s),
+        )
+    else:
+        scaling = ScalingConfig(
+            num_workers=plan.world_size,
+            use_gpu=c.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=c.placement_strategy,
+        )
+    run_dir = Path(plan.run_dir).resolve()
+    # storage_path/name is the run dir itself: our checkpoints are Ray's checkpoints, nothing is copied
+    run_config = RunConfig(
+        name=run_dir.name,
+        storage_path=str(run_dir.parent),
+        failure_config=FailureConfig(max_failures=job.launcher.max_failures),
+        worker_runtime_env={"env_vars": worker_env(plan)},
+    )
+    return scaling, run_config
+
+
 def launch_ray(plan: JobPlan) -> dict[str, Any]:
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from orchestrator.worker.entry import ray_train_loop
 
-    job = plan.job
     started = connect(plan)
     try:
-        resources = {"CPU": float(job.compute.cpus_per_worker)}
-        if job.compute.use_gpu:
-            resources["GPU"] = 1.0
-        c = job.compute
-        if c.min_workers is not None and c.max_workers is not None:
-            # elastic: Ray restarts the whole group from the newest checkpoint on every resize; the worker
-            # re-derives grad accumulation for the size it gets (global batch kept) and re-shards ZeRO state
-            scaling = ScalingConfig(
-                num_workers=(c.min_workers, c.max_workers),
-                use_gpu=c.use_gpu,
-                resources_per_worker=resources,
-                placement_strategy=c.placement_strategy,
-                elastic_resize_monitor_interval_s=float(c.elastic_resize_interval_s),
-            )
-        else:
-            scaling = ScalingConfig(
-                num_workers=plan.world_size,
-                use_gpu=c.use_gpu,
-                resources_per_worker=resources,
-                placement_strategy=c.placement_strategy,
-            )
-        run_dir = Path(plan.run_dir).resolve()
-        # storage_path/name is the run dir itself: our checkpoints are Ray's checkpoints, nothing is copied
-        run_config = RunConfig(
-            name=run_dir.name,
-            storage_path=str(run_dir.parent),
-            failure_config=FailureConfig(max_failures=job.launcher.max_failures),
-            worker_runtime_env={"env_vars": worker_env(plan)},
-        )
+        scaling, run_config = trainer_configs(plan)
         trainer = TorchTrainer(
             ray_train_loop,
             train_loop_config={"plan": plan.to_dict()},
@@ -106,7 +117,7 @@ def launch_ray(plan: JobPlan) -> dict[str, Any]:
             run_config=run_config,
         )
         trainer.fit()
-        return json.loads((run_dir / "summary.json").read_text())
+        return json.loads((Path(plan.run_dir).resolve() / "summary.json").read_text())
     finally:
         if started:
             ray.shutdown()
