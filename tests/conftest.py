@@ -46,12 +46,25 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+@pytest.fixture(autouse=True)
+def _ray_auth_follows_the_environment():
+    """Ray caches its auth mode and token per process: a test that pointed this process at a token-auth
+    cluster (and restored the environment) must not leave the next test's Ray start demanding a token."""
+    yield
+    from orchestrator.launch.ray_job import sync_ray_auth
+
+    sync_ray_auth()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray instance (2 CPUs) shared by every Ray test: the launcher joins it, never restarts it."""
     import ray
 
     if not ray.is_initialized():
+        from orchestrator.launch.ray_job import sync_ray_auth
+
+        sync_ray_auth()
         ray.init(address="local", num_cpus=2, log_to_driver=True)
     yield ray
     ray.shutdown()

@@ -81,11 +81,11 @@ def ensure_token_auth_env() -> str:
     mode = os.environ.get("RAY_AUTH_MODE")
     if mode is None and local_token_available():
         os.environ["RAY_AUTH_MODE"] = mode = "token"
-    _sync_ray_auth_cache()
+    sync_ray_auth()
     return mode or "unset"
 
 
-def _sync_ray_auth_cache() -> None:
+def sync_ray_auth() -> None:
     """Ray caches the auth mode and the token per process: make them follow this process's environment
     (what `ray get-auth-token --generate` does for itself), so a second cluster with other settings works."""
     if "ray._raylet" not in sys.modules:

@@ -50,6 +50,9 @@ def connect(plan: JobPlan) -> bool:
 
     if ray.is_initialized():
         return False
+    from orchestrator.launch.ray_job import sync_ray_auth
+
+    sync_ray_auth()  # this process may have talked to a cluster with other auth settings before
     job = plan.job
     address = job.launcher.address or os.environ.get("RAY_ADDRESS")
     if address:
