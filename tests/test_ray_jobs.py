@@ -68,7 +68,7 @@ def test_ray_job_submit_cli_runs_on_the_cluster(head, tmp_path):
     assert summary["final_eval"]["eval_mlm_acc"] > 0
     assert (runs / "quickstart_pretrain" / "export" / "model.safetensors").is_file()
     # no nested Ray: the driver connected to this head's GCS, never started a local instance ...
-    assert f"Connecting to existing Ray cluster at address: " in logs and f":{head.gcs_port}" in logs
+    assert "Connecting to existing Ray cluster at address: " in logs and f":{head.gcs_port}" in logs
     assert "Started a local Ray instance" not in logs
     # ... and its Train worker (1 CPU) ran on this head's resources, with the driver itself holding none
     assert peak_used == 1.0, peak_used

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from orchestrator.launch import ray_job
 
 pytestmark = pytest.mark.slow
 

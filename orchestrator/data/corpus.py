@@ -256,9 +256,8 @@ def write_consistency_task(directory, n_train: int, n_dev: int, seed: int) -> di
     d.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, n, s in (("train", n_train, seed), ("dev", n_dev, seed + 1)):
-        p = d / f"{split}.tsv"
-        tmp = d / f".{split}.tsv.tmp"
-        tmp.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in synthetic_consistency_examples(n, s)))
-        os.replace(tmp, p)
-        paths[split] = p
+        from orchestrator.io import write_text_atomic
+
+        text = "sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in synthetic_consistency_examples(n, s))
+        paths[split] = write_text_atomic(d / f"{split}.tsv", text)
     return paths

@@ -151,10 +151,13 @@ def prepare_finetune_data(job, run_dir: str) -> FinetuneData:
         raise DataError(eval_file, "no evaluation examples")
     payload = {"train": tr_rows, "eval": ev_rows, "eval_extra": extra_eval, "labels": labels,
                "train_file": train_file, "eval_file": eval_file}
-    tmp = data_dir / f".{FEATURES_FILE}.tmp"
-    with open(tmp, "wb") as fh:
-        pickle.dump(payload, fh, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, data_dir / FEATURES_FILE)
+    from orchestrator.io import atomic_write
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            pickle.dump(payload, fh, protocol=pickle.HIGHEST_PROTOCOL)
+
+    atomic_write(data_dir / FEATURES_FILE, write)
     return FinetuneData(
         data_dir=str(data_dir),
         tokenizer_dir=str(tok_dir),

@@ -11,7 +11,6 @@ bounded by shard_bytes, not by the corpus.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -32,9 +31,13 @@ from orchestrator.data.prepare_sources import (
     doc_hash,
     plan_blocks,
     resolve_sources,
-    sources_fingerprint,
 )
 from orchestrator.errors import ConfigError, DataError
+from orchestrator.io import atomic_write, save_npy_atomic, sha256_file, write_json_atomic
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    write_json_atomic(path, obj, indent=1)
 
 log = logging.getLogger("orchestrator.prepare")
 
@@ -50,28 +53,6 @@ def content_config(cfg) -> dict[str, Any]:
     for k in _NON_CONTENT:
         d.pop(k, None)
     return d
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _name(i: int) -> str:
@@ -93,9 +74,9 @@ def pass1_block(block: Block, ctx: dict) -> dict:
     except BlockRefused:
         res = {"block": block.index, **asdict(reader.stats)}
         return res  # not written: the refusal is reported by the driver, with the file's line number
-    _save_npy_atomic(work / f"block_{_name(block.index)}.npy", np.asarray(hashes, dtype=np.uint64))
+    save_npy_atomic(work / f"block_{_name(block.index)}.npy", np.asarray(hashes, dtype=np.uint64))
     res = {"block": block.index, **asdict(reader.stats)}
-    _write_json_atomic(marker, res)
+    _write_json(marker, res)
     return res
 
 
@@ -132,8 +113,8 @@ def dedup(blocks: list[Block], out: Path, enabled: bool, partition_docs: int, ke
     for b in blocks:
         arr = np.sort(np.concatenate(drops[b.index])) if drops[b.index] else np.zeros(0, np.int64)
         n_dup += len(arr)
-        _save_npy_atomic(ddir / f"block_{_name(b.index)}.npy", arr.astype(np.int64))
-    _write_json_atomic(done, {"duplicates": n_dup, "partitions": n_parts})
+        save_npy_atomic(ddir / f"block_{_name(b.index)}.npy", arr.astype(np.int64))
+    _write_json(done, {"duplicates": n_dup, "partitions": n_parts})
     return n_dup
 
 
@@ -221,13 +202,13 @@ def _write_arrow_atomic(path: Path, names: list[str], arrays: list, metadata: di
     batch = pa.record_batch(arrays, names=names)
     schema = batch.schema.with_metadata({k: str(v) for k, v in metadata.items()})
     batch = batch.replace_schema_metadata(schema.metadata)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        writer.write_batch(batch)
-    digest = _sha256(tmp)
-    size = tmp.stat().st_size
-    os.replace(tmp, path)
-    return digest, size
+
+    def write(tmp: Path) -> None:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            writer.write_batch(batch)
+
+    atomic_write(path, write)
+    return sha256_file(path), path.stat().st_size
 
 
 def _list_array(offsets: np.ndarray, values: np.ndarray):
@@ -309,7 +290,7 @@ def _marker_ok(marker: Path, out: Path, verify: bool) -> Optional[dict]:
             p = out / sh[f"{kind}_file"]
             if not p.is_file() or p.stat().st_size != sh[f"{kind}_bytes"]:
                 return None
-            if verify and _sha256(p) != sh[f"{kind}_sha256"]:
+            if verify and sha256_file(p) != sh[f"{kind}_sha256"]:
                 log.warning("%s does not match its checksum: block %d is redone", p, res["block"])
                 return None
     if not (out / res["counts_file"]).is_file():
@@ -382,10 +363,10 @@ def pass2_block(block: Block, ctx: dict, cache: Optional[_TokenizerCache] = None
         splits[split] = build_split_shard(toks, sent_off, doc_off, cfg, seed, out, split, block.index, edges)
         del toks, sent_off, doc_off
     counts_file = f"work/counts/block_{_name(block.index)}.npy"
-    _save_npy_atomic(out / counts_file, counts)
+    save_npy_atomic(out / counts_file, counts)
     res = {"block": block.index, "splits": splits, "unk_tokens": unk, "counts_file": counts_file,
            "hist_edges": edges.tolist()}
-    _write_json_atomic(marker, res)
+    _write_json(marker, res)
     return {**res, "skipped": False}
 
 
@@ -517,7 +498,7 @@ def _load_or_plan(cfg, out: Path) -> tuple[list, list[Block]]:
         shutil.rmtree(out / "work", ignore_errors=True)  # only pass-1 results: cheap to redo
         shutil.rmtree(out / "tokenizer", ignore_errors=True)
     blocks = plan_blocks(files, cfg.shard_bytes, cfg.text_field)
-    _write_json_atomic(plan_path, {**want, "blocks": [asdict(b) for b in blocks]})
+    _write_json(plan_path, {**want, "blocks": [asdict(b) for b in blocks]})
     return files, blocks
 
 
@@ -601,7 +582,7 @@ def _prepare(cfg, out: Path, files, blocks: list[Block], ctx: dict, t0: float, e
     pass2_s = time.perf_counter() - t3
     skipped = sum(1 for r in results.values() if r.get("skipped"))
     manifest, stats = _manifest(cfg, out, files, blocks, results, tok_dir, s, duplicates, problems)
-    _write_json_atomic(out / "manifest.json", manifest)
+    _write_json(out / "manifest.json", manifest)
     secs = time.perf_counter() - t0
     tokens = stats["tokens"]
     timing = {
@@ -610,7 +591,7 @@ def _prepare(cfg, out: Path, files, blocks: list[Block], ctx: dict, t0: float, e
         "launcher": cfg.launcher.name, "num_workers": cfg.num_workers,
     }
     full = {**stats, "timing": timing, "output_dir": str(out)}
-    _write_json_atomic(out / "stats.json", full)
+    _write_json(out / "stats.json", full)
     for line in format_stats(full):
         echo(line)
     return full

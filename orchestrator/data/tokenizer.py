@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from orchestrator.io import atomic_save_dir, replace_dir  # noqa: F401  (re-exported)
 from typing import Iterable, Iterator
 
 from orchestrator.errors import ConfigError
@@ -94,34 +94,6 @@ def tokenizer_hash(tokenizer_dir: str | os.PathLike) -> str:
             h.update(name.encode())
             h.update(Path(tokenizer_dir, name).read_bytes())
     return h.hexdigest()[:16]
-
-
-def replace_dir(tmp: Path, final_dir: Path) -> None:
-    """Rename the complete dir tmp to final_dir. An existing final_dir is moved aside first and removed only
-    after the rename, so at every instant one complete copy exists under one of the two names."""
-    old = None
-    if final_dir.exists():
-        old = final_dir.with_name(f".{final_dir.name}.old.{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final_dir, old)
-    os.replace(tmp, final_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def atomic_save_dir(save_fn, final_dir: Path) -> Path:
-    """Run save_fn(tmp_dir) then rename tmp_dir to final_dir, so a crash never leaves a half-written dir."""
-    final_dir = Path(final_dir)
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent))
-    try:
-        save_fn(tmp)
-        replace_dir(tmp, final_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final_dir
 
 
 def get_tokenizer(tok_cfg, corpus, cache_dir: Path) -> tuple[object, Path]:

@@ -107,11 +107,9 @@ class JobPlan:
 
     def write(self, run_dir: str | os.PathLike) -> Path:
         """Atomic write of plan.json into the run dir."""
-        path = Path(run_dir) / "plan.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
-        return path
+        from orchestrator.io import write_text_atomic
+
+        return write_text_atomic(Path(run_dir) / "plan.json", self.to_json())
 
     def summary_lines(self) -> list[str]:
         j = self.config

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from orchestrator.data.tokenizer import replace_dir
+from orchestrator.io import fsync_tree, replace_dir, write_json_atomic
 
 log = logging.getLogger("orchestrator.checkpoint")
 
@@ -37,13 +37,6 @@ def _file_list(directory: Path) -> dict[str, int]:
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
-
-
-def _fsync_tree(directory: Path) -> None:
-    for p in directory.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
 
 
 def verify(directory: Path) -> Optional[str]:
@@ -103,9 +96,9 @@ def save(
     write_shards(tmp)
     barrier()
     if rank == 0:
-        (tmp / STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
-        _fsync_tree(tmp)
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": _file_list(tmp)}, indent=2, sort_keys=True))
+        write_json_atomic(tmp / STATE, trainer_state)
+        write_json_atomic(tmp / MANIFEST, {"step": step, "files": _file_list(tmp)})
+        fsync_tree(tmp)
         replace_dir(tmp, final)
         _rotate(root, keep_last)
     barrier()
@@ -153,8 +146,8 @@ def ensure_universal(ckpt_dir: Path, rank: int, barrier: Callable[[], None], tag
             raise RuntimeError(f"universal checkpoint conversion of {ckpt_dir} failed:\n{res.stderr[-3000:]}")
         # ZeRO's converter writes latest_universal next to its output; we name the tag explicitly instead
         (ckpt_dir / "latest_universal").unlink(missing_ok=True)
-        _fsync_tree(tmp)
-        os.replace(tmp, final)
+        fsync_tree(tmp)
+        replace_dir(tmp, final)
         seconds = time.perf_counter() - t0
         log.info("converted %s to a universal checkpoint in %.1fs", ckpt_dir, seconds)
     barrier()

@@ -9,10 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+from orchestrator.io import write_json_atomic, write_text_atomic  # noqa: E402,F401  (re-exported for the worker)
 
 
 def truncate_jsonl(path: Path, max_step: int) -> None:
@@ -27,9 +24,7 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
             continue  # a line cut by a crash
         if rec.get("step", 0) <= max_step:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(k + "\n" for k in kept))
 
 
 class MetricsJsonl:
