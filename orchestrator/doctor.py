@@ -231,15 +231,10 @@ def run_doctor(
     if not use_gpu:
         env.pop("NCCL_SOCKET_IFNAME", None)  # gloo ignores NCCL_*; keep the CPU env minimal
 
-    started_here = False
-    if not ray.is_initialized():
-        addr = address or os.environ.get("RAY_ADDRESS")
-        if addr:
-            ray.init(address=addr)
-        else:
-            ray.init(address="local", num_cpus=max(int(num_workers * cpus_per_worker + 0.999), os.cpu_count() or 1),
-                     include_dashboard=False, log_to_driver=debug)
-            started_here = True
+    from orchestrator.launch.ray_job import connect_ray
+
+    started_here = connect_ray(address, num_cpus=max(int(num_workers * cpus_per_worker + 0.999), os.cpu_count() or 1),
+                               include_dashboard=False, log_to_driver=debug)
     storage = storage_path or tempfile.mkdtemp(prefix="doctor-")
     try:
         trainer = TorchTrainer(

@@ -91,6 +91,18 @@ def test_bad_config_refused_naming_key(overrides, key, tmp_path):
     assert key in msg and "\n" not in msg, msg
 
 
+def test_lamb_with_offload_refused_naming_offload_key(tmp_path):
+    """ZeRO-Offload steps with DeepSpeedCPUAdam, an AdamW: lamb is refused at plan time; adamw plans."""
+    for overrides, key in ((["engine=zero2", "engine.offload_optimizer=true"], "engine.offload_optimizer"),
+                           (["engine=zero3", "engine.offload_param=true"], "engine.offload_param")):
+        with pytest.raises(ConfigError) as ei:
+            _plan(["optim=lamb", *overrides], tmp_path)
+        msg = str(ei.value)
+        assert key in msg and "optim=adamw" in msg and "\n" not in msg, msg
+    plan = _plan(["optim=adamw", "engine=zero2", "engine.offload_optimizer=true"], tmp_path)
+    assert plan.deepspeed_config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
 def test_unknown_model_names_the_option():
     from hydra.errors import MissingConfigException
 

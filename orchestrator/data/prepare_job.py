@@ -439,24 +439,11 @@ def _reraise(r: dict):
 
 def connect_ray(cfg) -> bool:
     """Join launcher.address / RAY_ADDRESS (also what `ray job submit` sets), else start a small local Ray."""
-    import ray
+    from orchestrator.launch.ray_job import connect_ray
 
-    if ray.is_initialized():
-        return False
-    address = cfg.launcher.address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}}
-    if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=env)
-        return False
-    ray.init(
-        address="local",
-        num_cpus=cfg.launcher.num_cpus or cfg.num_workers,
-        object_store_memory=cfg.launcher.object_store_memory_mb * 2**20,
-        include_dashboard=False,
-        log_to_driver=True,
-        runtime_env=env,
-    )
-    return True
+    return connect_ray(cfg.launcher.address, num_cpus=cfg.launcher.num_cpus or cfg.num_workers, include_dashboard=False,
+                       runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}},
+                       object_store_memory=cfg.launcher.object_store_memory_mb * 2**20)
 
 
 # ------------------------------------------------------------------------------------------------ driver

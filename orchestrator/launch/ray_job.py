@@ -97,6 +97,27 @@ def sync_ray_auth() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
+def connect_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None, include_dashboard: bool = True,
+                log_to_driver: bool = True, runtime_env: Optional[dict[str, Any]] = None, **local: Any) -> bool:
+    """The one way this project joins Ray: `address`, else RAY_ADDRESS (what a Ray job runs with), else a
+    local Ray of `num_cpus` (`local`: more ray.init options for it). Returns True when this call started
+    Ray, so the caller shuts it down; an already connected process is left as it is."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    sync_ray_auth()  # this process may have talked to a cluster with other auth settings before
+    address = address or os.environ.get("RAY_ADDRESS")
+    kw: dict[str, Any] = {"log_to_driver": log_to_driver}
+    if runtime_env:
+        kw["runtime_env"] = runtime_env
+    if address:
+        ray.init(address=address, **kw)
+        return False
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard, **kw, **local)
+    return True
+
+
 def _host_port(address: str) -> tuple[str, int]:
     if "://" not in address:
         address = "tcp://" + address

@@ -46,21 +46,10 @@ def connect(plan: JobPlan) -> bool:
 
     Returns True when this call started Ray (and so should shut it down).
     """
-    import ray
+    from orchestrator.launch.ray_job import connect_ray
 
-    if ray.is_initialized():
-        return False
-    from orchestrator.launch.ray_job import sync_ray_auth
-
-    sync_ray_auth()  # this process may have talked to a cluster with other auth settings before
-    job = plan.job
-    address = job.launcher.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return False
-    # the dashboard serves the state API, which Ray Train's placement-group cleaner polls
-    ray.init(address="local", num_cpus=job.launcher.num_cpus, log_to_driver=True)
-    return True
+    # a local Ray keeps its dashboard: it serves the state API, which Ray Train's placement-group cleaner polls
+    return connect_ray(plan.job.launcher.address, num_cpus=plan.job.launcher.num_cpus)
 
 
 def trainer_configs(plan: JobPlan) -> tuple[Any, Any]:

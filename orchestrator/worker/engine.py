@@ -24,9 +24,27 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
+def uses_cpu_adam(engine_cfg, device: torch.device) -> bool:
+    """Whether the ZeRO optimizer steps on fp32 master weights in host memory, which is what DeepSpeedCPUAdam needs.
+
+    Optimizer offload puts them there (and DeepSpeed refuses any other client optimizer under it). Parameter offload
+    alone (ZeRO-3) keeps them on the worker's device: on the host only for a CPU worker.
+    """
+    return bool(engine_cfg.offload_optimizer or (engine_cfg.offload_param and device.type == "cpu"))
+
+
+def build_optimizer(model: nn.Module, optim_cfg, cpu_adam: bool = False) -> torch.optim.Optimizer:
+    """cpu_adam: DeepSpeed's vectorised host AdamW for ZeRO-Offload (a C++ op, JIT-built with g++ on first use
+    and cached under ~/.cache/torch_extensions). Same update as torch's AdamW (decoupled weight decay, bias
+    correction), same groups; LAMB has no CPU counterpart, so the plan refuses lamb with offload."""
     groups = param_groups(model, optim_cfg.weight_decay)
     betas = (optim_cfg.beta1, optim_cfg.beta2)
+    if cpu_adam:
+        if optim_cfg.name != "adamw":
+            raise ValueError(f"ZeRO-Offload steps with DeepSpeedCPUAdam (AdamW); optim={optim_cfg.name} cannot run")
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=optim_cfg.lr, betas=betas, eps=optim_cfg.eps, adamw_mode=True)
     if optim_cfg.name == "lamb":
         from orchestrator.worker.lamb import Lamb
 
@@ -206,9 +224,11 @@ class DeepSpeedEngine(Engine):
         ds_config = dict(ds_config or plan.deepspeed_config)
         if job.engine.bf16 is None:  # auto: decided by this worker's hardware
             ds_config["bf16"] = {"enabled": resolve_bf16(None, device)}
-        optimizer = build_optimizer(model, job.optim)
+        optimizer = build_optimizer(model, job.optim, cpu_adam=uses_cpu_adam(job.engine, device))
         if job.engine.zero_stage == 0 and not ds_config["bf16"]["enabled"] and not ds_config["fp16"]["enabled"]:
-            guard_nonfinite_step(optimizer)  # ZeRO-1/2/3 (and fp16) skip non-finite steps themselves
+            # ZeRO-1/2/3 (and fp16) skip non-finite steps themselves, with offload too (its host-side overflow
+            # tracker); offload needs ZeRO >= 1, so DeepSpeedCPUAdam is never wrapped here
+            guard_nonfinite_step(optimizer)
         engine, _, _, scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
