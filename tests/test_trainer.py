@@ -304,3 +304,13 @@ def test_elastic_accumulation_comes_from_the_plan(tmp_path):
 
     with pytest.raises(ConfigError, match="no batch for world size 3"):
         plan.grad_accum_at(3)
+
+
+def test_a_gpu_plan_on_a_worker_without_cuda_is_refused_not_run_on_the_cpu(tmp_path):
+    from orchestrator.cli import make_plan
+
+    plan = make_plan(compose(["experiment=quickstart_pretrain", "compute=gpu_1x8", "compute.gpus_per_node=1",
+                              "launcher=local"]),
+                     str(tmp_path / "run"), prepare=False)[0]
+    with pytest.raises(RuntimeError, match="compute.use_gpu=true but this worker's torch .* sees no CUDA device"):
+        Trainer(plan)

@@ -239,13 +239,18 @@ class Trainer:
 
     # -- set-up -----------------------------------------------------------------------------------------
     def _init_dist(self) -> Dist:
+        if self.job.compute.use_gpu and not torch.cuda.is_available():  # never a silent CPU run of a GPU plan
+            raise RuntimeError(
+                f"compute.use_gpu=true but this worker's torch {torch.__version__} sees no CUDA device (CUDA build:"
+                f" {torch.version.cuda}): install a CUDA build of torch on the GPU nodes, or run with compute=cpu1|cpu2")
         if self.job.engine.backend == "deepspeed":
             from orchestrator.worker.engine import init_single_process_group
 
             init_single_process_group()  # no-op under Ray, which made the group already
         d = Dist.current()
         torch.set_num_threads(max(1, self.job.compute.cpus_per_worker))
-        if self.job.compute.use_gpu and torch.cuda.is_available():
+        if self.job.compute.use_gpu:
+            # one GPU per worker; Ray sorts a node's ranks by GPU id, so local rank = index in CUDA_VISIBLE_DEVICES
             device = torch.device("cuda", d.local_rank)
             torch.cuda.set_device(device)
             return d.on(device)
