@@ -314,3 +314,15 @@ def test_a_gpu_plan_on_a_worker_without_cuda_is_refused_not_run_on_the_cpu(tmp_p
                      str(tmp_path / "run"), prepare=False)[0]
     with pytest.raises(RuntimeError, match="compute.use_gpu=true but this worker's torch .* sees no CUDA device"):
         Trainer(plan)
+
+
+def test_a_finished_run_started_again_re_exports_and_re_evaluates(tmp_path):
+    plan = _plan(tmp_path)
+    assert _trainer(plan).run()["steps"] == 8
+    again = _trainer(plan)
+    calls = []
+    original = again.task.evaluate
+    again.task.evaluate = lambda engine: calls.append(1) or original(engine)
+    summary = again.run()
+    assert summary["steps"] == 8 and summary["steps_this_start"] == 0 and calls == [1]
+    assert summary["final_eval"]["eval_loss"] == 0.5 and (Path(plan.run_dir) / "export" / "config.json").is_file()

@@ -535,7 +535,9 @@ class Trainer:
 
     def finish(self) -> dict[str, Any]:
         """Export (the best model when the task keeps one, else the final weights) and the summary."""
-        if not self.state.last_eval:  # resumed at the final step: nothing ran, the summary still has metrics
+        if self.state.step == self.start_step or not self.state.last_eval:
+            # resumed at the final step (a finished run started again): nothing ran, so evaluate the weights
+            # as they are now rather than report the checkpoint's numbers
             self.state.last_eval = self.evaluate()
         best_eval = self.export()
         if self.d.rank != 0:
