@@ -20,6 +20,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+def _session_ray_token() -> None:
+    """Every Ray the tests start (the shared local instance, heads, test clusters, CLI subprocesses) uses token
+    auth with one token: Ray caches the auth mode and token per process, and a process that talks to a cluster
+    with another setting afterwards is refused (InvalidAuthToken), even from its background threads."""
+    import secrets
+    import tempfile
+
+    if os.environ.get("RAY_AUTH_MODE") == "token" and os.path.isfile(os.environ.get("RAY_AUTH_TOKEN_PATH", "")):
+        return
+    d = tempfile.mkdtemp(prefix="bert_orch_test_token_")
+    path = os.path.join(d, "auth_token")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = path
+
+
+_session_ray_token()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _session_cache(tmp_path_factory):
     """Vocabularies and token arrays are cached once per session (what users get across runs)."""
@@ -83,7 +104,7 @@ def run_cli(args: list[str], cwd: Path = REPO, timeout: float = 900, env_extra: 
 @pytest.fixture(scope="session")
 def ray_head():
     """One private 2-CPU `ray start --head` (loopback, own ports and temp dir, token auth with its own token)
-    shared by the Ray Jobs and sweep tests; only its own processes are stopped at the end."""
+    shared by the Ray Jobs and sweep tests (with the session's token); only its own processes are stopped."""
     from orchestrator.launch import ray_job
 
     with pytest.MonkeyPatch.context() as mp:
@@ -91,8 +112,7 @@ def ray_head():
             mp.delenv(k, raising=False)
         h = ray_job.LocalHead(num_cpus=2, auth=True)
         h.start()
-        for k, v in h.client_env().items():  # this process and the CLIs the tests start are its clients
-            mp.setenv(k, v)
+        assert h.client_env()["RAY_AUTH_TOKEN_PATH"] == os.environ["RAY_AUTH_TOKEN_PATH"]
         try:
             yield h
         finally:

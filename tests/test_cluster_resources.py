@@ -50,8 +50,7 @@ def silent_dashboard():
         server.server_close()
 
 
-def test_a_cluster_that_never_reports_ends_with_the_bounded_wait(silent_dashboard, monkeypatch):
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+def test_a_cluster_that_never_reports_ends_with_the_bounded_wait(silent_dashboard):
     address = f"http://127.0.0.1:{silent_dashboard.server_address[1]}"
     t0 = time.monotonic()
     with pytest.raises(ray_job.ClusterNotReporting) as err:
@@ -76,22 +75,20 @@ def test_a_missing_report_is_not_zero_resources(monkeypatch):
 
 @pytest.mark.slow
 def test_a_head_just_started_is_read_at_once_and_a_sweep_on_a_private_head_runs(tmp_path, monkeypatch):
-    for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+    for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         monkeypatch.delenv(k, raising=False)
-    head = ray_job.LocalHead(num_cpus=2, auth=True).start()
+    head = ray_job.LocalHead(num_cpus=2, auth=True).start()  # token auth, this session's token
     try:
-        monkeypatch.setenv("RAY_AUTH_MODE", "token")
-        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", head.client_env()["RAY_AUTH_TOKEN_PATH"])
         res = ray_job.cluster_resources(head.dashboard_url, timeout_s=60)  # asked the moment `start` returns
         assert res.total["CPU"] == 2.0 and res.available["CPU"] == 2.0 and res.nodes == 1, res
     finally:
         head.stop()
     assert not head.session_pids()
 
-    # a one-member sweep with no address: the launcher starts its own head and submits at once
-    for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
-        monkeypatch.delenv(k, raising=False)
-    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    # a one-member sweep with no address, from a shell with no Ray token: the launcher starts its own head (with
+    # a token of its own) and submits at once
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     sweep_dir = tmp_path / "one"
     out = subprocess.run(
         [sys.executable, "-m", "orchestrator", "-m", "experiment=quickstart_pretrain", "debug=local",

@@ -175,15 +175,20 @@ def test_dist_refuses_a_tensor_off_its_device():
 def test_a_cuda_only_group_refuses_cpu_tensors_as_nccl_does():
     """Why the device matters: a group bound to `cuda` (as NCCL is) refuses a CPU tensor collective, the
     error the old loop's CPU float64 reduces would have hit on the first multi-GPU step."""
-    import torch.distributed as dist
+    import subprocess
+    import sys
 
-    store = dist.HashStore()
-    dist.init_process_group(backend="cuda:gloo", store=store, rank=0, world_size=1)
-    try:
-        with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
-            dist.all_reduce(torch.zeros(3, dtype=torch.float64))
-    finally:
-        dist.destroy_process_group()
+    code = (
+        "import torch, torch.distributed as dist\n"
+        "dist.init_process_group(backend='cuda:gloo', store=dist.HashStore(), rank=0, world_size=1)\n"
+        "try:\n"
+        "    dist.all_reduce(torch.zeros(3, dtype=torch.float64))\n"
+        "    print('REDUCED')\n"
+        "except RuntimeError as e:\n"
+        "    print('REFUSED', str(e).splitlines()[0])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "REFUSED No backend type associated with device type cpu" in out.stdout, out.stdout + out.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------------- host syncs

@@ -346,7 +346,9 @@ class LocalHead:
     temp_dir: Optional[str] = None
     env: dict[str, str] = field(default_factory=dict)
     auth: bool = False
-    """Token authentication with a fresh token of this head's own (in its temp dir); `client_env` names it."""
+    """Token authentication: the token RAY_AUTH_TOKEN_PATH names when set (with RAY_AUTH_MODE=token), else a
+    fresh one of this head's own in its temp dir; `client_env` names it."""
+    token_path: Optional[str] = None
     ray_bin: Optional[str] = None
     proc: Optional[subprocess.Popen] = None
     dashboard_port: int = 0
@@ -364,15 +366,20 @@ class LocalHead:
         """What a client of this head needs in its environment (the token, when `auth`)."""
         if not self.auth:
             return {}
-        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(Path(self.temp_dir) / "auth_token")}
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
 
-    def _write_token(self) -> None:
+    def _choose_token(self) -> None:
         import secrets
 
+        given = os.environ.get("RAY_AUTH_TOKEN_PATH")
+        if os.environ.get("RAY_AUTH_MODE") == "token" and given and Path(given).is_file():
+            self.token_path = given  # one token per process: Ray caches it, so never switch a process to another
+            return
         path = Path(self.temp_dir) / "auth_token"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))  # Ray's own token format (ray get-auth-token --generate)
+        self.token_path = str(path)
 
     def start(self, timeout_s: float = 90.0) -> "LocalHead":
         import tempfile
@@ -381,7 +388,7 @@ class LocalHead:
         self.temp_dir = self.temp_dir or tempfile.mkdtemp(prefix="rh_", dir="/tmp")
         Path(self.temp_dir).mkdir(parents=True, exist_ok=True)
         if self.auth:
-            self._write_token()
+            self._choose_token()
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         ray_bin = self.ray_bin or str(Path(sys.executable).with_name("ray"))
         cmd = [
