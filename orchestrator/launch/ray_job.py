@@ -236,7 +236,7 @@ def read_cluster_resources(address: str) -> Optional[ClusterResources]:
         if not nodes:
             return None
         groups = list_placement_groups(filters=[("state", "=", "CREATED")], detail=True, **kw)
-        actors = list_actors(detail=True, **kw)
+        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, **kw)
     except RayStateApiException:  # the dashboard is up but its state service is not serving yet
         return None
     total: dict[str, float] = {}
@@ -247,7 +247,7 @@ def read_cluster_resources(address: str) -> Optional[ClusterResources]:
         for bundle in g.bundles or []:
             _add(held, bundle.get("unit_resources"))
     for a in actors:
-        if a.state in ("ALIVE", "RESTARTING") and not a.placement_group_id:
+        if not a.placement_group_id:
             _add(held, a.required_resources)
     available = {k: max(0.0, v - held.get(k, 0.0)) for k, v in total.items()}
     return ClusterResources(total=total, available=available, nodes=len(nodes))
