@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.data.pretraining import PretrainingRows
+from orchestrator.data.rows import PreparedData, PretrainingRows
 from orchestrator.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -216,7 +216,6 @@ def prepared_data(job):
     """Driver side for data.source=prepared: validate the manifest against the job's task; nothing is read else."""
     import time
 
-    from orchestrator.data.pretraining import PreparedData
     from orchestrator.errors import ConfigError
 
     t0 = time.perf_counter()
