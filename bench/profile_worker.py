@@ -53,7 +53,7 @@ def build_ours(args, run_dir: str):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from orchestrator.cli import make_plan
+    from orchestrator.driver import make_plan
     from orchestrator.worker import hardware
     from orchestrator.worker.dist import Dist
     from orchestrator.worker.engine import build_engine
@@ -117,7 +117,7 @@ def build_baseline(args, run_dir: str):
     from hydra.core.global_hydra import GlobalHydra
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling
 
-    from orchestrator.cli import make_plan
+    from orchestrator.driver import make_plan
 
     sys.path.insert(0, str(REPO / "bench"))
     from throughput import group_texts, text_lines

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from orchestrator.cli import CONF_DIR
+from orchestrator.driver import CONF_DIR
 from orchestrator.errors import OrchestratorError
 
 

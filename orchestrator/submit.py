@@ -34,7 +34,7 @@ def resolve_run_dir(overrides: Sequence[str], runs_root: str) -> tuple[str, list
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from orchestrator.cli import CONF_DIR
+    from orchestrator.driver import CONF_DIR
 
     overrides = list(overrides)
     old = os.environ.get("BERT_ORCH_RUNS")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CONF_DIR, REPO, compose, run_cli
-from orchestrator.cli import make_plan
+from orchestrator.driver import make_plan
 from orchestrator.errors import ConfigError, DataError, OrchestratorError
 
 
@@ -211,7 +211,7 @@ def test_plan_only_bert_base_preset_prints_memory_and_time_estimate(tmp_path):
 def test_plan_of_a_cpu_job_shows_no_gpu_as_its_own(tmp_path):
     """A CPU job's plan: its memory estimate is host memory per worker (no 'of 80 GiB' device), and the
     GPU time estimate says it is for hardware the job does not run on."""
-    from orchestrator.cli import make_plan
+    from orchestrator.driver import make_plan
 
     plan, _ = make_plan(compose(["experiment=quickstart_pretrain"]), str(tmp_path / "p"), prepare=False)
     text = "\n".join(plan.summary_lines())
@@ -223,12 +223,12 @@ def test_plan_of_a_cpu_job_shows_no_gpu_as_its_own(tmp_path):
 def test_batch_arithmetic_is_refused_before_any_data_work(tmp_path, monkeypatch):
     """The README's BERT-Base command on 4 x 8 GPUs without its micro batch: refused, with the fix, before the
     corpus is tokenised (that can take hours)."""
-    import orchestrator.cli as cli
+    import orchestrator.driver as driver
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("a b c.\n\nd e f.\n")
     touched = []
-    monkeypatch.setattr(cli, "prepare_data", lambda job: touched.append(job) or (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(driver, "prepare_data", lambda job: touched.append(job) or (_ for _ in ()).throw(AssertionError))
     with pytest.raises(ConfigError) as err:
         make_plan(compose(["experiment=bert_base_pretrain", f"data.paths=[{corpus}]", "compute=gpu_4x8"]),
                   str(tmp_path / "p"), prepare=True)

@@ -233,7 +233,7 @@ def _members(overrides: list[str]) -> list[list[str]]:
 
 
 def _plan_job(overrides: list[str], run_dir: Path) -> dict:
-    from orchestrator.cli import train
+    from orchestrator.driver import train
 
     job_overrides = [o for o in overrides if not o.startswith(("hydra.", "hydra/"))]
     cfg = compose(["experiment=quickstart", *job_overrides, "plan_only=true"]

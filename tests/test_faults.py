@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, compose, read_jsonl
-from orchestrator.cli import train
+from orchestrator.driver import train
 
 SMALL = [
     "experiment=quickstart_pretrain", "data.synthetic_documents=600", "task.max_seq_length=64",
@@ -66,7 +66,7 @@ def _fault_env(monkeypatch, spec: str) -> None:
 
 
 def test_elastic_range_keeps_global_batch_or_is_refused():
-    from orchestrator.cli import make_plan
+    from orchestrator.driver import make_plan
     from orchestrator.errors import ConfigError
 
     base = [*SMALL, "launcher=ray", "compute=cpu2", "train.max_steps=10", "launcher.max_failures=3"]

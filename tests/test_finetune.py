@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import compose, read_jsonl
-from orchestrator.cli import make_plan, train
+from orchestrator.driver import make_plan, train
 from orchestrator.errors import ConfigError, DataError
 
 LOCAL = ["launcher=local", "compute=cpu1", "engine=torch", "model=tiny"]

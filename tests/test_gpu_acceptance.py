@@ -138,7 +138,7 @@ def _overrides(spec) -> list[str]:
 @pytest.mark.parametrize("n", [1, 2])
 def test_training_commands_compose_into_the_intended_plans(tmp_path, n):
     """The exact overrides each training step would run, composed and planned here (no data, no GPU needed)."""
-    from orchestrator.cli import make_plan
+    from orchestrator.driver import make_plan
 
     facts = _facts(n, name="NVIDIA L4", mem=22.0, cpus=8)
     specs = [s for s in ga.plan_steps(facts, tmp_path / "out") if s.kind == "train" and not s.skip_reason]

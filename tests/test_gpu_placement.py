@@ -80,7 +80,7 @@ def drive(address: str, run_dir: str, out_dir: str) -> None:
     import ray
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from orchestrator.cli import make_plan
+    from orchestrator.driver import make_plan
     from orchestrator.launch.ray_train import connect, trainer_configs
 
     plan, _ = make_plan(compose([*PLAN_OVERRIDES, f"launcher.address={address}"]), run_dir=run_dir, prepare=False)

@@ -45,7 +45,7 @@ def inputs(tmp_path_factory):
 
 
 def _plan(compute: str, experiment: str, engine: str, inputs, run_dir):
-    from orchestrator.cli import make_plan
+    from orchestrator.driver import make_plan
 
     overrides = [f"experiment={experiment}", f"compute={compute}", *ENGINES[engine],
                  f"data.paths=[{inputs['corpus']}]"]
@@ -119,7 +119,7 @@ def test_every_gpu_preset_combination_plans_or_says_what_to_change(inputs, tmp_p
     assert {("gpu_1x8", e, "zero0") for e in EXPERIMENTS} <= set(planned)
     # every recipe plans on its own compute preset with its own engine, as shipped
     for experiment in EXPERIMENTS:
-        from orchestrator.cli import make_plan
+        from orchestrator.driver import make_plan
 
         extra = ([f"train.init_from={inputs['phase1']['large' if 'large' in experiment else 'base']}"]
                  if experiment.endswith("phase2") else [])

@@ -45,7 +45,7 @@ def test_engine_forward_uses_the_resolved_kernel(tmp_path):
     """TorchEngine.forward runs the model inside the kernel the plan resolved (math under bf16 on CPU)."""
     from conftest import compose
 
-    from orchestrator.cli import make_plan
+    from orchestrator.driver import make_plan
     from orchestrator.worker.engine import build_engine
 
     run_dir = tmp_path / "run"

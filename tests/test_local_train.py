@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SHARED_DATA, compose, read_jsonl
-from orchestrator.cli import train
+from orchestrator.driver import train
 
 LEARN = [
     "launcher=local", "compute=cpu1", "engine=torch", "data.synthetic_documents=1500",
@@ -163,7 +163,7 @@ def test_wandb_offline_run_is_continued_on_resume_and_keep_last_rotates(tmp_path
 
 
 def test_checkpoint_beyond_planned_steps_is_refused_before_launch(learned_run):
-    from orchestrator.cli import make_plan
+    from orchestrator.driver import make_plan
     from orchestrator.errors import ConfigError
 
     run_dir, _ = learned_run

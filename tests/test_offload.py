@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from conftest import compose, read_jsonl
-from orchestrator.cli import train
+from orchestrator.driver import train
 
 RUN = [
     "launcher=ray", "compute=cpu2", "data.synthetic_documents=600", "task.max_seq_length=64",

@@ -314,7 +314,7 @@ def test_job_refuses_a_prepared_dataset_of_another_task(tmp_path):
 def test_ray_pretraining_from_prepared_dataset_sees_each_row_once_and_resumes_mid_epoch(ray_cluster, tmp_path):
     """2 DeepSpeed workers on Ray; the ledger shows every row of the epoch exactly once across a resume that
     runs with the shards it had already consumed removed (so it cannot have read them)."""
-    from orchestrator.cli import train
+    from orchestrator.driver import train
 
     out = _prepared(tmp_path, n_text=500)
     rows, _ = _rows(out)

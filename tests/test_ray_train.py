@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, compose, read_jsonl
-from orchestrator.cli import train
+from orchestrator.driver import train
 
 pytestmark = pytest.mark.slow
 

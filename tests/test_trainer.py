@@ -128,7 +128,7 @@ class RecordingDist(Dist):
 
 
 def _plan(tmp_path: Path, *extra: str):
-    from orchestrator.cli import make_plan
+    from orchestrator.driver import make_plan
 
     cfg = compose(["experiment=quickstart_pretrain", "launcher=local", "compute=cpu1", "engine=torch",
                    "train.max_steps=8", "train.global_batch_size=8", "train.micro_batch_size_per_gpu=4",
@@ -312,7 +312,7 @@ def test_elastic_accumulation_comes_from_the_plan(tmp_path):
 
 
 def test_a_gpu_plan_on_a_worker_without_cuda_is_refused_not_run_on_the_cpu(tmp_path):
-    from orchestrator.cli import make_plan
+    from orchestrator.driver import make_plan
 
     plan = make_plan(compose(["experiment=quickstart_pretrain", "compute=gpu_1x8", "compute.gpus_per_node=1",
                               "launcher=local"]),

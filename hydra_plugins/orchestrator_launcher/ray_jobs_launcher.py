@@ -102,7 +102,7 @@ class RayJobsLauncher(Launcher):
 
     def _prepare_member(self, num: int, overrides: Sequence[str]):
         """Compose the member, resolve its run dir and the resources its Train workers hold."""
-        from orchestrator.cli import make_plan
+        from orchestrator.driver import make_plan
         from orchestrator.errors import OrchestratorError
         from orchestrator.launch import ray_job
         from orchestrator.launch.sweep_summary import MemberResult
@@ -123,10 +123,10 @@ class RayJobsLauncher(Launcher):
             job = to_job_config(sweep_config)
             # a pipeline member runs its stages one after the other, each on the member's compute group
             if getattr(job, "pipeline", None) is not None and job.pipeline.stages:
-                from orchestrator.cli import _refuse_job_overrides_on_pipeline
+                from orchestrator.driver import refuse_job_overrides_on_pipeline
 
                 # what the member's own driver would refuse on the cluster, refused here before submitting
-                _refuse_job_overrides_on_pipeline(member_overrides)
+                refuse_job_overrides_on_pipeline(member_overrides)
                 job.pipeline.stages = []
             plan, _ = make_plan(job, str(run_dir), prepare=False)
             res.need = ray_job.member_resources(plan)

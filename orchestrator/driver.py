@@ -1,0 +1,186 @@
+"""Driver stage: compose -> validate -> prepare data -> plan -> pipeline stages -> launch -> summary.
+
+What `python -m orchestrator` runs after parsing (cli.py), and what tests, the sweep launcher and the benches
+call directly (`train`, `make_plan`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from orchestrator.console import console, print_plan, print_summary
+from orchestrator.errors import ConfigError
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def prepare_data(job) -> Any:
+    """Driver-side data preparation: the tokenizer and the token arrays / features every worker loads."""
+    from orchestrator.data.pretraining import prepare_pretraining_data
+    from orchestrator.plan.job_plan import FINETUNE_TASKS, DatasetStats
+
+    if job.task.name in FINETUNE_TASKS:
+        return _prepare_finetune(job)
+    prepared = prepare_pretraining_data(job)
+    return DatasetStats.of(prepared), prepared
+
+
+def _prepare_finetune(job):
+    import json
+
+    from orchestrator.data.finetune_prep import prepare_finetune_data
+    from orchestrator.plan.job_plan import DatasetStats
+
+    prepared = prepare_finetune_data(job, job.run_dir)
+    if prepared.model_config_dir:  # the encoder's shape is the checkpoint's, whatever model= says
+        src = json.loads((Path(prepared.model_config_dir) / "config.json").read_text())
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                    "max_position_embeddings", "type_vocab_size"):
+            setattr(job.model, key, src[key])
+        job.model.name = f"from {prepared.model_config_dir}"
+    return DatasetStats.of(prepared), None
+
+
+def make_plan(cfg, run_dir: Optional[str] = None, prepare: bool = True):
+    """Config (DictConfig or JobConfig) -> validated JobPlan. Raises OrchestratorError naming the key or file."""
+    from orchestrator.config.schema import JobConfig, to_job_config
+    from orchestrator.data.corpus import corpus_spec
+    from orchestrator.data.tokenizer import load_tokenizer_dir
+    from orchestrator.plan.job_plan import build_plan, check_run_dir, plan_batch, validate_config
+
+    job = cfg if isinstance(cfg, JobConfig) else to_job_config(cfg)
+    if run_dir and not job.run_dir:
+        job.run_dir = run_dir
+    validate_config(job)
+    check_run_dir(job.run_dir or "")
+    plan_batch(job)  # batch arithmetic refused before any data work (tokenising a corpus can take hours)
+    stats = None
+    prepared = None
+    if prepare or job.train.epochs is not None:  # an epoch count needs the dataset's size
+        stats, prepared = prepare_data(job)
+    else:
+        corpus_spec(job.data)  # missing or empty files are refused even when only planning
+        if job.tokenizer.source == "dir":
+            load_tokenizer_dir(job.tokenizer.path)
+    if stats is not None and job.task.max_seq_length > job.model.max_position_embeddings:
+        raise ConfigError("task.max_seq_length", f"{job.task.max_seq_length} exceeds the checkpoint's"
+                          f" max_position_embeddings {job.model.max_position_embeddings}")
+    plan = build_plan(job, stats)
+    _check_resume_point(plan)
+    return plan, prepared
+
+
+def _check_resume_point(plan) -> None:
+    """A run dir whose newest checkpoint lies beyond the planned steps cannot be resumed into this plan."""
+    from orchestrator.worker.checkpoint import find_latest
+
+    latest = find_latest(plan.run_dir, warn=lambda m: None)
+    if latest is not None and latest.step > plan.total_steps:
+        raise ConfigError(
+            "train.max_steps",
+            f"run dir '{plan.run_dir}' holds a checkpoint at step {latest.step}, beyond the {plan.total_steps}"
+            " steps planned: give more steps or a new run dir",
+        )
+
+
+def compose_config(overrides: list[str]):
+    """Compose conf/config.yaml with overrides, inside a running Hydra app or outside one."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="config", overrides=overrides)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+# Overrides of the pipeline command that reach every stage: placement and speed, never the math.
+PASS_THROUGH = ("launcher", "compute", "engine", "logger", "data.cache_dir", "data.loader_workers")
+
+
+def run_pipeline(job, run_dir: str, passed: list[str], interactive: bool) -> dict[str, Any]:
+    """Run the stages one after the other, each in <run_dir>/<stage>; compare the named stages at the end."""
+    from rich.table import Table
+
+    from orchestrator.io import write_json_atomic
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    keep = [o for o in passed if o.lstrip("+~").split("=")[0].split(".")[0] in PASS_THROUGH
+            or o.lstrip("+~").split("=")[0] in PASS_THROUGH]
+    stages: dict[str, Any] = {}
+    for st in job.pipeline.stages:
+        overrides = [o.replace("{pipeline_dir}", str(Path(run_dir).resolve())) for o in st.overrides] + keep
+        console().rule(f"[bold]pipeline stage {st.name}: {' '.join(overrides)}")
+        if job.plan_only:
+            if any("{pipeline_dir}" in o for o in st.overrides):
+                console().print(f"  (stage {st.name} builds on earlier stages: planned when they have run)")
+                continue
+            train(compose_config([*overrides, "plan_only=true"]), run_dir=str(Path(run_dir) / st.name))
+            continue
+        result = train(compose_config(overrides), run_dir=str(Path(run_dir) / st.name), interactive=interactive)
+        stages[st.name] = {k: result.get(k) for k in ("status", "final_eval", "main_metric", "best_metric", "run_dir")}
+        stages[st.name]["overrides"] = overrides
+    if job.plan_only:
+        return {"status": "planned", "pipeline": True, "run_dir": run_dir}
+    summary: dict[str, Any] = {"status": "completed", "pipeline": True, "stages": stages, "run_dir": run_dir}
+    if job.pipeline.compare:
+        table = Table(title="pipeline comparison")
+        table.add_column("stage")
+        metrics = sorted({k for n in job.pipeline.compare for k in (stages[n]["final_eval"] or {})})
+        for m in metrics:
+            table.add_column(m, justify="right")
+        for n in job.pipeline.compare:
+            ev = stages[n]["final_eval"] or {}
+            table.add_row(n, *[f"{ev[m]:.4f}" if isinstance(ev.get(m), float) else str(ev.get(m, "")) for m in metrics])
+        console().print(table)
+        summary["compare"] = {n: stages[n]["final_eval"] for n in job.pipeline.compare}
+    write_json_atomic(Path(run_dir) / "summary.json", summary)
+    return summary
+
+
+def refuse_job_overrides_on_pipeline(passed: list[str]) -> None:
+    """A pipeline's stages compose their own jobs: a job-level override on its command line would be lost."""
+    ignorable = PASS_THROUGH + ("experiment", "run_name", "runs_root", "plan_only", "hydra")
+    for o in passed:
+        key = o.lstrip("+~").split("=")[0]
+        if key.split(".")[0] not in ignorable and key not in ignorable:
+            raise ConfigError(
+                key,
+                "the experiment is a pipeline of jobs (the default, experiment=quickstart, pretrains then"
+                " fine-tunes); to run one job choose its experiment, e.g. experiment=none (plain defaults) or experiment=quickstart_pretrain " + o,
+            )
+
+
+def train(cfg, run_dir: Optional[str] = None, interactive: bool = True, passed: Optional[list[str]] = None) -> dict[str, Any]:
+    """Compose-free entry (tests call this): plan, write plan.json, launch, write summary on failure too."""
+    from orchestrator.config.schema import JobConfig, to_job_config
+    from orchestrator.io import write_json_atomic
+
+    job = cfg if isinstance(cfg, JobConfig) else to_job_config(cfg)
+    if job.pipeline.stages:
+        refuse_job_overrides_on_pipeline(passed or [])
+        return run_pipeline(job, job.run_dir or run_dir or "runs/pipeline", passed or [], interactive)
+    plan, prepared = make_plan(job, run_dir, prepare=not job.plan_only)
+    print_plan(plan, prepared)
+    plan.write(plan.run_dir)
+    if plan.job.plan_only:
+        return {"status": "planned", "plan": plan.to_dict()}
+    try:
+        if plan.job.launcher.name == "local":
+            from orchestrator.launch.local import launch_local
+
+            summary = launch_local(plan, interactive=interactive)
+        else:
+            from orchestrator.launch.ray_train import launch_ray
+
+            summary = launch_ray(plan)
+    except BaseException as exc:
+        write_json_atomic(
+            Path(plan.run_dir) / "summary.json",
+            {"status": "failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted",
+             "error": f"{type(exc).__name__}: {exc}".splitlines()[0], "run_dir": plan.run_dir},
+        )
+        raise
+    print_summary(summary)
+    return summary
