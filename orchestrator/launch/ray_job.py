@@ -75,8 +75,9 @@ def ensure_token_auth_env() -> str:
     """Turn on token auth for this process's Ray clients when a token is at hand and the mode is unset.
 
     Ray 2.60 heads started with a token (`ray get-auth-token --generate`, or RAY_AUTH_MODE=token) demand
-    it, but clients only send it with RAY_AUTH_MODE=token. Sending it to a cluster without auth is
-    harmless, so: token found -> send it. Returns the mode in effect ("token" / "disabled" / "unset").
+    it, but clients only send it with RAY_AUTH_MODE=token. Sending it to a dashboard without auth (the Jobs and
+    State HTTP APIs) is harmless, so: token found -> send it. Returns the mode in effect ("token" / "disabled" /
+    "unset").
     """
     mode = os.environ.get("RAY_AUTH_MODE")
     if mode is None and local_token_available():
@@ -87,7 +88,9 @@ def ensure_token_auth_env() -> str:
 
 def sync_ray_auth() -> None:
     """Ray caches the auth mode and the token per process: make them follow this process's environment
-    (what `ray get-auth-token --generate` does for itself), so a second cluster with other settings works."""
+    (what `ray get-auth-token --generate` does for itself). HTTP clients then follow a change; a process that
+    is itself connected to a Ray cluster (ray.init) must keep that cluster's setting, or its own core-worker
+    calls are refused (InvalidAuthToken): the tests therefore use one token for the whole session."""
     if "ray._raylet" not in sys.modules:
         return  # nothing cached yet: Ray reads the environment when first used
     from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, Config, get_authentication_mode
