@@ -226,7 +226,7 @@ def tokens_seen_by_ours(data_dir: str, n_rows: int, global_batch: int, seed: int
     import numpy as np
 
     from orchestrator.data.order import StepOrder
-    from orchestrator.data.pretraining import sample_lengths
+    from orchestrator.data.rows import sample_lengths
 
     d = Path(data_dir) / "train"
     samples = np.load(d / "samples.npy")

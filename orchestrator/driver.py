@@ -18,7 +18,8 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def prepare_data(job) -> Any:
     """Driver-side data preparation: the tokenizer and the token arrays / features every worker loads."""
     from orchestrator.data.pretraining import prepare_pretraining_data
-    from orchestrator.plan.job_plan import FINETUNE_TASKS, DatasetStats
+    from orchestrator.config.schema import FINETUNE_TASKS
+    from orchestrator.plan.job_plan import DatasetStats
 
     if job.task.name in FINETUNE_TASKS:
         return _prepare_finetune(job)
@@ -44,15 +45,15 @@ def _prepare_finetune(job):
 
 def make_plan(cfg, run_dir: Optional[str] = None, prepare: bool = True):
     """Config (DictConfig or JobConfig) -> validated JobPlan. Raises OrchestratorError naming the key or file."""
-    from orchestrator.config.schema import JobConfig, to_job_config
+    from orchestrator.config.schema import JobConfig, check_job, to_job_config
     from orchestrator.data.corpus import corpus_spec
     from orchestrator.data.tokenizer import load_tokenizer_dir
-    from orchestrator.plan.job_plan import build_plan, check_run_dir, plan_batch, validate_config
+    from orchestrator.plan.job_plan import build_plan, check_run_dir, plan_batch
 
     job = cfg if isinstance(cfg, JobConfig) else to_job_config(cfg)
     if run_dir and not job.run_dir:
         job.run_dir = run_dir
-    validate_config(job)
+    check_job(job)
     check_run_dir(job.run_dir or "")
     plan_batch(job)  # batch arithmetic refused before any data work (tokenising a corpus can take hours)
     stats = None

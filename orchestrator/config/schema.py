@@ -1,60 +1,152 @@
-"""Config stage: one dataclass per conf/ group; composing YAML onto these refuses unknown keys and wrong types."""
+"""Config stage: one dataclass per conf/ group; composing YAML onto these refuses unknown keys and wrong types.
+
+Every field's own constraint (choices, range) is declared beside it with `rule(...)`; what involves several
+fields is the group's `check(job)`. `check_job` walks both, and refuses NaN and infinity in any float, so the
+plan never sees a value no field admits. Each refusal names the dotted key.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, List, Optional
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Callable, List, Optional, Union
+
+from orchestrator.errors import ConfigError
+
+TASKS = ("pretrain", "classify", "ner", "qa")
+FINETUNE_TASKS = ("classify", "ner", "qa")
+SYNTHETIC_TASKS = {"consistency": "classify", "sentiment": "classify", "pair": "classify", "ner": "ner",
+                   "squad": "qa", "squad_v2": "qa"}
+MASKING_UNITS = ("token", "whole_word", "span")
+LAUNCHERS = ("local", "ray")
+LOGGERS = ("none", "wandb")
+OPTIMIZERS = ("adamw", "lamb")
+SCHEDULES = ("linear", "cosine", "constant")
+ENGINES = ("deepspeed", "torch")
+ATTENTION_KERNELS = ("auto", "default", "flash", "efficient", "math", "cudnn")
+PLACEMENTS = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
+
+Choices = Union[tuple, Callable[[], tuple]]
+
+
+def rule(default: Any, *, choices: Optional[Choices] = None, ge: Optional[float] = None, gt: Optional[float] = None,
+         le: Optional[float] = None, lt: Optional[float] = None, why: str = "") -> Any:
+    """A field's default and what values it admits (null always passes: it means "derive" or "off")."""
+    return field(default=default, metadata={"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "why": why})
+
+
+def _network_profiles() -> tuple:
+    from orchestrator.cluster.network import NETWORK_PROFILES
+
+    return NETWORK_PROFILES
+
+
+def _check_value(key: str, value: Any, meta: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, f"must be a finite number, got {value}")
+    choices = meta.get("choices")
+    if choices is not None:
+        options = choices() if callable(choices) else choices
+        if value not in options:
+            raise ConfigError(key, f"{value!r} is not one of {', '.join(map(str, options))}")
+    lo = ("[", meta["ge"]) if meta.get("ge") is not None else ("(", meta["gt"]) if meta.get("gt") is not None else None
+    hi = ("]", meta["le"]) if meta.get("le") is not None else (")", meta["lt"]) if meta.get("lt") is not None else None
+    ok = ((lo is None or (value >= lo[1] if lo[0] == "[" else value > lo[1]))
+          and (hi is None or (value <= hi[1] if hi[0] == "]" else value < hi[1])))
+    if not ok:
+        if lo and hi:
+            want = f"must lie in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
+        else:
+            want = f"must be {'>=' if lo[0] == '[' else '>'} {lo[1]:g}" if lo else f"must be {'<=' if hi[0] == ']' else '<'} {hi[1]:g}"
+        raise ConfigError(key, f"{want}, got {value}" + (f" ({meta['why']})" if meta.get("why") else ""))
+
+
+def _walk(obj: Any, prefix: str = ""):
+    """Yield ("value", key, value, metadata) for every leaf of a config dataclass (nested groups and stage lists
+    included) and ("group", obj) for every group, itself last."""
+    for f in fields(obj):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if is_dataclass(value):
+            yield from _walk(value, key + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if is_dataclass(item):
+                    yield from _walk(item, f"{key}[{i}].")
+                else:
+                    yield "value", f"{key}[{i}]", item, {}
+        else:
+            yield "value", key, value, f.metadata
+    yield "group", obj
+
+
+def check_job(job: "JobConfig") -> None:
+    """Every field's rule first (so no group check sees a value its field refuses), then every group's
+    cross-field `check(job)`. Raises ConfigError naming the key."""
+    groups = []
+    for kind, *rest in _walk(job):
+        if kind == "group":
+            groups.append(rest[0])
+        elif rest[1] is not None:
+            _check_value(*rest)
+    for g in groups:
+        if hasattr(g, "check"):
+            g.check(job)
 
 
 @dataclass
 class ModelConfig:
     name: str = "tiny"
     """Preset name (tiny, mini, small, base, large); informational, the sizes below rule."""
-    hidden_size: int = 128
+    hidden_size: int = rule(128, ge=1)
     """Width of every transformer layer."""
-    num_hidden_layers: int = 2
+    num_hidden_layers: int = rule(2, ge=1)
     """Number of transformer layers."""
-    num_attention_heads: int = 2
+    num_attention_heads: int = rule(2, ge=1)
     """Attention heads per layer; must divide hidden_size."""
-    intermediate_size: int = 512
+    intermediate_size: int = rule(512, ge=1)
     """Width of the feed-forward block (4x hidden in the published BERT sizes)."""
-    max_position_embeddings: int = 512
+    max_position_embeddings: int = rule(512, ge=1)
     """Learned absolute positions; the longest sequence the model accepts."""
-    type_vocab_size: int = 2
+    type_vocab_size: int = rule(2, ge=1)
     """Segment (token type) embeddings: 2 for sentence A/B."""
-    hidden_dropout_prob: float = 0.1
+    hidden_dropout_prob: float = rule(0.1, ge=0.0, lt=1.0)
     """Dropout on hidden states (0 in the pretraining presets, as cramming measured)."""
-    attention_probs_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = rule(0.1, ge=0.0, lt=1.0)
     """Dropout on attention probabilities."""
     hidden_act: str = "gelu"
     """Activation of the feed-forward block."""
-    layer_norm_eps: float = 1e-12
+    layer_norm_eps: float = rule(1e-12, gt=0.0)
     """LayerNorm epsilon, as in the original BERT."""
-    initializer_range: float = 0.02
+    initializer_range: float = rule(0.02, gt=0.0)
     """Std of the truncated normal used to initialise weights."""
+
+    def check(self, job: "JobConfig") -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError("model.num_attention_heads",
+                              f"{self.num_attention_heads} does not divide hidden_size {self.hidden_size}")
 
 
 @dataclass
 class TaskConfig:
-    name: str = "pretrain"
+    name: str = rule("pretrain", choices=TASKS)
     """Task: pretrain (MLM, optional NSP) | classify | ner | qa."""
-    max_seq_length: int = 128
+    max_seq_length: int = rule(128, ge=8, why="too short for [CLS] A [SEP] B [SEP] samples")
     """Tokens per sample including [CLS]/[SEP]; at most model.max_position_embeddings."""
-    mlm_probability: float = 0.15
+    mlm_probability: float = rule(0.15, gt=0.0, lt=1.0)
     """Fraction of tokens selected for prediction."""
-    mask_replace_prob: float = 0.8
+    mask_replace_prob: float = rule(0.8, ge=0.0, le=1.0)
     """Of the selected tokens, fraction replaced by [MASK]."""
-    random_replace_prob: float = 0.1
+    random_replace_prob: float = rule(0.1, ge=0.0, le=1.0)
     """Of the selected tokens, fraction replaced by a random token (the rest stay unchanged)."""
-    masking: str = "token"
+    masking: str = rule("token", choices=MASKING_UNITS)
     """Masking unit: token | whole_word | span (SpanBERT geometric spans of whole words)."""
-    span_geometric_p: float = 0.2
+    span_geometric_p: float = rule(0.2, gt=0.0, le=1.0)
     """Span masking: parameter of the geometric span-length distribution (SpanBERT: 0.2)."""
-    span_max_length: int = 10
+    span_max_length: int = rule(10, ge=1)
     """Span masking: longest span in words (SpanBERT: 10)."""
     nsp: bool = False
     """Next-sentence prediction; off = RoBERTa-style full-sentence samples."""
-    short_seq_prob: float = 0.1
+    short_seq_prob: float = rule(0.1, ge=0.0, lt=1.0)
     """Probability of a shorter target length when building samples (BERT's create_pretraining_data)."""
     packing: bool = True
     """Pack several short samples into one row, with position/segment resets and block-diagonal attention."""
@@ -63,11 +155,11 @@ class TaskConfig:
     """Fine-tuning: labelled training file (tsv/csv/jsonl, CoNLL, SQuAD JSON)."""
     eval_file: Optional[str] = None
     """Fine-tuning: labelled evaluation file, same format."""
-    synthetic: Optional[str] = None
+    synthetic: Optional[str] = rule(None, choices=tuple(SYNTHETIC_TASKS))
     """Fine-tuning on generated data instead of files: consistency | sentiment | pair | ner | squad | squad_v2."""
-    synthetic_train: int = 400
+    synthetic_train: int = rule(400, ge=1)
     """Generated training examples (paragraphs for squad)."""
-    synthetic_eval: int = 400
+    synthetic_eval: int = rule(400, ge=1)
     """Generated evaluation examples."""
     text_column: str = "sentence"
     """Classification: column (or jsonl field) of the first text."""
@@ -75,19 +167,19 @@ class TaskConfig:
     """Classification: column of the second text of a pair (null = single sentences)."""
     label_column: str = "label"
     """Classification: column of the label (strings or integers)."""
-    file_format: Optional[str] = None
+    file_format: Optional[str] = rule(None, choices=("tsv", "csv", "jsonl"))
     """Classification: tsv | csv | jsonl (null = from the file suffix)."""
     token_column: int = 0
     """NER: column of the token in CoNLL lines."""
     tag_column: int = -1
     """NER: column of the BIO/IOB2 tag."""
-    doc_stride: int = 128
+    doc_stride: int = rule(128, ge=0)
     """QA: tokens shared by consecutive windows of a long context."""
-    max_query_length: int = 64
+    max_query_length: int = rule(64, ge=1)
     """QA: question tokens kept."""
-    n_best_size: int = 20
+    n_best_size: int = rule(20, ge=1)
     """QA: start/end candidates considered per window."""
-    max_answer_length: int = 30
+    max_answer_length: int = rule(30, ge=1)
     """QA: longest answer in tokens."""
     version_2: bool = False
     """QA: SQuAD v2.0 (questions may have no answer)."""
@@ -96,82 +188,112 @@ class TaskConfig:
     main_metric: Optional[str] = None
     """Metric that picks the best checkpoint (null: accuracy / f1 / f1 for classify / ner / qa)."""
 
+    def check(self, job: "JobConfig") -> None:
+        if self.max_seq_length > job.model.max_position_embeddings:
+            raise ConfigError("task.max_seq_length", f"{self.max_seq_length} exceeds model.max_position_embeddings"
+                                                     f" {job.model.max_position_embeddings}")
+        if self.mask_replace_prob + self.random_replace_prob > 1.0 + 1e-9:
+            raise ConfigError("task.random_replace_prob", "mask_replace_prob + random_replace_prob exceeds 1")
+        if self.name not in FINETUNE_TASKS:
+            return
+        if self.synthetic is not None and SYNTHETIC_TASKS[self.synthetic] != self.name:
+            raise ConfigError("task.synthetic",
+                              f"'{self.synthetic}' data is for task={SYNTHETIC_TASKS[self.synthetic]}, not {self.name}")
+        for key in ("train_file", "eval_file") if self.synthetic is None else ():
+            if not getattr(self, key):
+                raise ConfigError(f"task.{key}", f"task={self.name} needs a {key.replace('_', ' ')} (or task.synthetic)")
+        if self.name == "qa" and not self.doc_stride < self.max_seq_length - self.max_query_length - 3:
+            raise ConfigError("task.doc_stride",
+                              f"must lie in [0, max_seq_length - max_query_length - 3), got {self.doc_stride}")
+
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"
+    source: str = rule("synthetic", choices=("synthetic", "text", "prepared"))
     """synthetic (embedded grammar corpus) | text (raw files: documents separated by blank lines)."""
     paths: List[str] = field(default_factory=list)
     """For source=text: files, globs or directories of .txt files."""
-    synthetic_documents: int = 3000
+    synthetic_documents: int = rule(3000, ge=0)
     """For source=synthetic: number of generated documents."""
     synthetic_seed: int = 1234
     """For source=synthetic: seed of the grammar sampler (the corpus is a pure function of it)."""
-    eval_fraction: float = 0.05
+    eval_fraction: float = rule(0.05, ge=0.0, lt=1.0)
     """Fraction of documents held out for evaluation (chosen by a hash of the document)."""
-    eval_max_samples: int = 512
+    eval_max_samples: int = rule(512, ge=1)
     """Cap on held-out samples evaluated each time (keeps evaluation cheap)."""
     cache_dir: str = "~/.cache/bert-orchestrator"
     """Where trained vocabularies and tokenised corpora are cached (shared storage on multi-node clusters)."""
-    num_proc: int = 2
+    num_proc: int = rule(2, ge=1)
     """Threads used to tokenise the corpus (the tokenizers library parallelises in Rust)."""
-    loader_workers: int = 0
+    loader_workers: int = rule(0, ge=0)
     """DataLoader worker processes per training worker that prefetch batches (0 = in the training process)."""
     prepared_dir: Optional[str] = None
     """For source=prepared: a dataset written by `python -m orchestrator.prepare` (manifest.json + Arrow shards)."""
 
+    def check(self, job: "JobConfig") -> None:
+        if self.source == "text" and not self.paths and job.task.name == "pretrain":
+            raise ConfigError("data.paths", "data.source=text needs at least one file, glob or directory")
+        if self.source == "synthetic" and self.synthetic_documents < 10:
+            raise ConfigError("data.synthetic_documents", f"need at least 10 documents, got {self.synthetic_documents}")
+
 
 @dataclass
 class TokenizerConfig:
-    source: str = "train"
+    source: str = rule("train", choices=("train", "dir"))
     """train (a WordPiece vocabulary on the training corpus, cached) | dir (load from path)."""
     path: Optional[str] = None
     """For source=dir: a directory holding vocab.txt or tokenizer.json."""
-    vocab_size: int = 4096
+    vocab_size: int = rule(4096, ge=0)
     """Vocabulary size to train."""
-    min_frequency: int = 2
+    min_frequency: int = rule(2, ge=1)
     """Minimum pair frequency for a WordPiece merge."""
     lowercase: bool = True
     """Lowercase and strip accents (uncased BERT)."""
 
+    def check(self, job: "JobConfig") -> None:
+        if self.source == "dir" and not self.path:
+            raise ConfigError("tokenizer.path", "tokenizer.source=dir needs a directory")
+        if self.source == "train" and self.vocab_size < 64:
+            raise ConfigError("tokenizer.vocab_size", f"must be >= 64, got {self.vocab_size}")
+
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: str = rule("adamw", choices=OPTIMIZERS)
     """adamw | lamb."""
-    lr: float = 1e-3
+    lr: float = rule(1e-3, gt=0.0)
     """Peak learning rate (after warmup)."""
-    weight_decay: float = 0.01
+    weight_decay: float = rule(0.01, ge=0.0)
     """Decoupled weight decay; not applied to biases and LayerNorm."""
-    beta1: float = 0.9
+    beta1: float = rule(0.9, ge=0.0, lt=1.0)
     """First-moment decay."""
-    beta2: float = 0.999
+    beta2: float = rule(0.999, ge=0.0, lt=1.0)
     """Second-moment decay."""
-    eps: float = 1e-6
+    eps: float = rule(1e-6, gt=0.0)
     """Denominator epsilon."""
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = "linear"
+    name: str = rule("linear", choices=SCHEDULES)
     """Decay after warmup: linear | cosine | constant."""
-    warmup_steps: Optional[int] = None
+    warmup_steps: Optional[int] = rule(None, ge=0)
     """Warmup in optimizer steps; if null, warmup_ratio of total steps."""
-    warmup_ratio: float = 0.06
+    warmup_ratio: float = rule(0.06, ge=0.0, lt=1.0)
     """Warmup as a fraction of total steps when warmup_steps is null."""
 
 
 @dataclass
 class EngineConfig:
-    backend: str = "deepspeed"
+    backend: str = rule("deepspeed", choices=ENGINES)
     """deepspeed | torch (plain PyTorch, world size 1 only: the debugger-friendly path)."""
-    zero_stage: int = 2
+    zero_stage: int = rule(2, choices=(0, 1, 2, 3))
     """DeepSpeed ZeRO stage 0-3."""
     bf16: Optional[bool] = False
     """bf16 mixed precision; null = use it where the worker's hardware runs bf16 fast (detected), else fp32."""
     fp16: bool = False
     """fp16 mixed precision with dynamic loss scaling."""
-    gradient_clipping: float = 1.0
+    gradient_clipping: float = rule(1.0, ge=0.0)
     """Clip the global gradient norm to this value (0 disables)."""
     activation_checkpointing: bool = False
     """Recompute layer activations in backward to save memory."""
@@ -181,63 +303,134 @@ class EngineConfig:
     """ZeRO-3: keep parameters in CPU memory."""
     compile: bool = False
     """torch.compile the model."""
-    attention: str = "auto"
+    attention: str = rule("auto", choices=ATTENTION_KERNELS)
     """SDPA kernel: auto (math on CPU under bf16, where PyTorch's CPU flash backward is ~2x slower at BERT
     lengths; PyTorch's own choice elsewhere) | flash | efficient | math | cudnn | default (no preference)."""
+
+    def check(self, job: "JobConfig") -> None:
+        on_gpu = job.compute.use_gpu
+        if self.attention in ("efficient", "cudnn") and not on_gpu:
+            raise ConfigError("engine.attention",
+                              f"the {self.attention} SDPA kernel exists only on GPUs; use auto, flash or math on CPU")
+        if self.bf16 and self.fp16:
+            raise ConfigError("engine.fp16", "bf16 and fp16 are both on; choose one")
+        if self.fp16 and not on_gpu:
+            raise ConfigError("engine.fp16", "fp16 needs GPUs (CPU kernels lack fp16); use engine.bf16=true on CPU")
+        if self.offload_param and self.zero_stage != 3:
+            raise ConfigError("engine.offload_param", "parameter offload needs ZeRO stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("engine.offload_optimizer", "optimizer offload needs ZeRO stage 1-3")
+        if job.optim.name == "lamb" and self.backend == "deepspeed" and (self.offload_optimizer or self.offload_param):
+            # ZeRO-Offload steps on the host with DeepSpeedCPUAdam (DeepSpeed refuses other client optimizers there)
+            raise ConfigError("engine.offload_optimizer" if self.offload_optimizer else "engine.offload_param",
+                              "ZeRO-Offload steps with DeepSpeedCPUAdam, which has no LAMB: use optim=adamw")
+        if job.optim.name == "lamb" and self.backend == "deepspeed" and self.zero_stage > 0:
+            # ZeRO flattens and partitions parameters, so a per-tensor trust ratio would be computed on slices.
+            raise ConfigError("optim.name", "LAMB's per-layer trust ratio needs whole tensors: use engine=zero0 with lamb")
+        if self.backend == "torch" and job.compute.world_size() != 1:
+            raise ConfigError("engine.backend",
+                              f"engine=torch is single-process; world size is {job.compute.world_size()} (use DeepSpeed)")
 
 
 @dataclass
 class ComputeConfig:
-    num_nodes: int = 1
+    num_nodes: int = rule(1, ge=1)
     """Nodes the job spans."""
-    gpus_per_node: int = 0
+    gpus_per_node: int = rule(0, ge=0)
     """GPUs each node has (0 on CPU-only machines)."""
-    workers_per_node: Optional[int] = None
+    workers_per_node: Optional[int] = rule(None, ge=1, why="the job would have zero workers")
     """Workers per node: one per GPU (null = gpus_per_node); CPU workers when use_gpu=false."""
-    cpus_per_worker: int = 1
+    cpus_per_worker: int = rule(1, ge=1)
     """CPU cores reserved for each worker (its torch threads)."""
     use_gpu: bool = False
     """Run workers on GPUs (NCCL) rather than CPUs (gloo)."""
-    placement_strategy: str = "PACK"
+    placement_strategy: str = rule("PACK", choices=PLACEMENTS)
     """Ray placement: PACK (keep a node's workers together) | STRICT_PACK | SPREAD | STRICT_SPREAD."""
-    max_gpus_per_node: int = 8
+    max_gpus_per_node: int = rule(8, ge=1)
     """GPUs the cluster's largest node type has; the plan refuses shapes it cannot hold."""
-    network: str = "tcp"
+    network: str = rule("tcp", choices=_network_profiles)
     """NCCL network profile applied to every worker: nvlink_single_node | infiniband | efa | tcp."""
     network_debug: bool = False
     """NCCL_DEBUG=INFO on every worker (see which transport NCCL picked)."""
     gpu_type: str = "A100"
     """GPU model for the time/cost estimate (A100, H100, H200, A10G, L4, V100, ...)."""
-    gpu_memory_gib: float = 80.0
+    gpu_memory_gib: float = rule(80.0, gt=0.0)
     """Memory of one GPU; the plan refuses a job whose per-GPU estimate exceeds it."""
-    mfu: float = 0.4
+    mfu: float = rule(0.4, gt=0.0, le=1.0)
     """Assumed model FLOPs utilisation for the time estimate (0.4: typical of tuned BERT pretraining)."""
-    price_per_gpu_hour: Optional[float] = None
+    price_per_gpu_hour: Optional[float] = rule(None, ge=0.0)
     """Price of one GPU-hour, for the cost estimate."""
-    min_workers: Optional[int] = None
+    min_workers: Optional[int] = rule(None, ge=1)
     """Elastic (launcher=ray): fewest data-parallel workers the job runs on (null with max_workers = fixed size)."""
-    max_workers: Optional[int] = None
+    max_workers: Optional[int] = rule(None, ge=1)
     """Elastic (launcher=ray): most workers; Ray Train ScalingConfig(num_workers=(min, max)). The global batch is
     kept: grad accumulation = global / (micro x current workers), so every size in [min, max] must divide it."""
-    elastic_resize_interval_s: float = 60.0
+    elastic_resize_interval_s: float = rule(60.0, gt=0.0)
     """Elastic: how often Ray Train considers growing the worker group (each resize restarts from a checkpoint)."""
+
+    def resolved_workers_per_node(self) -> int:
+        if self.workers_per_node is not None:
+            return self.workers_per_node
+        return self.gpus_per_node if self.use_gpu else 1
+
+    def world_size(self) -> int:
+        """Data-parallel workers of the job (the largest size of an elastic range)."""
+        if self.max_workers is not None and self.min_workers is not None:
+            return self.max_workers
+        return self.num_nodes * self.resolved_workers_per_node()
+
+    def check(self, job: "JobConfig") -> None:
+        per_node = self.resolved_workers_per_node()
+        if self.use_gpu and self.gpus_per_node < 1:
+            raise ConfigError("compute.gpus_per_node", "use_gpu=true needs gpus_per_node >= 1")
+        if self.use_gpu and per_node > self.gpus_per_node:
+            raise ConfigError("compute.workers_per_node",
+                              f"{per_node} workers per node but only {self.gpus_per_node} GPUs: one worker per GPU")
+        if self.use_gpu and self.gpus_per_node > self.max_gpus_per_node:
+            raise ConfigError("compute.gpus_per_node", f"{self.gpus_per_node} GPUs per node, but the largest node type"
+                                                       f" has {self.max_gpus_per_node} (compute.max_gpus_per_node)")
+        if self.placement_strategy == "STRICT_PACK" and self.num_nodes > 1:
+            raise ConfigError("compute.placement_strategy", "STRICT_PACK puts every worker on one node; num_nodes > 1")
+        if job.launcher.name == "local" and self.num_nodes * per_node != 1:
+            raise ConfigError("launcher.name", f"launcher=local runs one process; compute asks for"
+                                               f" {self.num_nodes * per_node} workers (use compute=cpu1)")
+        if (self.min_workers is None) != (self.max_workers is None):
+            raise ConfigError("compute.max_workers", "set both compute.min_workers and compute.max_workers (or neither)")
+        if self.min_workers is not None:
+            self._check_elastic(job)
+
+    def _check_elastic(self, job: "JobConfig") -> None:
+        tr = job.train
+        if self.max_workers < self.min_workers:
+            raise ConfigError("compute.max_workers", f"{self.max_workers} is below compute.min_workers {self.min_workers}")
+        if job.launcher.name != "ray":
+            raise ConfigError("compute.min_workers", "an elastic worker range needs launcher=ray")
+        if job.engine.backend != "deepspeed":
+            raise ConfigError("engine.backend", "an elastic worker range needs the DeepSpeed engine")
+        if job.launcher.max_failures == 0:
+            raise ConfigError("launcher.max_failures", "elastic training restarts the worker group on every resize"
+                                                       " (a shrink counts as a failure): set launcher.max_failures > 0 or -1")
+        if tr.grad_accum_steps is not None:
+            raise ConfigError("train.grad_accum_steps", "elastic: accumulation follows the world size; set it to null")
+        if tr.micro_batch_size_per_gpu is None or tr.global_batch_size is None:
+            raise ConfigError("train.micro_batch_size_per_gpu", "elastic: give micro_batch_size_per_gpu and global_batch_size")
 
 
 @dataclass
 class LauncherConfig:
-    name: str = "ray"
+    name: str = rule("ray", choices=LAUNCHERS)
     """local (one process, no Ray) | ray (Ray Train TorchTrainer)."""
     address: Optional[str] = None
     """Ray cluster to join; null = RAY_ADDRESS if set, else start a local Ray instance."""
-    max_failures: int = 2
+    max_failures: int = rule(2, ge=-1)
     """Worker-group restarts Ray Train may make after a failure (-1 = unlimited)."""
-    num_cpus: Optional[int] = None
+    num_cpus: Optional[int] = rule(None, ge=1)
     """CPUs of a locally started Ray instance (null = all)."""
 
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"
+    name: str = rule("none", choices=LOGGERS)
     """none | wandb."""
     project: str = "bert-orchestrator"
     """W&B project."""
@@ -245,7 +438,7 @@ class LoggerConfig:
     """W&B entity (team or user)."""
     group: Optional[str] = None
     """W&B group (sweeps put their members in one)."""
-    mode: Optional[str] = None
+    mode: Optional[str] = rule(None, choices=("online", "offline", "disabled"))
     """W&B mode online | offline | disabled; null = WANDB_MODE or online."""
     tags: List[str] = field(default_factory=list)
     """W&B tags."""
@@ -253,25 +446,25 @@ class LoggerConfig:
 
 @dataclass
 class TrainConfig:
-    micro_batch_size_per_gpu: Optional[int] = 16
+    micro_batch_size_per_gpu: Optional[int] = rule(16, ge=1)
     """Samples per worker per forward pass."""
-    grad_accum_steps: Optional[int] = None
+    grad_accum_steps: Optional[int] = rule(None, ge=1)
     """Micro batches accumulated per optimizer step; derived when null."""
-    global_batch_size: Optional[int] = 64
+    global_batch_size: Optional[int] = rule(64, ge=1)
     """Samples per optimizer step over all workers = micro x accum x data_parallel_size."""
-    max_steps: Optional[int] = None
+    max_steps: Optional[int] = rule(None, ge=1)
     """Optimizer steps to run; one of max_steps, epochs, token_budget."""
-    epochs: Optional[float] = None
+    epochs: Optional[float] = rule(None, gt=0.0)
     """Passes over the training samples."""
-    token_budget: Optional[int] = None
+    token_budget: Optional[int] = rule(None, ge=1)
     """Tokens (non-padding) to train on; steps = budget / tokens per step."""
-    log_every_steps: int = 10
+    log_every_steps: int = rule(10, ge=1)
     """Write a metrics line every N optimizer steps."""
-    eval_every_steps: Optional[int] = 100
+    eval_every_steps: Optional[int] = rule(100, ge=1)
     """Evaluate on the held-out split every N steps (and at the end); null = every epoch."""
-    checkpoint_every_steps: int = 100
+    checkpoint_every_steps: int = rule(100, ge=1)
     """Checkpoint every N steps (and at the end)."""
-    keep_last: int = 2
+    keep_last: int = rule(2, ge=1)
     """Checkpoints kept in the run dir."""
     seed: int = 42
     """Seed of model init, data order and masking."""
@@ -281,14 +474,20 @@ class TrainConfig:
     """Write which rows every rank consumed at every step to ledger/rank<R>.jsonl (proves exactly-once data)."""
     skip_nonfinite: bool = True
     """Divergence guard: a step whose loss is NaN/inf on any rank is skipped (no optimizer/LR update)."""
-    spike_factor: Optional[float] = None
+    spike_factor: Optional[float] = rule(None, gt=1.0)
     """Divergence guard: also skip a step whose loss exceeds factor x the mean of the recent good steps (null = off)."""
-    spike_window: int = 20
+    spike_window: int = rule(20, ge=1)
     """Good steps whose mean loss the spike check compares against (checked once 5 are known)."""
-    max_bad_steps_in_row: int = 3
+    max_bad_steps_in_row: int = rule(3, ge=1)
     """This many skipped steps in a row roll back to the newest good checkpoint."""
-    max_rollbacks: int = 2
+    max_rollbacks: int = rule(2, ge=0)
     """Rollbacks allowed per run before the job fails (bad data would otherwise loop forever)."""
+
+    def check(self, job: "JobConfig") -> None:
+        budgets = [k for k in ("max_steps", "epochs", "token_budget") if getattr(self, k) is not None]
+        if len(budgets) != 1:
+            raise ConfigError("train.max_steps",
+                              f"set exactly one of max_steps, epochs, token_budget (got {budgets or 'none'})")
 
 
 @dataclass

@@ -61,7 +61,8 @@ def _tokenizer_for(job, train_texts: list[str], cache_dir: Path):
 
     from transformers import BertTokenizer
 
-    from orchestrator.data.tokenizer import atomic_save_dir, load_tokenizer_dir, train_wordpiece
+    from orchestrator.data.tokenizer import load_tokenizer_dir, train_wordpiece
+    from orchestrator.io import atomic_save_dir
     from orchestrator.model.build import resolve_init_dir
 
     if job.train.init_from:
@@ -120,7 +121,6 @@ def prepare_finetune_data(job, run_dir: str) -> FinetuneData:
 
     seq = t.max_seq_length
     labels: Optional[list] = None
-    extra_train: dict[str, Any] = {}
     extra_eval: dict[str, Any] = {}
     if t.name == "classify":
         labels = ft.build_label_map(train)

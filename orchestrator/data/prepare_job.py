@@ -138,7 +138,8 @@ def kept_documents(block: Block, ctx: dict) -> Iterable[list[str]]:
 # ------------------------------------------------------------------------------------------- tokenizer
 def ensure_tokenizer(cfg, blocks: list[Block], ctx: dict) -> Path:
     """out/tokenizer: trained on the first documents of every block (spread over the corpus), or copied from a dir."""
-    from orchestrator.data.tokenizer import atomic_save_dir, load_tokenizer_dir, train_wordpiece
+    from orchestrator.data.tokenizer import load_tokenizer_dir, train_wordpiece
+    from orchestrator.io import atomic_save_dir
 
     tok_out = Path(ctx["out"]) / "tokenizer"
     if (tok_out / "tokenizer.json").is_file():

@@ -16,11 +16,10 @@ from typing import Iterator, Optional
 import numpy as np
 
 from orchestrator.data.corpus import Document, corpus_spec, is_eval_document
-from orchestrator.data.rows import (  # noqa: F401  (EVAL_EPOCH, PretrainingRows: re-exported for the worker)
-    EVAL_EPOCH, MaskingSpec, PreparedData, PretrainingRows, continuation_mask, sample_lengths,
-)
+from orchestrator.data.rows import MaskingSpec, PreparedData, PretrainingRows, continuation_mask, sample_lengths
 from orchestrator.data.sharded import ShardedRows, is_prepared_dir, prepared_data
-from orchestrator.data.tokenizer import atomic_save_dir, get_tokenizer, tokenizer_hash
+from orchestrator.data.tokenizer import get_tokenizer, tokenizer_hash
+from orchestrator.io import atomic_save_dir
 from orchestrator.errors import DataError
 
 FORMAT_VERSION = 1

@@ -6,8 +6,9 @@ import hashlib
 import os
 from pathlib import Path
 
-from orchestrator.io import atomic_save_dir, replace_dir  # noqa: F401  (re-exported)
 from typing import Iterable, Iterator
+
+from orchestrator.io import atomic_save_dir
 
 from orchestrator.errors import ConfigError
 
@@ -107,8 +108,7 @@ def get_tokenizer(tok_cfg, corpus, cache_dir: Path) -> tuple[object, Path]:
         from transformers import BertTokenizer
 
         return BertTokenizer.from_pretrained(str(out), local_files_only=True), out
-    from orchestrator.data.corpus import is_eval_document  # noqa: F401  (vocab trains on all documents)
-
+    # the vocabulary trains on all documents, held-out ones included (as BERT's did)
     sentences = (s for doc in corpus.documents() for s in doc)
     tok = train_wordpiece(sentences, tok_cfg.vocab_size, tok_cfg.min_frequency, tok_cfg.lowercase)
     atomic_save_dir(lambda d: tok.save_pretrained(str(d)), out)

@@ -10,23 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from orchestrator.config.schema import JobConfig, to_job_config
+from orchestrator.config.schema import JobConfig, check_job, to_job_config
 from orchestrator.errors import ConfigError
 from orchestrator.plan.batch import BatchPlan, check_elastic_range, resolve_batch
 from orchestrator.plan.deepspeed_config import render_deepspeed_config
-
-MASKING_UNITS = ("token", "whole_word", "span")
-TASKS = ("pretrain", "classify", "ner", "qa")
-FINETUNE_TASKS = ("classify", "ner", "qa")
-SYNTHETIC_TASKS = {"consistency": "classify", "sentiment": "classify", "pair": "classify", "ner": "ner", "squad": "qa", "squad_v2": "qa"}
-LAUNCHERS = ("local", "ray")
-LOGGERS = ("none", "wandb")
-OPTIMIZERS = ("adamw", "lamb")
-SCHEDULES = ("linear", "cosine", "constant")
-ENGINES = ("deepspeed", "torch")
-ATTENTION_KERNELS = ("auto", "default", "flash", "efficient", "math", "cudnn")
-PLACEMENTS = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
-
 
 @dataclass(frozen=True)
 class DatasetStats:
@@ -166,204 +153,6 @@ def _task_line(t: dict[str, Any], dataset: Optional[dict[str, Any]]) -> str:
     return f"task               {t['name']} ({src}{labels})"
 
 
-def validate_config(cfg: JobConfig) -> None:
-    """Semantic checks that types alone cannot express. Every error names its key."""
-    m, t, e, c, tr = cfg.model, cfg.task, cfg.engine, cfg.compute, cfg.train
-
-    def choice(key: str, value: str, options: tuple[str, ...]) -> None:
-        if value not in options:
-            raise ConfigError(key, f"'{value}' is not one of {', '.join(options)}")
-
-    choice("task.name", t.name, TASKS)
-    choice("task.masking", t.masking, MASKING_UNITS)
-    choice("launcher.name", cfg.launcher.name, LAUNCHERS)
-    choice("logger.name", cfg.logger.name, LOGGERS)
-    choice("optim.name", cfg.optim.name, OPTIMIZERS)
-    choice("schedule.name", cfg.schedule.name, SCHEDULES)
-    choice("engine.backend", e.backend, ENGINES)
-    choice("compute.placement_strategy", c.placement_strategy, PLACEMENTS)
-    choice("data.source", cfg.data.source, ("synthetic", "text", "prepared"))
-    choice("tokenizer.source", cfg.tokenizer.source, ("train", "dir"))
-
-    for key, val in (
-        ("model.hidden_size", m.hidden_size),
-        ("model.num_hidden_layers", m.num_hidden_layers),
-        ("model.num_attention_heads", m.num_attention_heads),
-        ("model.intermediate_size", m.intermediate_size),
-        ("model.max_position_embeddings", m.max_position_embeddings),
-        ("task.max_seq_length", t.max_seq_length),
-    ):
-        if val < 1:
-            raise ConfigError(key, f"must be a positive integer, got {val}")
-    if m.hidden_size % m.num_attention_heads:
-        raise ConfigError(
-            "model.num_attention_heads", f"{m.num_attention_heads} does not divide hidden_size {m.hidden_size}"
-        )
-    if t.max_seq_length > m.max_position_embeddings:
-        raise ConfigError(
-            "task.max_seq_length",
-            f"{t.max_seq_length} exceeds model.max_position_embeddings {m.max_position_embeddings}",
-        )
-    if t.max_seq_length < 8:
-        raise ConfigError("task.max_seq_length", f"{t.max_seq_length} is too short for [CLS] A [SEP] B [SEP] samples")
-    if not 0.0 < t.mlm_probability < 1.0:
-        raise ConfigError("task.mlm_probability", f"must lie in (0, 1), got {t.mlm_probability}")
-    for key, val in (("task.mask_replace_prob", t.mask_replace_prob), ("task.random_replace_prob", t.random_replace_prob)):
-        if not 0.0 <= val <= 1.0:
-            raise ConfigError(key, f"must lie in [0, 1], got {val}")
-    if t.mask_replace_prob + t.random_replace_prob > 1.0 + 1e-9:
-        raise ConfigError("task.random_replace_prob", "mask_replace_prob + random_replace_prob exceeds 1")
-    if not 0.0 < t.span_geometric_p <= 1.0:
-        raise ConfigError("task.span_geometric_p", f"must lie in (0, 1], got {t.span_geometric_p}")
-    if t.span_max_length < 1:
-        raise ConfigError("task.span_max_length", f"must be >= 1, got {t.span_max_length}")
-    if not 0.0 <= t.short_seq_prob < 1.0:
-        raise ConfigError("task.short_seq_prob", f"must lie in [0, 1), got {t.short_seq_prob}")
-    for key, val in (
-        ("model.hidden_dropout_prob", m.hidden_dropout_prob),
-        ("model.attention_probs_dropout_prob", m.attention_probs_dropout_prob),
-    ):
-        if not 0.0 <= val < 1.0:
-            raise ConfigError(key, f"must lie in [0, 1), got {val}")
-
-    if e.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError("engine.zero_stage", f"ZeRO stage must be 0, 1, 2 or 3, got {e.zero_stage}")
-    if e.attention not in ATTENTION_KERNELS:
-        raise ConfigError("engine.attention", f"must be one of {', '.join(ATTENTION_KERNELS)}, got {e.attention!r}")
-    if e.attention in ("efficient", "cudnn") and not c.use_gpu:
-        raise ConfigError("engine.attention", f"the {e.attention} SDPA kernel exists only on GPUs; use auto, flash or math on CPU")
-    if e.bf16 and e.fp16:
-        raise ConfigError("engine.fp16", "bf16 and fp16 are both on; choose one")
-    if e.fp16 and not c.use_gpu:
-        raise ConfigError("engine.fp16", "fp16 needs GPUs (CPU kernels lack fp16); use engine.bf16=true on CPU")
-    if e.gradient_clipping < 0:
-        raise ConfigError("engine.gradient_clipping", f"must be >= 0, got {e.gradient_clipping}")
-    if e.offload_param and e.zero_stage != 3:
-        raise ConfigError("engine.offload_param", "parameter offload needs ZeRO stage 3")
-    if e.offload_optimizer and e.zero_stage == 0:
-        raise ConfigError("engine.offload_optimizer", "optimizer offload needs ZeRO stage 1-3")
-    if cfg.optim.name == "lamb" and e.backend == "deepspeed" and (e.offload_optimizer or e.offload_param):
-        # ZeRO-Offload steps on the host with DeepSpeedCPUAdam (DeepSpeed refuses other client optimizers there)
-        raise ConfigError("engine.offload_optimizer" if e.offload_optimizer else "engine.offload_param",
-                          "ZeRO-Offload steps with DeepSpeedCPUAdam, which has no LAMB: use optim=adamw")
-    if cfg.optim.name == "lamb" and e.backend == "deepspeed" and e.zero_stage > 0:
-        # ZeRO flattens and partitions parameters, so a per-tensor trust ratio would be computed on slices.
-        raise ConfigError("optim.name", "LAMB's per-layer trust ratio needs whole tensors: use engine=zero0 with lamb")
-    if cfg.optim.lr <= 0:
-        raise ConfigError("optim.lr", f"must be > 0, got {cfg.optim.lr}")
-
-    if c.num_nodes < 1:
-        raise ConfigError("compute.num_nodes", f"must be >= 1, got {c.num_nodes}")
-    if c.cpus_per_worker < 1:
-        raise ConfigError("compute.cpus_per_worker", f"must be >= 1, got {c.cpus_per_worker}")
-    if c.use_gpu and c.gpus_per_node < 1:
-        raise ConfigError("compute.gpus_per_node", "use_gpu=true needs gpus_per_node >= 1")
-    wpn = workers_per_node(cfg)
-    if wpn < 1:
-        raise ConfigError("compute.workers_per_node", f"the job would have zero workers (workers_per_node={wpn})")
-    if c.use_gpu and wpn > c.gpus_per_node:
-        raise ConfigError(
-            "compute.workers_per_node", f"{wpn} workers per node but only {c.gpus_per_node} GPUs: one worker per GPU"
-        )
-    if c.use_gpu and c.gpus_per_node > c.max_gpus_per_node:
-        raise ConfigError(
-            "compute.gpus_per_node",
-            f"{c.gpus_per_node} GPUs per node, but the largest node type has {c.max_gpus_per_node} (compute.max_gpus_per_node)",
-        )
-    from orchestrator.cluster.network import NETWORK_PROFILES
-
-    choice("compute.network", c.network, NETWORK_PROFILES)
-    if not 0.0 < c.mfu <= 1.0:
-        raise ConfigError("compute.mfu", f"must lie in (0, 1], got {c.mfu}")
-    if c.placement_strategy == "STRICT_PACK" and c.num_nodes > 1:
-        raise ConfigError("compute.placement_strategy", "STRICT_PACK puts every worker on one node; num_nodes > 1")
-    world = c.num_nodes * wpn
-    if cfg.launcher.name == "local" and world != 1:
-        raise ConfigError(
-            "launcher.name", f"launcher=local runs one process; compute asks for {world} workers (use compute=cpu1)"
-        )
-    if e.backend == "torch" and world != 1:
-        raise ConfigError("engine.backend", f"engine=torch is single-process; world size is {world} (use DeepSpeed)")
-    if (c.min_workers is None) != (c.max_workers is None):
-        raise ConfigError("compute.max_workers", "set both compute.min_workers and compute.max_workers (or neither)")
-    if c.min_workers is not None and c.max_workers is not None:
-        if c.min_workers < 1:
-            raise ConfigError("compute.min_workers", f"must be >= 1, got {c.min_workers}")
-        if c.max_workers < c.min_workers:
-            raise ConfigError("compute.max_workers", f"{c.max_workers} is below compute.min_workers {c.min_workers}")
-        if cfg.launcher.name != "ray":
-            raise ConfigError("compute.min_workers", "an elastic worker range needs launcher=ray")
-        if e.backend != "deepspeed":
-            raise ConfigError("engine.backend", "an elastic worker range needs the DeepSpeed engine")
-        if cfg.launcher.max_failures == 0:
-            raise ConfigError(
-                "launcher.max_failures",
-                "elastic training restarts the worker group on every resize (a shrink counts as a failure):"
-                " set launcher.max_failures > 0 or -1",
-            )
-        if tr.grad_accum_steps is not None:
-            raise ConfigError("train.grad_accum_steps", "elastic: accumulation follows the world size; set it to null")
-        if tr.micro_batch_size_per_gpu is None or tr.global_batch_size is None:
-            raise ConfigError("train.micro_batch_size_per_gpu", "elastic: give micro_batch_size_per_gpu and global_batch_size")
-    if c.elastic_resize_interval_s <= 0:
-        raise ConfigError("compute.elastic_resize_interval_s", f"must be > 0, got {c.elastic_resize_interval_s}")
-    for key in ("spike_window", "max_bad_steps_in_row"):
-        if getattr(tr, key) < 1:
-            raise ConfigError(f"train.{key}", f"must be >= 1, got {getattr(tr, key)}")
-    if tr.max_rollbacks < 0:
-        raise ConfigError("train.max_rollbacks", f"must be >= 0, got {tr.max_rollbacks}")
-    if tr.spike_factor is not None and tr.spike_factor <= 1.0:
-        raise ConfigError("train.spike_factor", f"must be > 1 (or null), got {tr.spike_factor}")
-
-    budgets = [k for k in ("max_steps", "epochs", "token_budget") if getattr(tr, k) is not None]
-    if len(budgets) != 1:
-        raise ConfigError("train.max_steps", f"set exactly one of max_steps, epochs, token_budget (got {budgets or 'none'})")
-    for key in ("max_steps", "epochs", "token_budget"):
-        val = getattr(tr, key)
-        if val is not None and val <= 0:
-            raise ConfigError(f"train.{key}", f"must be > 0, got {val}")
-    if tr.eval_every_steps is not None and tr.eval_every_steps < 1:
-        raise ConfigError("train.eval_every_steps", f"must be >= 1 or null (every epoch), got {tr.eval_every_steps}")
-    if t.name in FINETUNE_TASKS:
-        if t.synthetic is not None:
-            if t.synthetic not in SYNTHETIC_TASKS:
-                raise ConfigError("task.synthetic", f"'{t.synthetic}' is not one of {', '.join(SYNTHETIC_TASKS)}")
-            if SYNTHETIC_TASKS[t.synthetic] != t.name:
-                raise ConfigError("task.synthetic", f"'{t.synthetic}' data is for task={SYNTHETIC_TASKS[t.synthetic]}, not {t.name}")
-        else:
-            for key in ("train_file", "eval_file"):
-                if not getattr(t, key):
-                    raise ConfigError(f"task.{key}", f"task={t.name} needs a {key.replace('_', ' ')} (or task.synthetic)")
-        if t.name == "qa" and not 0 <= t.doc_stride < t.max_seq_length - t.max_query_length - 3:
-            raise ConfigError("task.doc_stride", f"must lie in [0, max_seq_length - max_query_length - 3), got {t.doc_stride}")
-        if t.name == "qa" and t.max_answer_length < 1:
-            raise ConfigError("task.max_answer_length", f"must be >= 1, got {t.max_answer_length}")
-    for key in ("log_every_steps", "checkpoint_every_steps", "keep_last"):
-        if getattr(tr, key) < 1:
-            raise ConfigError(f"train.{key}", f"must be >= 1, got {getattr(tr, key)}")
-    if not 0.0 <= cfg.data.eval_fraction < 1.0:
-        raise ConfigError("data.eval_fraction", f"must lie in [0, 1), got {cfg.data.eval_fraction}")
-    if cfg.data.source == "text" and not cfg.data.paths and t.name == "pretrain":
-        raise ConfigError("data.paths", "data.source=text needs at least one file, glob or directory")
-    if cfg.data.source == "synthetic" and cfg.data.synthetic_documents < 10:
-        raise ConfigError("data.synthetic_documents", f"need at least 10 documents, got {cfg.data.synthetic_documents}")
-    if cfg.tokenizer.source == "train" and cfg.tokenizer.vocab_size < 64:
-        raise ConfigError("tokenizer.vocab_size", f"must be >= 64, got {cfg.tokenizer.vocab_size}")
-    if cfg.tokenizer.source == "dir" and not cfg.tokenizer.path:
-        raise ConfigError("tokenizer.path", "tokenizer.source=dir needs a directory")
-    if cfg.schedule.warmup_steps is not None and cfg.schedule.warmup_steps < 0:
-        raise ConfigError("schedule.warmup_steps", f"must be >= 0, got {cfg.schedule.warmup_steps}")
-    if not 0.0 <= cfg.schedule.warmup_ratio < 1.0:
-        raise ConfigError("schedule.warmup_ratio", f"must lie in [0, 1), got {cfg.schedule.warmup_ratio}")
-
-
-def workers_per_node(cfg: JobConfig) -> int:
-    c = cfg.compute
-    if c.workers_per_node is not None:
-        return c.workers_per_node
-    return c.gpus_per_node if c.use_gpu else 1
-
-
 def check_run_dir(run_dir: str) -> None:
     """Refuse a run dir we cannot create or write, before any worker starts."""
     p = Path(run_dir)
@@ -379,23 +168,21 @@ def check_run_dir(run_dir: str) -> None:
 def plan_batch(cfg: JobConfig) -> tuple[BatchPlan, Optional[dict[int, int]]]:
     """World size and batch arithmetic (and the elastic range's accumulation per size): needs no data, so the
     CLI checks it before any tokenising."""
-    world = cfg.compute.num_nodes * workers_per_node(cfg)
+    world_size = cfg.compute.world_size()  # elastic: the plan is made for the largest group
     elastic_accum = None
     if cfg.compute.max_workers is not None and cfg.compute.min_workers is not None:
-        # elastic: the plan is made for the largest group; workers re-derive accum for the size they run at
-        world = cfg.compute.max_workers
         elastic_accum = check_elastic_range(
-            cfg.train.global_batch_size, cfg.train.micro_batch_size_per_gpu, cfg.compute.min_workers, world
+            cfg.train.global_batch_size, cfg.train.micro_batch_size_per_gpu, cfg.compute.min_workers, world_size
         )
     batch = resolve_batch(
-        cfg.train.micro_batch_size_per_gpu, cfg.train.grad_accum_steps, cfg.train.global_batch_size, world
+        cfg.train.micro_batch_size_per_gpu, cfg.train.grad_accum_steps, cfg.train.global_batch_size, world_size
     )
     return batch, elastic_accum
 
 
 def build_plan(cfg: JobConfig, dataset: Optional[DatasetStats] = None) -> JobPlan:
     """Resolve world size, batch arithmetic, total steps and the DeepSpeed config."""
-    validate_config(cfg)
+    check_job(cfg)
     if not cfg.run_dir:
         raise ConfigError("run_dir", "no run dir set")
     batch, elastic_accum = plan_batch(cfg)
@@ -450,7 +237,7 @@ def build_plan(cfg: JobConfig, dataset: Optional[DatasetStats] = None) -> JobPla
         run_dir=str(cfg.run_dir),
         world_size=batch.data_parallel_size,
         num_nodes=cfg.compute.num_nodes,
-        workers_per_node=workers_per_node(cfg),
+        workers_per_node=cfg.compute.resolved_workers_per_node(),
         micro_batch_size_per_gpu=batch.micro_batch_size_per_gpu,
         grad_accum_steps=batch.grad_accum_steps,
         global_batch_size=batch.global_batch_size,

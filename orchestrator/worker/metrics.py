@@ -8,8 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-
-from orchestrator.io import write_json_atomic, write_text_atomic  # noqa: E402,F401  (re-exported for the worker)
+from orchestrator.io import write_text_atomic
 
 
 def truncate_jsonl(path: Path, max_step: int) -> None:

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from orchestrator.data.pretraining import EVAL_EPOCH, open_split
+from orchestrator.data.pretraining import open_split
+from orchestrator.data.rows import EVAL_EPOCH
 from orchestrator.worker.dist import Dist
 
 

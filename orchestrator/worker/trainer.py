@@ -28,7 +28,8 @@ import torch
 from orchestrator.plan.job_plan import JobPlan
 from orchestrator.worker import checkpoint as ckpt
 from orchestrator.worker.dist import Dist
-from orchestrator.worker.metrics import MetricsJsonl, Progress, WandbSink, write_json_atomic
+from orchestrator.io import write_json_atomic
+from orchestrator.worker.metrics import MetricsJsonl, Progress, WandbSink
 from orchestrator.worker.state import TrainerState
 
 log = logging.getLogger("orchestrator.worker")
@@ -482,7 +483,7 @@ class Trainer:
 
     def save_best(self, metrics: dict[str, Any]) -> None:
         """The best model by the task's main metric, with its eval metrics and predictions (fine-tuning)."""
-        from orchestrator.data.tokenizer import atomic_save_dir
+        from orchestrator.io import atomic_save_dir
 
         def write(tmp: Path) -> None:
             self.task.export(self.engine.module, tmp)
@@ -551,7 +552,7 @@ class Trainer:
         return summary
 
     def export(self) -> dict[str, Any]:
-        from orchestrator.data.tokenizer import atomic_save_dir
+        from orchestrator.io import atomic_save_dir
 
         export_dir, best_dir = self.run_dir / "export", self.run_dir / "best"
         keeps_best = self.task.main_metric is not None and (best_dir / "config.json").is_file()
