@@ -54,7 +54,7 @@ def hf_baseline(corpus: Path, tok_dir: Path, cache: Path) -> dict:
     tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"))
     shutil.rmtree(cache, ignore_errors=True)
     t0 = time.perf_counter()
-    ds = datasets.load_dataset("json", data_files=sorted(str(p) for p in corpus.glob("*.jsonl")), split="train",
+    dataset = datasets.load_dataset("json", data_files=sorted(str(p) for p in corpus.glob("*.jsonl")), split="train",
                                cache_dir=str(cache))
     t1 = time.perf_counter()
     counted = [0]
@@ -64,7 +64,7 @@ def hf_baseline(corpus: Path, tok_dir: Path, cache: Path) -> dict:
         counted[0] += sum(len(x) for x in ids)
         return {"input_ids": ids}
 
-    ds.map(tokenize, batched=True, remove_columns=ds.column_names, num_proc=None, load_from_cache_file=False)
+    dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, num_proc=None, load_from_cache_file=False)
     t2 = time.perf_counter()
     return {"tokens": counted[0], "seconds": t2 - t0, "tokens_per_s": counted[0] / (t2 - t0),
             "load_seconds": t1 - t0, "map_seconds": t2 - t1, "map_tokens_per_s": counted[0] / (t2 - t1)}

@@ -90,7 +90,7 @@ def build_ours(args, run_dir: str):
         StepBatches(source, order, plan, d, 0, plan.grad_accum_steps), batch_size=None, shuffle=False,
         num_workers=job.data.loader_workers, prefetch_factor=4 if job.data.loader_workers > 0 else None)
     batches = iter(loader)
-    ds = plan.dataset
+    dataset = plan.dataset
 
     def data():
         b = next(batches)
@@ -105,7 +105,7 @@ def build_ours(args, run_dir: str):
     def optimizer():
         engine.step()
 
-    info = {"bf16": bf16, "compile": job.engine.compile, "vocab_size": ds["vocab_size"], "threads": job.compute.cpus_per_worker,
+    info = {"bf16": bf16, "compile": job.engine.compile, "vocab_size": dataset["vocab_size"], "threads": job.compute.cpus_per_worker,
             "loader_workers": job.data.loader_workers}
     return data, forward, backward, optimizer, info
 

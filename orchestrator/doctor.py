@@ -138,12 +138,12 @@ def _time_all_reduce(size_bytes: int, device, iters: int, warmup: int) -> dict:
     import torch
     import torch.distributed as dist
 
-    world = dist.get_world_size()
+    world_size = dist.get_world_size()
     numel = max(1, size_bytes // 4)
     # Correctness first: each rank contributes rank+1, the sum is n(n+1)/2 everywhere.
     check = torch.full((numel,), float(dist.get_rank() + 1), dtype=torch.float32, device=device)
     dist.all_reduce(check)
-    expected = world * (world + 1) / 2
+    expected = world_size * (world_size + 1) / 2
     correct = bool(torch.all(check == expected).item())
     del check
     buf = torch.zeros(numel, dtype=torch.float32, device=device)  # zeros stay finite however often summed
@@ -163,7 +163,7 @@ def _time_all_reduce(size_bytes: int, device, iters: int, warmup: int) -> dict:
     elapsed = float(t.item())
     algbw = numel * 4 / elapsed / 1e9
     return {"size_bytes": numel * 4, "time_us": elapsed * 1e6, "algbw_gbps": algbw,
-            "busbw_gbps": bus_bandwidth(algbw, world), "iters": iters, "correct": correct}
+            "busbw_gbps": bus_bandwidth(algbw, world_size), "iters": iters, "correct": correct}
 
 
 def doctor_worker(config: dict) -> dict | None:
@@ -175,7 +175,7 @@ def doctor_worker(config: dict) -> dict | None:
     import ray.train.torch
 
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -186,9 +186,9 @@ def doctor_worker(config: dict) -> dict | None:
     results = [_time_all_reduce(s, device, config["iters"], config["warmup"]) for s in config["sizes"]]
     info["transports"] = _nccl_transports(config.get("nccl_log_dir"))
 
-    gathered: list = [None] * world
+    gathered: list = [None] * world_size
     dist.all_gather_object(gathered, info)
-    summary = {"world_size": world, "backend": dist.get_backend(), "workers": gathered, "all_reduce": results}
+    summary = {"world_size": world_size, "backend": dist.get_backend(), "workers": gathered, "all_reduce": results}
     ray.train.report({"largest_busbw_gbps": results[-1]["busbw_gbps"] if results else 0.0})
     if rank != 0:
         return None

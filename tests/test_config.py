@@ -49,8 +49,8 @@ def test_every_config_composes_and_plans(group, option, tmp_path):
     if group == "launcher" and option == "local" or group == "engine" and option == "torch":
         extra.append("compute=cpu1")
     plan = _plan([f"{group}={option}", *extra], tmp_path)
-    ds = plan.deepspeed_config
-    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * plan.world_size
+    ds_config = plan.deepspeed_config
+    assert ds_config["train_batch_size"] == ds_config["train_micro_batch_size_per_gpu"] * ds_config["gradient_accumulation_steps"] * plan.world_size
 
 
 BAD_INPUTS = [
@@ -189,7 +189,7 @@ def test_plan_only_is_fast_and_starts_no_ray(tmp_path):
     elapsed = time.perf_counter() - t0
     assert res.returncode == 0, res.stderr
     assert "HEAVY []" in res.stdout, res.stdout
-    assert "global 64 = micro 32 x accum 1 x dp 2" in res.stdout
+    assert "global 64 = micro 32 x accum 1 x world 2" in res.stdout
     assert (tmp_path / "p" / "pretrain" / "plan.json").is_file()  # the default is the quickstart pipeline
     assert elapsed < 60, elapsed  # generous: seconds in practice; the point is no Ray start-up
 
@@ -205,7 +205,7 @@ def test_plan_only_bert_base_preset_prints_memory_and_time_estimate(tmp_path):
 
     plan = json.loads((tmp_path / "p" / "plan.json").read_text())
     assert plan["cost"]["hours"] > 0 and plan["cost"]["gpu_hours"] == pytest.approx(8 * plan["cost"]["hours"])
-    assert plan["memory"]["zero_stage"] == 1 and plan["memory"]["dp_size"] == 8
+    assert plan["memory"]["zero_stage"] == 1 and plan["memory"]["world_size"] == 8
 
 
 def test_plan_of_a_cpu_job_shows_no_gpu_as_its_own(tmp_path):

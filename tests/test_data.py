@@ -160,16 +160,16 @@ def test_eval_split_is_held_out_and_cache_is_reused():
     assert len(eval_texts - train_texts) > 0.5 * len(eval_texts)
 
 
-@pytest.mark.parametrize("world,micro,accum", [(1, 8, 4), (2, 8, 2), (4, 4, 2)])
-def test_step_order_covers_each_row_once_per_epoch_any_world(world, micro, accum):
-    order = StepOrder(n_rows=100, global_batch_size=world * micro * accum, seed=7)
+@pytest.mark.parametrize("world_size,micro,accum", [(1, 8, 4), (2, 8, 2), (4, 4, 2)])
+def test_step_order_covers_each_row_once_per_epoch_any_world(world_size, micro, accum):
+    order = StepOrder(n_rows=100, global_batch_size=world_size * micro * accum, seed=7)
     seen = []
     for step in range(order.steps_per_epoch):
-        parts = [m for r in range(world) for m in order.rank_micro_rows(step, r, world, micro, accum)]
+        parts = [m for r in range(world_size) for m in order.rank_micro_rows(step, r, world_size, micro, accum)]
         step_rows = np.concatenate(parts)
         assert np.array_equal(np.sort(step_rows), np.sort(order.global_rows(step)))
         seen += step_rows.tolist()
     assert len(seen) == len(set(seen)) == order.steps_per_epoch * order.global_batch_size
     # the global sample stream does not depend on how it is split across ranks
-    ref = StepOrder(100, world * micro * accum, 7)
+    ref = StepOrder(100, world_size * micro * accum, 7)
     assert np.array_equal(order.global_rows(3), ref.global_rows(3))

@@ -73,14 +73,14 @@ class _DataParallel:
         return 0
 
 
-def _deepspeed_accepts(ds_config: dict, data_parallel_size: int, monkeypatch) -> None:
+def _deepspeed_accepts(ds_config: dict, world_size: int, monkeypatch) -> None:
     import deepspeed.runtime.config as ds_runtime_config
     from deepspeed.runtime.config import DeepSpeedConfig
 
     # DeepSpeedConfig asks dist.get_rank() first and falls back to world size 1 without a process group
     monkeypatch.setattr(ds_runtime_config.dist, "get_rank", lambda *a, **k: 0)
-    checked = DeepSpeedConfig(dict(ds_config), mpu=_DataParallel(data_parallel_size))
-    assert checked.world_size == data_parallel_size
+    checked = DeepSpeedConfig(dict(ds_config), mpu=_DataParallel(world_size))
+    assert checked.world_size == world_size
     assert checked.train_batch_size == ds_config["train_batch_size"]
     assert checked.train_micro_batch_size_per_gpu == ds_config["train_micro_batch_size_per_gpu"]
     assert checked.gradient_accumulation_steps == ds_config["gradient_accumulation_steps"]

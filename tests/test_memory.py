@@ -80,7 +80,7 @@ def _ds_estimators():
 def _ours(model, stage, n, **kw):
     P = parameter_count(**model)
     L = largest_layer_params(model["hidden_size"], model["intermediate_size"], model["vocab_size"])
-    ms = estimate_model_states(P, L, zero_stage=stage, dp_size=n, precision="bf16", **kw)
+    ms = estimate_model_states(P, L, zero_stage=stage, world_size=n, precision="bf16", **kw)
     return P, L, ms["params"] + ms["gradients"] + ms["optimizer"] + ms["buffers"]
 
 
@@ -112,14 +112,14 @@ def test_model_states_within_10pct_of_deepspeed(name, model, stage, nodes):
     gpus = 8 * nodes
     P, L, ours = _ours(model, stage, gpus)
     if stage == 0:
-        _, ds = z2(P, num_gpus_per_node=1, num_nodes=1, cpu_offload=False)
+        _, deepspeed_bytes = z2(P, num_gpus_per_node=1, num_nodes=1, cpu_offload=False)
     elif stage in (1, 2):
-        _, ds = z2(P, num_gpus_per_node=8, num_nodes=nodes, cpu_offload=False)
+        _, deepspeed_bytes = z2(P, num_gpus_per_node=8, num_nodes=nodes, cpu_offload=False)
     else:
-        _, ds, _ = z3(P, L, num_gpus_per_node=8, num_nodes=nodes, cpu_offload=False, cpu_offload_params=False,
+        _, deepspeed_bytes, _ = z3(P, L, num_gpus_per_node=8, num_nodes=nodes, cpu_offload=False, cpu_offload_params=False,
                       zero_init=True)
     compared = ours - (2 * P - 2 * P // gpus if stage == 1 else 0)
-    assert abs(compared - ds) / ds < 0.10, (name, stage, gpus, compared, ds)
+    assert abs(compared - deepspeed_bytes) / deepspeed_bytes < 0.10, (name, stage, gpus, compared, deepspeed_bytes)
 
 
 @pytest.mark.parametrize("model", [BASE, LARGE])
@@ -139,34 +139,34 @@ def test_offload_matches_deepspeed(model, stage, offp):
     z2, z3 = _ds_estimators()
     P, L, ours = _ours(model, stage, 8, offload_optimizer=True, offload_param=offp)
     if stage == 2:
-        _, ds = z2(P, 8, 1, cpu_offload=True)
+        _, deepspeed_bytes = z2(P, 8, 1, cpu_offload=True)
     else:
-        _, ds, _ = z3(P, L, 8, 1, cpu_offload=True, cpu_offload_params=offp, zero_init=True)
-    assert abs(ours - ds) / ds < 0.10
+        _, deepspeed_bytes, _ = z3(P, L, 8, 1, cpu_offload=True, cpu_offload_params=offp, zero_init=True)
+    assert abs(ours - deepspeed_bytes) / deepspeed_bytes < 0.10
 
 
 def test_stage_ordering_and_fp32():
     totals = [_ours(LARGE, s, 8)[2] for s in range(4)]
     assert totals == sorted(totals, reverse=True)
     P = parameter_count(**BASE)
-    fp32 = estimate_model_states(P, 0, zero_stage=0, dp_size=1, precision="fp32")
+    fp32 = estimate_model_states(P, 0, zero_stage=0, world_size=1, precision="fp32")
     assert fp32["params"] == 4 * P and fp32["gradients"] == 4 * P and fp32["optimizer"] == 8 * P
 
 
 def test_offload_moves_states_to_host():
     P, L = parameter_count(**BASE), largest_layer_params(768, 3072, 30522)
-    on = estimate_model_states(P, L, zero_stage=2, dp_size=8)
-    off = estimate_model_states(P, L, zero_stage=2, dp_size=8, offload_optimizer=True)
+    on = estimate_model_states(P, L, zero_stage=2, world_size=8)
+    off = estimate_model_states(P, L, zero_stage=2, world_size=8, offload_optimizer=True)
     assert off["optimizer"] == 0 and off["gradients"] == 0 and off["params"] == on["params"]
     assert off["cpu"] == pytest.approx(on["optimizer"] + on["gradients"], abs=4)
 
 
 @pytest.mark.parametrize("kw,key", [
-    (dict(zero_stage=4, dp_size=8), "engine.zero_stage"),
-    (dict(zero_stage=0, dp_size=8, offload_optimizer=True), "engine.offload_optimizer"),
-    (dict(zero_stage=2, dp_size=8, offload_optimizer=True, offload_param=True), "engine.offload_param"),
-    (dict(zero_stage=2, dp_size=8, precision="fp8"), "engine.precision"),
-    (dict(zero_stage=2, dp_size=0), "compute"),
+    (dict(zero_stage=4, world_size=8), "engine.zero_stage"),
+    (dict(zero_stage=0, world_size=8, offload_optimizer=True), "engine.offload_optimizer"),
+    (dict(zero_stage=2, world_size=8, offload_optimizer=True, offload_param=True), "engine.offload_param"),
+    (dict(zero_stage=2, world_size=8, precision="fp8"), "engine.precision"),
+    (dict(zero_stage=2, world_size=0), "compute"),
 ])
 def test_invalid_settings_are_config_errors(kw, key):
     with pytest.raises(ConfigError) as e:
@@ -195,7 +195,7 @@ def test_activation_formula_matches_korthikanti_for_ffn_4h():
 
 
 def test_estimate_memory_bert_large_fits_a100_with_zero2():
-    est = estimate_memory(**LARGE, num_attention_heads=16, zero_stage=2, dp_size=8, precision="bf16",
+    est = estimate_memory(**LARGE, num_attention_heads=16, zero_stage=2, world_size=8, precision="bf16",
                           micro_batch_size=8, seq_length=512)
     assert isinstance(est, MemoryEstimate)
     assert est.total_bytes == est.params_bytes + est.gradients_bytes + est.optimizer_bytes + \

@@ -231,18 +231,18 @@ def test_ray_data_preparation_with_two_workers_equals_local(ray_cluster, tmp_pat
 
 
 # -------------------------------------------------------------------------------------- order and reads
-@pytest.mark.parametrize("world,micro,accum", [(1, 8, 1), (2, 4, 2), (4, 2, 2), (8, 1, 2)])
-def test_two_level_order_covers_every_row_once_per_epoch(world, micro, accum):
+@pytest.mark.parametrize("world_size,micro,accum", [(1, 8, 1), (2, 4, 2), (4, 2, 2), (8, 1, 2)])
+def test_two_level_order_covers_every_row_once_per_epoch(world_size, micro, accum):
     from orchestrator.data.sharded import ShardedStepOrder
 
     shard_rows = np.asarray([37, 50, 12, 64, 1, 29, 44, 80, 16])
-    g = world * micro * accum
+    g = world_size * micro * accum
     order = ShardedStepOrder(shard_rows, g, seed=3, window_shards=3)
     for epoch in (0, 1):
         seen = []
         for step in range(epoch * order.steps_per_epoch, (epoch + 1) * order.steps_per_epoch):
-            for r in range(world):
-                for m in order.rank_micro_rows(step, r, world, micro, accum):
+            for r in range(world_size):
+                for m in order.rank_micro_rows(step, r, world_size, micro, accum):
                     seen.extend(m.tolist())
         assert len(seen) == len(set(seen)) == order.steps_per_epoch * g
         assert len(set(range(shard_rows.sum())) - set(seen)) == shard_rows.sum() % g

@@ -451,7 +451,7 @@ class TrainConfig:
     grad_accum_steps: Optional[int] = rule(None, ge=1)
     """Micro batches accumulated per optimizer step; derived when null."""
     global_batch_size: Optional[int] = rule(64, ge=1)
-    """Samples per optimizer step over all workers = micro x accum x data_parallel_size."""
+    """Samples per optimizer step over all workers = micro x accum x world_size."""
     max_steps: Optional[int] = rule(None, ge=1)
     """Optimizer steps to run; one of max_steps, epochs, token_budget."""
     epochs: Optional[float] = rule(None, gt=0.0)

@@ -36,7 +36,7 @@ class StepOrder:
         g = self.global_batch_size
         return self.permutation(epoch)[s * g : (s + 1) * g]
 
-    def rank_micro_rows(self, step: int, rank: int, world: int, micro: int, accum: int) -> list[np.ndarray]:
+    def rank_micro_rows(self, step: int, rank: int, world_size: int, micro: int, accum: int) -> list[np.ndarray]:
         """Rank r takes a contiguous slice of micro x accum rows of the global batch, split into micro batches."""
         rows = self.global_rows(step)
         per_rank = micro * accum

@@ -415,15 +415,15 @@ def run_blocks(kind: str, blocks: list[Block], ctx: dict, cfg, progress: Callabl
     ctxd.enable_progress_bars = sys.stderr.isatty()
     ctxd.execution_options.preserve_order = False
     items = [{"item": json.dumps({"kind": kind, "block": asdict(b)})} for b in blocks]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
+    dataset = ray.data.from_items(items, override_num_blocks=len(items))
+    dataset = dataset.map_batches(
         BlockActor,
         fn_constructor_kwargs={"ctx_json": json.dumps(ctx)},
         batch_size=1,
         concurrency=cfg.num_workers,
         num_cpus=1,
     )
-    for row in ds.iter_rows():
+    for row in dataset.iter_rows():
         res = json.loads(row["result"])
         if "raised" in res:
             raise _reraise(res["raised"])

@@ -110,7 +110,7 @@ class ShardedStepOrder:
         g = self.global_batch_size
         return self.rows_at(epoch, np.arange(s * g, (s + 1) * g, dtype=np.int64))
 
-    def rank_micro_rows(self, step: int, rank: int, world: int, micro: int, accum: int) -> list[np.ndarray]:
+    def rank_micro_rows(self, step: int, rank: int, world_size: int, micro: int, accum: int) -> list[np.ndarray]:
         """Rank r takes a contiguous slice of micro x accum rows of the global batch, split into micro batches."""
         rows = self.global_rows(step)
         per_rank = micro * accum

@@ -1,4 +1,4 @@
-"""Plan stage: batch arithmetic, global = micro x accum x data_parallel_size, given any two derive the third."""
+"""Plan stage: batch arithmetic, global = micro x accum x world_size, given any two derive the third."""
 
 from __future__ import annotations
 
@@ -12,18 +12,18 @@ class BatchPlan:
     micro_batch_size_per_gpu: int
     grad_accum_steps: int
     global_batch_size: int
-    data_parallel_size: int
+    world_size: int
 
 
 def resolve_batch(
     micro_batch_size_per_gpu: int | None,
     grad_accum_steps: int | None,
     global_batch_size: int | None,
-    data_parallel_size: int,
+    world_size: int,
 ) -> BatchPlan:
     """Fill in the one missing value of (micro, accum, global); refuse values that do not divide."""
-    if data_parallel_size < 1:
-        raise ConfigError("compute.workers_per_node", f"data-parallel size must be >= 1, got {data_parallel_size}")
+    if world_size < 1:
+        raise ConfigError("compute.workers_per_node", f"world size must be >= 1, got {world_size}")
     for key, val in (
         ("train.micro_batch_size_per_gpu", micro_batch_size_per_gpu),
         ("train.grad_accum_steps", grad_accum_steps),
@@ -37,41 +37,40 @@ def resolve_batch(
             "train.global_batch_size",
             "give at least two of micro_batch_size_per_gpu, grad_accum_steps, global_batch_size",
         )
-    dp = data_parallel_size
     micro, accum, glob = micro_batch_size_per_gpu, grad_accum_steps, global_batch_size
     if glob is None:
-        glob = micro * accum * dp  # type: ignore[operator]
+        glob = micro * accum * world_size  # type: ignore[operator]
     elif accum is None:
-        if glob % (micro * dp):  # type: ignore[operator]
+        if glob % (micro * world_size):  # type: ignore[operator]
             raise ConfigError(
                 "train.global_batch_size",
-                f"{glob} is not divisible by micro_batch_size_per_gpu x data_parallel_size = {micro} x {dp}"
-                + _divisible_hint(glob, micro, dp),  # type: ignore[arg-type]
+                f"{glob} is not divisible by micro_batch_size_per_gpu x world_size = {micro} x {world_size}"
+                + _divisible_hint(glob, micro, world_size),  # type: ignore[arg-type]
             )
-        accum = glob // (micro * dp)  # type: ignore[operator]
+        accum = glob // (micro * world_size)  # type: ignore[operator]
     elif micro is None:
-        if glob % (accum * dp):
+        if glob % (accum * world_size):
             raise ConfigError(
                 "train.global_batch_size",
-                f"{glob} is not divisible by grad_accum_steps x data_parallel_size = {accum} x {dp}",
+                f"{glob} is not divisible by grad_accum_steps x world_size = {accum} x {world_size}",
             )
-        micro = glob // (accum * dp)
-    elif micro * accum * dp != glob:
+        micro = glob // (accum * world_size)
+    elif micro * accum * world_size != glob:
         raise ConfigError(
             "train.global_batch_size",
-            f"{glob} != micro_batch_size_per_gpu x grad_accum_steps x data_parallel_size = {micro} x {accum} x {dp}",
+            f"{glob} != micro_batch_size_per_gpu x grad_accum_steps x world_size = {micro} x {accum} x {world_size}",
         )
-    return BatchPlan(micro, accum, glob, dp)  # type: ignore[arg-type]
+    return BatchPlan(micro, accum, glob, world_size)  # type: ignore[arg-type]
 
 
-def _divisible_hint(global_batch_size: int, micro: int, dp: int) -> str:
-    """What to change so that micro x dp divides the global batch: a smaller micro batch, or a larger global."""
+def _divisible_hint(global_batch_size: int, micro: int, world_size: int) -> str:
+    """What to change so that micro x world_size divides the global batch: a smaller micro batch, or a larger global."""
     options = []
-    if global_batch_size % dp == 0:
-        per_worker = global_batch_size // dp
+    if global_batch_size % world_size == 0:
+        per_worker = global_batch_size // world_size
         fitting = max(d for d in range(1, min(micro, per_worker) + 1) if per_worker % d == 0)
         options.append(f"train.micro_batch_size_per_gpu={fitting}")
-    step = micro * dp
+    step = micro * world_size
     options.append(f"train.global_batch_size={-(-global_batch_size // step) * step}")
     return ": set " + " or ".join(options)
 

@@ -110,7 +110,7 @@ class JobPlan:
             f"world              {self.num_nodes} node(s) x {self.workers_per_node} worker(s) = {self.world_size}"
             f" ({'GPU' if j['compute']['use_gpu'] else 'CPU'})",
             f"batch              global {self.global_batch_size} = micro {self.micro_batch_size_per_gpu}"
-            f" x accum {self.grad_accum_steps} x dp {self.world_size}",
+            f" x accum {self.grad_accum_steps} x world {self.world_size}",
             f"tokens/step        <= {self.tokens_per_step:,} (global batch x seq {self.max_seq_length})",
             f"steps              {self.total_steps:,} (warmup {self.warmup_steps:,})"
             + (f", {self.steps_per_epoch:,} per epoch" if self.steps_per_epoch else ""),
@@ -235,7 +235,7 @@ def build_plan(cfg: JobConfig, dataset: Optional[DatasetStats] = None) -> JobPla
     return JobPlan(
         config=dataclasses.asdict(cfg),
         run_dir=str(cfg.run_dir),
-        world_size=batch.data_parallel_size,
+        world_size=batch.world_size,
         num_nodes=cfg.compute.num_nodes,
         workers_per_node=cfg.compute.resolved_workers_per_node(),
         micro_batch_size_per_gpu=batch.micro_batch_size_per_gpu,
@@ -270,7 +270,7 @@ def _estimates(cfg: JobConfig, batch: BatchPlan, vocab_size: int, tokens: int) -
         max_position_embeddings=m.max_position_embeddings,
         type_vocab_size=m.type_vocab_size,
         zero_stage=e.zero_stage,
-        dp_size=batch.data_parallel_size,
+        world_size=batch.world_size,
         precision=precision,
         offload_optimizer=e.offload_optimizer,
         offload_param=e.offload_param,
@@ -287,7 +287,7 @@ def _estimates(cfg: JobConfig, batch: BatchPlan, vocab_size: int, tokens: int) -
         masked_fraction=t.mlm_probability, sparse_mlm=True, training=True, with_nsp=t.nsp,
     )
     cost = estimate_time_cost(
-        tokens, fpt, cfg.compute.gpu_type, batch.data_parallel_size, mfu=cfg.compute.mfu,
+        tokens, fpt, cfg.compute.gpu_type, batch.world_size, mfu=cfg.compute.mfu,
         price_per_gpu_hour=cfg.compute.price_per_gpu_hour, precision="bf16" if precision == "fp32" else precision,
     )
     cost["flops_per_token"] = fpt

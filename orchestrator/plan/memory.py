@@ -123,7 +123,7 @@ class MemoryEstimate:
 
     num_params: int
     zero_stage: int
-    dp_size: int
+    world_size: int
     precision: str
     params_bytes: int
     gradients_bytes: int
@@ -148,12 +148,12 @@ class MemoryEstimate:
         return d
 
 
-def _check(zero_stage: int, dp_size: int, precision: str, offload_optimizer: bool, offload_param: bool,
+def _check(zero_stage: int, world_size: int, precision: str, offload_optimizer: bool, offload_param: bool,
            optimizer: str) -> None:
     if zero_stage not in (0, 1, 2, 3):
         raise ConfigError("engine.zero_stage", f"must be 0, 1, 2 or 3, got {zero_stage!r}")
-    if not isinstance(dp_size, int) or dp_size < 1:
-        raise ConfigError("compute", f"data-parallel size must be a positive integer, got {dp_size!r}")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError("compute", f"world size must be a positive integer, got {world_size!r}")
     if precision not in _PRECISIONS:
         raise ConfigError("engine.precision", f"must be one of {', '.join(_PRECISIONS)}, got {precision!r}")
     if offload_optimizer and zero_stage == 0:
@@ -169,15 +169,15 @@ def estimate_model_states(
     largest_layer: int,
     *,
     zero_stage: int,
-    dp_size: int,
+    world_size: int,
     precision: str = "bf16",
     offload_optimizer: bool = False,
     offload_param: bool = False,
     optimizer: str = "adamw",
 ) -> dict[str, int]:
     """Per-GPU bytes of params / gradients / optimizer / buffers (and host ``cpu`` bytes) — see module docstring."""
-    _check(zero_stage, dp_size, precision, offload_optimizer, offload_param, optimizer)
-    P, N, L = num_params, dp_size, largest_layer
+    _check(zero_stage, world_size, precision, offload_optimizer, offload_param, optimizer)
+    P, N, L = num_params, world_size, largest_layer
     moments = _OPTIMIZER_MOMENT_BYTES[optimizer]
     mixed = precision != "fp32"
     p_bytes = 2 if mixed else 4  # working params (and their grads)
@@ -254,7 +254,7 @@ def estimate_memory(
     type_vocab_size: int = 2,
     with_pretraining_heads: bool = True,
     zero_stage: int = 0,
-    dp_size: int = 1,
+    world_size: int = 1,
     precision: str = "bf16",
     offload_optimizer: bool = False,
     offload_param: bool = False,
@@ -266,11 +266,11 @@ def estimate_memory(
     masked_fraction: float = 0.15,
     sparse_mlm: bool = False,
 ) -> MemoryEstimate:
-    """Per-GPU memory estimate for training a BERT encoder with DeepSpeed ZeRO ``zero_stage`` on ``dp_size`` ranks."""
+    """Per-GPU memory estimate for training a BERT encoder with DeepSpeed ZeRO ``zero_stage`` on ``world_size`` ranks."""
     P = parameter_count(hidden_size, num_hidden_layers, intermediate_size, vocab_size,
                         max_position_embeddings, type_vocab_size, with_pretraining_heads)
     L = largest_layer_params(hidden_size, intermediate_size, vocab_size, with_pretraining_heads)
-    ms = estimate_model_states(P, L, zero_stage=zero_stage, dp_size=dp_size, precision=precision,
+    ms = estimate_model_states(P, L, zero_stage=zero_stage, world_size=world_size, precision=precision,
                                offload_optimizer=offload_optimizer, offload_param=offload_param,
                                optimizer=optimizer)
     act = activation_bytes(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
@@ -279,7 +279,7 @@ def estimate_memory(
                            precision=precision, activation_checkpointing=activation_checkpointing,
                            flash_attention=flash_attention, masked_fraction=masked_fraction,
                            sparse_mlm=sparse_mlm)
-    return MemoryEstimate(num_params=P, zero_stage=zero_stage, dp_size=dp_size, precision=precision,
+    return MemoryEstimate(num_params=P, zero_stage=zero_stage, world_size=world_size, precision=precision,
                           params_bytes=ms["params"], gradients_bytes=ms["gradients"],
                           optimizer_bytes=ms["optimizer"], buffers_bytes=ms["buffers"],
                           activations_bytes=act, cpu_bytes=ms["cpu"])
@@ -413,14 +413,14 @@ def format_memory_table(estimates: list[MemoryEstimate] | MemoryEstimate, gpu_me
     """Printable lines: one row per estimate (GiB per GPU); flags rows over ``gpu_memory_gib`` if given."""
     if isinstance(estimates, MemoryEstimate):
         estimates = [estimates]
-    head = (f"{'zero':>4} {'dp':>4} {'prec':>5} | {'params':>8} {'grads':>8} {'optim':>8} {'buffers':>8} "
+    head = (f"{'zero':>4} {'world':>5} {'prec':>5} | {'params':>8} {'grads':>8} {'optim':>8} {'buffers':>8} "
             f"{'activ':>8} | {'total':>8} {'host':>8}  (GiB per GPU)")
     lines = [head, "-" * len(head)]
     for m in estimates:
         flag = ""
         if gpu_memory_gib is not None and m.total_bytes > gpu_memory_gib * GiB:
             flag = f"  > {gpu_memory_gib:g} GiB: does not fit"
-        lines.append(f"{m.zero_stage:>4} {m.dp_size:>4} {m.precision:>5} | {_gib(m.params_bytes)} "
+        lines.append(f"{m.zero_stage:>4} {m.world_size:>5} {m.precision:>5} | {_gib(m.params_bytes)} "
                      f"{_gib(m.gradients_bytes)} {_gib(m.optimizer_bytes)} {_gib(m.buffers_bytes)} "
                      f"{_gib(m.activations_bytes)} | {_gib(m.total_bytes)} {_gib(m.cpu_bytes)}{flag}")
     return lines

@@ -19,7 +19,7 @@ import torch.distributed as dist
 @dataclass(frozen=True)
 class Dist:
     rank: int
-    world: int
+    world_size: int
     local_rank: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
@@ -34,14 +34,14 @@ class Dist:
         return replace(self, device=torch.device(device))
 
     def barrier(self) -> None:
-        if self.world > 1:
+        if self.world_size > 1:
             dist.barrier()
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place; `t` must sit on this Dist's device (the one the process group serves)."""
         if t.device != self.device:
             raise ValueError(f"collective on a {t.device} tensor; the process group serves {self.device}")
-        if self.world > 1:
+        if self.world_size > 1:
             dist.all_reduce(t)
         return t
 
@@ -52,9 +52,9 @@ class Dist:
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's obj, in rank order, on every rank (pickled through the group's own device)."""
-        if self.world == 1:
+        if self.world_size == 1:
             return [obj]
-        out: list[Any] = [None] * self.world
+        out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
 
@@ -63,7 +63,7 @@ class Dist:
 
         Every rank runs the same number of forwards, which ZeRO-3 needs (each forward gathers weights).
         """
-        per_round = micro * self.world
+        per_round = micro * self.world_size
         rounds = max(1, -(-n // per_round))
         for r in range(rounds):
             lo = r * per_round + self.rank * micro

@@ -90,15 +90,15 @@ class FinetuneTask:
         from orchestrator.data.finetune_prep import load_features
 
         self.plan, self.job, self.d = plan, plan.job, d
-        self.ds = plan.dataset
+        self.dataset = plan.dataset
         self.name = self.job.task.name
-        self.tokenizer = BertTokenizer.from_pretrained(self.ds["tokenizer_dir"], local_files_only=True)
+        self.tokenizer = BertTokenizer.from_pretrained(self.dataset["tokenizer_dir"], local_files_only=True)
         self.pad_id = self.tokenizer.pad_token_id
-        self.labels = self.ds.get("labels")
+        self.labels = self.dataset.get("labels")
         self.main_metric = self.job.task.main_metric or DEFAULT_MAIN_METRIC[self.name]
         if not self.main_metric.startswith("eval_"):
             self.main_metric = "eval_" + self.main_metric
-        feats = load_features(self.ds["data_dir"])
+        feats = load_features(self.dataset["data_dir"])
         self.eval_rows = feats["eval"]
         self.eval_extra = feats["eval_extra"]
         self.eval_file = feats["eval_file"]
@@ -109,8 +109,8 @@ class FinetuneTask:
         self.predictions: list[dict[str, Any]] = []
 
     def build_model(self):
-        return build_head_model(self.name, self.job.model, self.ds["vocab_size"], self.labels, self.pad_id,
-                                self.job.train.seed, self.ds.get("model_config_dir"))
+        return build_head_model(self.name, self.job.model, self.dataset["vocab_size"], self.labels, self.pad_id,
+                                self.job.train.seed, self.dataset.get("model_config_dir"))
 
     def init_weights(self, model, init_from: str) -> None:
         from orchestrator.model.build import load_encoder_weights

@@ -84,18 +84,18 @@ class PretrainTask:
         self.plan = plan
         self.job = plan.job
         self.d = d
-        self.ds = plan.dataset
-        self.tokenizer = BertTokenizer.from_pretrained(self.ds["tokenizer_dir"], local_files_only=True)
+        self.dataset = plan.dataset
+        self.tokenizer = BertTokenizer.from_pretrained(self.dataset["tokenizer_dir"], local_files_only=True)
         self.pad_id = self.tokenizer.pad_token_id
         self.nsp = self.job.task.nsp
         self.stat_keys = ("mlm_correct", "mlm_count") + (("nsp_correct", "nsp_count") if self.nsp else ())
-        self._train = _RowSource(open_split(self.ds["data_dir"], "train", self.job, self.tokenizer), self.pad_id, self.nsp)
-        self._eval_rows = open_split(self.ds["data_dir"], "eval", self.job, self.tokenizer)
+        self._train = _RowSource(open_split(self.dataset["data_dir"], "train", self.job, self.tokenizer), self.pad_id, self.nsp)
+        self._eval_rows = open_split(self.dataset["data_dir"], "eval", self.job, self.tokenizer)
 
     def build_model(self):
         from orchestrator.model.build import build_pretraining_model
 
-        return build_pretraining_model(self.job.model, self.ds["vocab_size"], self.pad_id, self.nsp, self.job.train.seed)
+        return build_pretraining_model(self.job.model, self.dataset["vocab_size"], self.pad_id, self.nsp, self.job.train.seed)
 
     def init_weights(self, model, init_from: str) -> None:
         from orchestrator.model.build import load_encoder_weights
@@ -121,7 +121,7 @@ class PretrainTask:
         if n == 0:  # no document fell into the held-out split (tiny or repetitive corpus): nothing to score
             return {"eval_rows": 0}
         micro = self.plan.micro_batch_size_per_gpu
-        mft_id = self.ds["most_frequent_token_id"]
+        mft_id = self.dataset["most_frequent_token_id"]
         sums = np.zeros(7)  # loss*count, correct, count, nsp_correct, nsp_count, mft hits, rows
         for idx, weight in d.eval_rounds(n, micro):
             batch = collate([rows.row(i, EVAL_EPOCH) for i in idx], self.pad_id, self.nsp)

@@ -75,7 +75,7 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, j: int):
         step = self.start_step + j // self.accum
         m = j % self.accum
-        idx = self.order.rank_micro_rows(step, self.d.rank, self.d.world, self.plan.micro_batch_size_per_gpu, self.accum)[m]
+        idx = self.order.rank_micro_rows(step, self.d.rank, self.d.world_size, self.plan.micro_batch_size_per_gpu, self.accum)[m]
         batch = self.source.batch(idx, self.order.epoch_of(step))
         batch["row_ids"] = torch.from_numpy(np.asarray(idx, dtype=np.int64))
         return batch
@@ -106,7 +106,7 @@ def restore_rng(latest, d: Dist, seed: int) -> str:
     from (seed, step, rank): reproducible, but not bit-identical to an uninterrupted run.
     """
     rng_file = latest.path / f"rng_rank{d.rank}.pt"
-    if rng_file.is_file() and latest.state.get("world_size") == d.world:
+    if rng_file.is_file() and latest.state.get("world_size") == d.world_size:
         st = torch.load(rng_file, weights_only=False)
         torch.set_rng_state(st["torch"])
         if d.device.type == "cuda" and "cuda" in st:
@@ -190,7 +190,7 @@ class Trainer:
         self.plan, self.job, self.reporter = plan, plan.job, reporter
         self.run_dir = Path(plan.run_dir)
         self.d = dist or self._init_dist()
-        self.accum = plan.grad_accum_at(self.d.world)
+        self.accum = plan.grad_accum_at(self.d.world_size)
         self.task = task or make_task(plan, self.d)
         self.source = self.task.train_source()
         self.order = self.source.step_order(plan.global_batch_size, self.job.train.seed)
@@ -204,7 +204,7 @@ class Trainer:
         if self.latest is not None and self._needs_universal(self.latest):
             _, self.conversion_s = ckpt.ensure_universal(self.latest.path, self.d.rank, self.d.barrier)
         factory = engine_factory or _build_engine
-        self.engine = factory(self.model, plan, self.d.device, plan.deepspeed_config_at(self.d.world))
+        self.engine = factory(self.model, plan, self.d.device, plan.deepspeed_config_at(self.d.world_size))
         torch.manual_seed(self.job.train.seed * 1000 + self.d.rank)  # dropout streams differ per rank
         self.state = TrainerState()
         self.interactive = interactive
@@ -276,7 +276,7 @@ class Trainer:
     def _needs_universal(self, info) -> bool:
         """A ZeRO (stage >= 1) checkpoint saved at another world size loads through the universal format."""
         use_zero = self.job.engine.backend == "deepspeed" and self.job.engine.zero_stage >= 1
-        return use_zero and info.state.get("world_size", self.d.world) != self.d.world
+        return use_zero and info.state.get("world_size", self.d.world_size) != self.d.world_size
 
     def _make_batches(self, step: int):
         return iter(torch.utils.data.DataLoader(
@@ -305,13 +305,13 @@ class Trainer:
         if self.latest is not None:
             info = self.latest
             self.sinks.event({
-                "event": "resume", "step": self.start_step, "from": str(info.path), "world_size": self.d.world,
+                "event": "resume", "step": self.start_step, "from": str(info.path), "world_size": self.d.world_size,
                 "saved_world_size": info.state.get("world_size"), "grad_accum_steps": self.accum,
                 "rng": self.rng_how, "universal_conversion_s": self.conversion_s,
             })
             if self.d.rank == 0:
                 log.info("resumed from %s at step %d (saved at world size %s, now %d, accum %d; RNG %s%s)",
-                         info.path, self.start_step, info.state.get("world_size"), self.d.world, self.accum,
+                         info.path, self.start_step, info.state.get("world_size"), self.d.world_size, self.accum,
                          self.rng_how, f"; universal conversion {self.conversion_s:.1f}s" if self.conversion_s else "")
         self._reset_window()
 
@@ -403,7 +403,7 @@ class Trainer:
         if bad and self.engine.step_applied():
             log.error("step %d was to be skipped but the engine applied it", self.state.step)
         if self.sinks.ledger is not None:
-            self.sinks.ledger.write({"step": self.state.step, "rows": torch.cat(rows).tolist(), "world_size": self.d.world,
+            self.sinks.ledger.write({"step": self.state.step, "rows": torch.cat(rows).tolist(), "world_size": self.d.world_size,
                                      "grad_accum_steps": self.accum, "skipped": bad, "time": time.time()})
         if not bad:
             self.bad_in_row = 0
@@ -419,7 +419,7 @@ class Trainer:
                              torch.tensor(float(STOP.is_set()), dtype=torch.float64, device=self.d.device)])
         nonfinite, total, stop = self.d.all_reduce(flags).tolist()
         self.stop_requested = stop > 0
-        mean = total / (self.d.world * self.accum)
+        mean = total / (self.d.world_size * self.accum)
         if tr.skip_nonfinite and nonfinite > 0:
             self.bad_reason = "non-finite loss"
             return True
@@ -449,7 +449,7 @@ class Trainer:
             "lr": self.engine.lr(),
             "grad_norm": self.engine.grad_norm(),
             "tokens_per_s": s[2] / elapsed if elapsed > 0 else 0.0,
-            "world_size": self.d.world,
+            "world_size": self.d.world_size,
             "grad_accum_steps": self.accum,
             "skipped_steps": self.state.skipped_steps,
             "time": time.time(),
@@ -505,7 +505,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         st = self.state
         st.loss_history = list(self.loss_hist)
-        saved = st.to_checkpoint(epoch=self.order.epoch_of(st.step - 1), world_size=self.d.world,
+        saved = st.to_checkpoint(epoch=self.order.epoch_of(st.step - 1), world_size=self.d.world_size,
                                  grad_accum_steps=self.accum, micro_batch_size_per_gpu=self.plan.micro_batch_size_per_gpu,
                                  global_batch_size=self.plan.global_batch_size, seed=self.job.train.seed)
 
@@ -530,7 +530,7 @@ class Trainer:
         if self.d.rank != 0:
             return {}
         out = {"status": "preempted", "steps": done, "planned_steps": self.plan.total_steps,
-               "resumed_from": self.resumed_from, "world_size": self.d.world,
+               "resumed_from": self.resumed_from, "world_size": self.d.world_size,
                "checkpoint": str(ckpt.find_latest(self.run_dir).path), "run_dir": str(self.run_dir)}
         write_json_atomic(self.run_dir / "summary.json", out)
         return out
@@ -575,7 +575,7 @@ class Trainer:
         out: dict[str, Any] = {
             "status": "completed", "task": self.job.task.name, "steps": st.step,
             "steps_this_start": st.step - self.start_step, "resumed_from": self.resumed_from,
-            "world_size": self.d.world, "global_batch_size": plan.global_batch_size,
+            "world_size": self.d.world_size, "global_batch_size": plan.global_batch_size,
             "micro_batch_size_per_gpu": plan.micro_batch_size_per_gpu, "grad_accum_steps": self.accum,
             "skipped_steps": st.skipped_steps, "rollbacks": st.rollbacks, "skipped_checkpoints": self.skipped_ckpts,
             "universal_conversion_s": self.conversion_s,
