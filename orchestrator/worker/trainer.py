@@ -209,7 +209,14 @@ class Trainer:
         self.state = TrainerState()
         self.interactive = interactive
         self.sinks: Optional[Sinks] = None
-        self.progress = Progress(plan.total_steps, 0, enabled=False)
+        self.progress: Optional[Progress] = None  # opened by resume(), once the start step is known
+        self.batches: Any = None  # the data iterator, positioned at the step resume() or rollback() loaded
+        self.start_step, self.resumed_from, self.rng_how = 0, None, None
+        self.loss_hist: deque = deque(maxlen=self.job.train.spike_window)  # good steps' mean losses (spike check)
+        self.bad_in_row, self.bad_reasons, self.bad_reason = 0, [], ""
+        self.stop_requested = False
+        self.window = torch.zeros(3 + len(self.task.stat_keys), dtype=torch.float64, device=self.d.device)
+        self.window_t0 = time.perf_counter()
         self.run_tokens, self.run_time, self.first_step_s = 0.0, 0.0, None
         self.eval_every = self.job.train.eval_every_steps or (plan.steps_per_epoch or plan.total_steps)
         self.stat_keys = tuple(self.task.stat_keys)
@@ -235,7 +242,8 @@ class Trainer:
             failed = False
             return self.finish()
         finally:
-            self.progress.close()
+            if self.progress is not None:
+                self.progress.close()
             if self.sinks is not None:
                 self.sinks.close(failed)
 
@@ -289,13 +297,10 @@ class Trainer:
     # -- resume / rollback --------------------------------------------------------------------------------
     def resume(self) -> None:
         """Load the newest good checkpoint (if any), then open the sinks and the data at its step."""
-        self.resumed_from: Optional[str] = None
-        self.rng_how: Optional[str] = None
         if self.latest is not None:
             self.load(self.latest)
             self.resumed_from = str(self.latest.path)
         else:
-            self.loss_hist = deque(maxlen=self.job.train.spike_window)
             self.batches = self._make_batches(0)
         self.start_step = self.state.step
         self.progress = Progress(self.plan.total_steps, self.start_step, enabled=self.interactive and self.d.rank == 0)
@@ -362,13 +367,12 @@ class Trainer:
                           "bad_steps": self.bad_reasons[-bad:], "rollbacks": rollbacks,
                           "seconds": time.perf_counter() - t0})
         self.progress.update(self.state.step - done)
+        self.bad_in_row, self.bad_reasons, self.bad_reason = 0, [], ""
         self._reset_window()
 
     def _reset_window(self) -> None:
-        self.bad_in_row, self.bad_reasons, self.bad_reason = 0, [], ""
-        self.stop_requested = False
-        # loss sum, micro count, tokens, task stats: on the device, read at log steps only
-        self.window = torch.zeros(3 + len(self.stat_keys), dtype=torch.float64, device=self.d.device)
+        """The metric window (loss sum, micro count, tokens, task stats) stays on the device; read at log steps."""
+        self.window.zero_()
         self.window_t0 = time.perf_counter()
 
     # -- one optimizer step -----------------------------------------------------------------------------
@@ -457,8 +461,7 @@ class Trainer:
         self.state.last_metrics = record
         self.sinks.write(record)
         self.progress.update(0, {"loss": f"{record['loss']:.3f}" if record["loss"] is not None else "-"})
-        self.window.zero_()
-        self.window_t0 = time.perf_counter()
+        self._reset_window()
 
     def maybe_evaluate(self, last: bool) -> None:
         done = self.state.step
