@@ -100,6 +100,29 @@ def compose_config(overrides: list[str]):
 PASS_THROUGH = ("launcher", "compute", "engine", "logger", "data.cache_dir", "data.loader_workers")
 
 
+def pass_through(passed: list[str]) -> list[str]:
+    """The overrides of a pipeline command that reach its stages."""
+    return [o for o in passed if o.lstrip("+~").split("=")[0].split(".")[0] in PASS_THROUGH
+            or o.lstrip("+~").split("=")[0] in PASS_THROUGH]
+
+
+def check_without_files(cfg, passed: list[str]) -> None:
+    """Everything that needs no file or cluster: types, ranges, cross-field rules and batch arithmetic, of the job or
+    of every stage of a pipeline (bert-orch-submit runs this before uploading; paths are checked on the cluster)."""
+    from orchestrator.config.schema import check_job, to_job_config
+    from orchestrator.plan.job_plan import plan_batch
+
+    job = to_job_config(cfg)
+    if job.pipeline.stages:
+        refuse_job_overrides_on_pipeline(passed)
+        for st in job.pipeline.stages:
+            overrides = [o.replace("{pipeline_dir}", "/pipeline") for o in st.overrides] + pass_through(passed)
+            check_without_files(compose_config(overrides), [])
+        return
+    check_job(job)
+    plan_batch(job)
+
+
 def run_pipeline(job, run_dir: str, passed: list[str], interactive: bool) -> dict[str, Any]:
     """Run the stages one after the other, each in <run_dir>/<stage>; compare the named stages at the end."""
     from rich.table import Table
@@ -107,8 +130,7 @@ def run_pipeline(job, run_dir: str, passed: list[str], interactive: bool) -> dic
     from orchestrator.io import write_json_atomic
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    keep = [o for o in passed if o.lstrip("+~").split("=")[0].split(".")[0] in PASS_THROUGH
-            or o.lstrip("+~").split("=")[0] in PASS_THROUGH]
+    keep = pass_through(passed)
     stages: dict[str, Any] = {}
     for st in job.pipeline.stages:
         overrides = [o.replace("{pipeline_dir}", str(Path(run_dir).resolve())) for o in st.overrides] + keep

@@ -34,7 +34,7 @@ def resolve_run_dir(overrides: Sequence[str], runs_root: str) -> tuple[str, list
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from orchestrator.driver import CONF_DIR
+    from orchestrator.driver import CONF_DIR, check_without_files
 
     overrides = list(overrides)
     old = os.environ.get("BERT_ORCH_RUNS")
@@ -42,10 +42,12 @@ def resolve_run_dir(overrides: Sequence[str], runs_root: str) -> tuple[str, list
     try:
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+            try:
+                cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+            except Exception as exc:  # hydra's override/compose errors: one line, naming the override
+                raise OrchestratorError(f"cannot compose the job's config: {str(exc).splitlines()[0]}") from None
+            check_without_files(cfg, overrides)  # nothing is uploaded for a job the plan would refuse
         run_dir = OmegaConf.select(cfg, "hydra.run.dir")
-    except Exception as exc:  # hydra's override/compose errors: one line, naming the override
-        raise OrchestratorError(f"cannot compose the job's config: {str(exc).splitlines()[0]}") from None
     finally:
         GlobalHydra.instance().clear()
         if old is None:

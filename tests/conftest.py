@@ -18,6 +18,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ["BERT_ORCH_FAULTS_ENABLED"] = "1"  # the fault-injection hook works only where enabled on purpose
 
 
 def _session_ray_token() -> None:

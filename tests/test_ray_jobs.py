@@ -77,9 +77,9 @@ def test_ray_job_submit_cli_runs_on_the_cluster(head, tmp_path):
     assert len(list_nodes(address=head.dashboard_url)) == 1
 
 
-def _submit(args: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "bert-orch-submit"), *args], cwd=REPO, env=_env(), capture_output=True,
-                          text=True, **kw)
+def _submit(args: list[str], env_extra: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "bert-orch-submit"), *args], cwd=REPO, env=_env(**(env_extra or {})),
+                          capture_output=True, text=True, **kw)
 
 
 @pytest.mark.slow
@@ -88,9 +88,15 @@ def test_stopped_job_resumes_from_its_checkpoint_when_resubmitted(head, tmp_path
     overrides = [*SMOKE, "train.max_steps=60", "train.checkpoint_every_steps=10", "train.keep_last=10",
                  "train.log_every_steps=1", "train.eval_every_steps=60"]
     base = ["--address", head.dashboard_url, "--runs-root", str(runs)]
-    first = _submit([*base, "--no-wait", *overrides], timeout=120)
+    secret = "wandb-key-that-must-not-leak-0123456789"
+    first = _submit([*base, "--no-wait", *overrides], env_extra={"WANDB_API_KEY": secret}, timeout=120)
     assert first.returncode == 0, first.stderr[-3000:]
     job_id = next(ln.split()[-1] for ln in first.stdout.splitlines() if ln.startswith("job id"))
+    # what anyone with access to the Jobs API reads back: no W&B key (the submitter's shell had one)
+    client = ray_job.job_client(head.dashboard_url)
+    info = client.get_job_info(job_id)
+    assert secret not in repr(info) and secret not in repr(client.list_jobs())
+    assert info.runtime_env["env_vars"]["BERT_ORCH_RUNS"] == str(runs)
     run_dir = Path(next(ln.split(None, 2)[-1] for ln in first.stdout.splitlines() if ln.startswith("run dir")))
     assert run_dir == runs / "quickstart_pretrain"
     ckpts = run_dir / "checkpoints"

@@ -30,11 +30,15 @@ WORKING_DIR_EXCLUDES = [
     "__pycache__", "*.egg-info", "*.pyc",
 ]
 # Forwarded into every job's runtime_env when the submitting shell has them (then on to Train workers).
+# Never secrets: Ray's Jobs API and dashboard show a job's runtime_env to anyone with cluster access. The W&B
+# key comes from the nodes' own environment (exported before `ray start`, a Kubernetes secret, `wandb login`).
+# Never the test-only fault injection either.
 FORWARD_ENV = (
-    "WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "WANDB_BASE_URL", "WANDB_SILENT", "WANDB_PROJECT",
+    "WANDB_MODE", "WANDB_DIR", "WANDB_BASE_URL", "WANDB_SILENT", "WANDB_PROJECT",
     "WANDB_ENTITY", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "BERT_ORCH_CACHE",
-    "BERT_ORCH_FAULT", "TOKENIZERS_PARALLELISM",
+    "TOKENIZERS_PARALLELISM",
 )
+SECRET_ENV = ("WANDB_API_KEY",)
 AUTH_HELP = (
     "this Ray cluster uses token authentication: export RAY_AUTH_MODE=token and make the cluster's "
     "token available as RAY_AUTH_TOKEN, in the file named by RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token "
@@ -124,11 +128,15 @@ def connect_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None
 def _host_port(address: str) -> tuple[str, int]:
     if "://" not in address:
         address = "tcp://" + address
-    u = urlparse(address)
-    if not u.hostname:
+    try:
+        u = urlparse(address)
+        host, port = u.hostname, u.port  # .port raises on a bad port, urlparse on a bad IPv6 literal
+    except ValueError as exc:
+        raise ClusterUnreachable(f"cannot parse Ray address '{address}': {exc}") from None
+    if not host:
         raise ClusterUnreachable(f"cannot parse Ray address '{address}'")
     default = 443 if u.scheme == "https" else (8265 if u.scheme == "http" else 6379)
-    return u.hostname, u.port or default
+    return host, port or default
 
 
 def check_reachable(address: str, timeout_s: float = 3.0) -> None:
@@ -178,6 +186,11 @@ def forwarded_env(extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
 
 
 def runtime_env(working_dir: Optional[str | Path], env_vars: Mapping[str, str]) -> dict[str, Any]:
+    """A job's runtime_env. Refuses secrets: Ray's Jobs API returns env_vars to anyone who can reach it."""
+    leaked = sorted(k for k in env_vars if k in SECRET_ENV)
+    if leaked:
+        raise OrchestratorError(f"{', '.join(leaked)} would be visible in the job's runtime_env through Ray's Jobs API:"
+                                " set it in the cluster nodes' environment instead (see README, 'Secrets')")
     renv: dict[str, Any] = {"env_vars": dict(env_vars)}
     if working_dir:
         renv["working_dir"] = str(working_dir)

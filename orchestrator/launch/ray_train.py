@@ -12,10 +12,11 @@ from orchestrator.plan.job_plan import JobPlan
 
 log = logging.getLogger("orchestrator.launch")
 
-# Passed through to every worker when the driver has them: W&B, DeepSpeed op cache, threading.
+# Passed through to every worker when the driver has them: W&B settings, DeepSpeed op cache, threading, and the
+# tests' fault injection (inert unless enabled). Not the W&B key: Train workers' runtime env is visible through
+# Ray's state API; workers read it from their node's environment, as the driver did.
 _FORWARD_ENV = (
     "WANDB_MODE",
-    "WANDB_API_KEY",
     "WANDB_DIR",
     "WANDB_BASE_URL",
     "WANDB_SILENT",
@@ -24,6 +25,7 @@ _FORWARD_ENV = (
     "HF_HUB_OFFLINE",
     "BERT_ORCH_CACHE",
     "BERT_ORCH_FAULT",
+    "BERT_ORCH_FAULTS_ENABLED",
 )
 
 

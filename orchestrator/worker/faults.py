@@ -1,6 +1,9 @@
 """Worker stage: deterministic fault injection for the fault-tolerance tests (never set it in real jobs).
 
-`BERT_ORCH_FAULT` (forwarded to Ray workers by launch/ray_train.py) holds `;`-separated specs:
+It is off unless enabled on purpose: `BERT_ORCH_FAULT` is read only when `BERT_ORCH_FAULTS_ENABLED=1` is set
+too (tests/conftest.py sets it; a stray spec in a user's shell is ignored with a warning). launch/ray_train.py
+passes both to the Train workers of a run started in-process; Ray Job submissions never forward them.
+`BERT_ORCH_FAULT` holds `;`-separated specs:
 
     kill_rank=R@step=N      after optimizer step N, rank R SIGKILLs itself (a dead worker / node)
     sigterm_rank=R@step=N   after step N, rank R sends itself SIGTERM (a preemption notice)
@@ -22,6 +25,7 @@ import time
 from pathlib import Path
 
 ENV = "BERT_ORCH_FAULT"
+ENABLE_ENV = "BERT_ORCH_FAULTS_ENABLED"
 
 
 class Faults:
@@ -50,7 +54,19 @@ class Faults:
 
     @staticmethod
     def from_env(run_dir: Path, rank: int) -> "Faults":
-        return Faults(os.environ.get(ENV, ""), run_dir, rank)
+        spec = os.environ.get(ENV, "")
+        if spec and os.environ.get(ENABLE_ENV) != "1":
+            if rank == 0:
+                import logging
+
+                logging.getLogger("orchestrator.worker").warning(
+                    "%s is set but fault injection is not enabled (%s=1, tests only): ignored", ENV, ENABLE_ENV)
+            spec = ""
+        elif spec and rank == 0:
+            import logging
+
+            logging.getLogger("orchestrator.worker").warning("fault injection enabled: %s=%s", ENV, spec)
+        return Faults(spec, run_dir, rank)
 
     def _fire_once(self, name: str, step: int) -> bool:
         marker = self.run_dir / ".faults" / name

@@ -1,0 +1,61 @@
+"""Issue 15's gate, without a cluster: secrets never enter a job's runtime_env, fault injection is inert unless
+enabled, and bert-orch-submit refuses a job the plan would refuse before contacting anything."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator import submit
+from orchestrator.errors import OrchestratorError
+from orchestrator.launch import ray_job, ray_train
+from orchestrator.worker.faults import Faults
+from tests.conftest import compose
+
+SECRET = "wandb-key-that-must-not-leak-0123456789"
+
+
+def test_the_wandb_key_is_never_forwarded(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    env = ray_job.forwarded_env()
+    assert "WANDB_API_KEY" not in env and env["WANDB_MODE"] == "offline"
+    from orchestrator.driver import make_plan
+
+    plan = make_plan(compose(["launcher=ray"]), run_dir=str(tmp_path / "r"), prepare=False)[0]
+    assert SECRET not in repr(ray_train.worker_env(plan))
+    assert SECRET not in repr(ray_train.trainer_configs(plan)[1])  # RunConfig: what Ray Train's state shows
+    with pytest.raises(OrchestratorError, match="WANDB_API_KEY would be visible"):
+        ray_job.runtime_env(None, {"WANDB_API_KEY": SECRET})
+
+
+def test_fault_injection_is_inert_unless_enabled(monkeypatch, tmp_path):
+    monkeypatch.setenv("BERT_ORCH_FAULT", "nan_loss_at=3;slow_step=2")
+    monkeypatch.delenv("BERT_ORCH_FAULTS_ENABLED")
+    off = Faults.from_env(tmp_path, 0)
+    assert off.slow == 0.0 and not off.nan_once
+    assert "BERT_ORCH_FAULT" not in ray_job.forwarded_env()  # and never sent with a Ray Job
+    monkeypatch.setenv("BERT_ORCH_FAULTS_ENABLED", "1")
+    on = Faults.from_env(tmp_path, 0)
+    assert on.slow == 2.0 and on.nan_once == {3}
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["experiment=quickstart_pretrain", "optim.lr=abc", "train.max_steps=-3"], "optim.lr"),
+    (["experiment=quickstart_pretrain", "train.max_steps=-3"], "train.max_steps"),
+    (["experiment=quickstart_pretrain", "optim.lr=nan"], "optim.lr"),
+    (["experiment=quickstart_pretrain", "train.global_batch_size=100"], "train.global_batch_size"),
+    (["engine.zero_stage=7"], "engine.zero_stage"),  # the default pipeline: every stage is checked
+    (["optim.lr=0.1"], "optim.lr"),  # a job-level override on the pipeline
+])
+def test_submit_refuses_a_bad_job_before_contacting_the_cluster(overrides, key, tmp_path, capsys):
+    dead = f"http://127.0.0.1:{ray_job.free_port()}"  # nothing listens: a refusal naming it would mean we tried
+    code = submit.main(["--address", dead, "--runs-root", str(tmp_path), *overrides])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1, err
+    assert f"'{key}'" in err[0] and dead not in err[0], err
+
+
+def test_a_malformed_address_is_one_line(tmp_path, capsys):
+    code = submit.main(["--address", "http://[::1", "--runs-root", str(tmp_path), "experiment=quickstart_pretrain"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and "cannot parse Ray address 'http://[::1'" in err[0], err
