@@ -331,3 +331,46 @@ def test_a_finished_run_started_again_re_exports_and_re_evaluates(tmp_path):
     summary = again.run()
     assert summary["steps"] == 8 and summary["steps_this_start"] == 0 and calls == [1]
     assert summary["final_eval"]["eval_loss"] == 0.5 and (Path(plan.run_dir) / "export" / "config.json").is_file()
+
+
+# ------------------------------------------------------------------------------------ damaged checkpoints
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flipped byte in the engine shard", "bad trainer_state.json of the same size"])
+def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one(tmp_path, damage):
+    plan = _plan(tmp_path, "train.global_batch_size=4", "train.checkpoint_every_steps=2", "train.keep_last=3")
+    t = _trainer(plan, on_forward=lambda i: trainer_mod.STOP.set() if i == 6 else None)
+    assert t.run()["steps"] == 6
+    trainer_mod.STOP.clear()
+    newest = Path(plan.run_dir) / "checkpoints" / "step_00000006"
+    if damage.startswith("flipped"):
+        _flip_a_byte(newest / "engine.json")  # same size: only the checksum can tell
+    else:
+        state = newest / "trainer_state.json"
+        size = state.stat().st_size
+        state.write_text("{" + " " * (size - 1))
+        assert state.stat().st_size == size
+    again = _trainer(plan)
+    summary = again.run()
+    assert summary["status"] == "completed" and summary["steps"] == 8
+    assert summary["resumed_from"].endswith("step_00000004"), summary["resumed_from"]
+    assert again.engine.loads == ["step_00000004"]
+    assert len(summary["skipped_checkpoints"]) == 1 and "step_00000006" in summary["skipped_checkpoints"][0]
+    events = [r for r in read_jsonl(Path(plan.run_dir) / "metrics.jsonl") if r.get("event") == "checkpoint_skipped"]
+    assert events and ("SHA-256" in events[0]["reason"] or "trainer_state.json" in events[0]["reason"]), events
+
+
+def test_the_manifest_records_a_checksum_per_file(tmp_path):
+    plan = _plan(tmp_path, "train.global_batch_size=4", "train.max_steps=4")
+    _trainer(plan).run()
+    import hashlib
+
+    ck = Path(plan.run_dir) / "checkpoints" / "step_00000004"
+    files = json.loads((ck / "manifest.json").read_text())["files"]
+    assert set(files) >= {"engine.json", "trainer_state.json"}
+    for name, rec in files.items():
+        assert rec["sha256"] == hashlib.sha256((ck / name).read_bytes()).hexdigest(), name

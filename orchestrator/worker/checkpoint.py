@@ -1,4 +1,10 @@
-"""Worker stage: checkpoints written to a temporary name and renamed only when complete; newest good one resumed."""
+"""Worker stage: checkpoints written to a temporary name and renamed only when complete; newest good one resumed.
+
+The manifest records each file's size and SHA-256. Scanning (rotation, the driver's resume check) compares sizes;
+the checkpoint a job is about to load is verified byte for byte, and a damaged one (a flipped byte in a shard, an
+unreadable trainer_state.json) is skipped for the previous one with a warning. A new checkpoint is fsynced,
+renamed and the rename fsynced before any older one is deleted.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from orchestrator.io import fsync_tree, replace_dir, write_json_atomic
+from orchestrator.io import fsync_tree, replace_dir, sha256_file, write_json_atomic
 
 log = logging.getLogger("orchestrator.checkpoint")
 
@@ -31,16 +37,17 @@ def checkpoint_root(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def _file_list(directory: Path) -> dict[str, int]:
+def _file_list(directory: Path) -> dict[str, dict[str, Any]]:
     return {
-        str(p.relative_to(directory)): p.stat().st_size
+        str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
 
 
-def verify(directory: Path) -> Optional[str]:
-    """None when the manifest's files are all present with their recorded sizes, else why not."""
+def verify(directory: Path, checksums: bool = False) -> Optional[str]:
+    """None when the manifest's files are all present with their recorded sizes (and, with `checksums`, their
+    SHA-256), else why not."""
     manifest = directory / MANIFEST
     if not manifest.is_file():
         return "no manifest (incomplete write)"
@@ -48,17 +55,34 @@ def verify(directory: Path) -> Optional[str]:
         recorded = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError) as exc:
         return f"unreadable manifest: {exc}"
-    for name, size in recorded.items():
+    for name, rec in recorded.items():
+        rec = rec if isinstance(rec, dict) else {"size": rec}  # manifests before checksums: sizes only
         f = directory / name
         if not f.is_file():
             return f"missing file {name}"
-        if f.stat().st_size != size:
-            return f"file {name} is {f.stat().st_size} bytes, manifest says {size}"
+        if f.stat().st_size != rec["size"]:
+            return f"file {name} is {f.stat().st_size} bytes, manifest says {rec['size']}"
+        if checksums and "sha256" in rec and sha256_file(f) != rec["sha256"]:
+            return f"file {name} does not match its SHA-256 in the manifest (damaged)"
     return None
 
 
-def find_latest(run_dir: str | os.PathLike, warn: Callable[[str], None] = log.warning) -> Optional[CheckpointInfo]:
-    """Newest complete checkpoint; newer incomplete or damaged ones are skipped with a warning."""
+def read_checkpoint(path: Path, checksums: bool = False) -> tuple[Optional[CheckpointInfo], Optional[str]]:
+    """(the checkpoint, None) when it is whole and its trainer state readable, else (None, why not)."""
+    problem = verify(path, checksums)
+    if problem is None:
+        try:
+            state = json.loads((path / STATE).read_text())
+            return CheckpointInfo(path, int(_STEP_DIR.match(path.name).group(1)), state), None
+        except (OSError, ValueError) as exc:
+            problem = f"unreadable {STATE}: {exc}"
+    return None, problem
+
+
+def find_latest(run_dir: str | os.PathLike, warn: Callable[[str], None] = log.warning,
+                checksums: bool = False) -> Optional[CheckpointInfo]:
+    """Newest complete checkpoint; newer incomplete or damaged ones are skipped with a warning. `checksums`
+    verifies every byte (for the checkpoint about to be loaded); without it sizes are compared."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return None
@@ -66,10 +90,10 @@ def find_latest(run_dir: str | os.PathLike, warn: Callable[[str], None] = log.wa
         ((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()),
         reverse=True,
     )
-    for step, path in steps:
-        problem = verify(path)
-        if problem is None:
-            return CheckpointInfo(path, step, json.loads((path / STATE).read_text()))
+    for _, path in steps:
+        info, problem = read_checkpoint(path, checksums)
+        if info is not None:
+            return info
         warn(f"skipping checkpoint {path}: {problem}")
     return None
 
@@ -99,7 +123,7 @@ def save(
         write_json_atomic(tmp / STATE, trainer_state)
         write_json_atomic(tmp / MANIFEST, {"step": step, "files": _file_list(tmp)})
         fsync_tree(tmp)
-        replace_dir(tmp, final)
+        replace_dir(tmp, final)  # fsyncs the rename: it is durable before any older checkpoint goes
         _rotate(root, keep_last)
     barrier()
     return final

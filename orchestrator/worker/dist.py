@@ -58,6 +58,14 @@ class Dist:
         dist.all_gather_object(out, obj)
         return out
 
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's obj on every rank (a decision only rank 0 takes, e.g. which checkpoint to load)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
+
     def eval_rounds(self, n: int, micro: int) -> Iterator[tuple[list[int], float]]:
         """Split indices 0..n-1 over ranks in equal rounds; a rank with nothing left gets ([0], 0.0).
 

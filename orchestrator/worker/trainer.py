@@ -199,7 +199,7 @@ class Trainer:
 
         self.faults = Faults.from_env(self.run_dir, self.d.rank)
         self.skipped_ckpts: list[str] = []
-        self.latest = ckpt.find_latest(self.run_dir, warn=self._warn_ckpt)
+        self.latest = self._choose_checkpoint()
         self.conversion_s: Optional[float] = None
         if self.latest is not None and self._needs_universal(self.latest):
             _, self.conversion_s = ckpt.ensure_universal(self.latest.path, self.d.rank, self.d.barrier)
@@ -281,6 +281,21 @@ class Trainer:
             log.warning(msg)
             self.skipped_ckpts.append(msg)
 
+    def _choose_checkpoint(self) -> Optional[ckpt.CheckpointInfo]:
+        """Rank 0 picks the newest checkpoint whose every byte matches its manifest (a damaged one is skipped
+        with a warning, recorded in the summary); every rank loads that one, whatever its own view of the dir."""
+        path = None
+        if self.d.rank == 0:
+            info = ckpt.find_latest(self.run_dir, warn=self._warn_ckpt, checksums=True)
+            path = str(info.path) if info is not None else None
+        path = self.d.broadcast(path)
+        if path is None:
+            return None
+        info, problem = ckpt.read_checkpoint(Path(path))
+        if info is None:
+            raise RuntimeError(f"rank {self.d.rank} cannot read checkpoint {path}, chosen by rank 0: {problem}")
+        return info
+
     def _needs_universal(self, info) -> bool:
         """A ZeRO (stage >= 1) checkpoint saved at another world size loads through the universal format."""
         use_zero = self.job.engine.backend == "deepspeed" and self.job.engine.zero_stage >= 1
@@ -348,7 +363,7 @@ class Trainer:
     def rollback(self) -> None:
         tr, done, bad = self.job.train, self.state.step, self.bad_in_row
         rollbacks = self.state.rollbacks + 1
-        target = ckpt.find_latest(self.run_dir, warn=self._warn_ckpt)
+        target = self._choose_checkpoint()
         if rollbacks > tr.max_rollbacks or target is None:
             why = (f"{rollbacks - 1} rollbacks allowed (train.max_rollbacks)" if target is not None
                    else "no checkpoint to roll back to")
