@@ -374,3 +374,52 @@ def test_the_manifest_records_a_checksum_per_file(tmp_path):
     assert set(files) >= {"engine.json", "trainer_state.json"}
     for name, rec in files.items():
         assert rec["sha256"] == hashlib.sha256((ck / name).read_bytes()).hexdigest(), name
+
+
+# ------------------------------------------------------------------------------------------ safe loading
+class _Payload:
+    """What an attacker with write access to a run dir would plant: unpickling it runs code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def test_nothing_read_back_from_a_run_dir_unpickles_code(tmp_path):
+    from types import SimpleNamespace
+
+    from orchestrator.data.finetune_prep import FEATURES_FILE, load_features
+    from orchestrator.errors import DataError
+    from orchestrator.worker.trainer import restore_rng
+
+    marker = tmp_path / "pwned"
+    ck = tmp_path / "step_00000004"
+    ck.mkdir()
+    torch.save({"torch": _Payload(marker)}, ck / "rng_rank0.pt")
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        restore_rng(SimpleNamespace(path=ck, state={"world_size": 1}, step=4), Dist(0, 1, 0), seed=1)
+    assert not marker.exists()
+    assert FEATURES_FILE.endswith(".json")
+    (tmp_path / FEATURES_FILE).write_text('{"train": [{"__type__": "Popen", "args": ["touch", "x"]}]}')
+    with pytest.raises(DataError, match="unknown record type 'Popen'"):
+        load_features(str(tmp_path))
+
+
+def test_deepspeed_loads_run_weights_only(tmp_path):
+    """DeepSpeed 0.19.8 passes weights_only=False; inside weights_only_loads() a planted payload is refused and
+    DeepSpeed's own data classes still load."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from orchestrator.worker.checkpoint import weights_only_loads
+
+    marker = tmp_path / "pwned"
+    torch.save({"optimizer_state_dict": _Payload(marker)}, tmp_path / "evil_optim_states.pt")
+    torch.save({"zero_stage": ZeroStageEnum.gradients, "t": torch.ones(2)}, tmp_path / "good_optim_states.pt")
+    with weights_only_loads():
+        with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+            torch.load(tmp_path / "evil_optim_states.pt", weights_only=False)
+        good = torch.load(tmp_path / "good_optim_states.pt", weights_only=False)
+    assert not marker.exists() and good["zero_stage"] == ZeroStageEnum.gradients
+    assert torch.load is torch.serialization.load, "restored on exit"

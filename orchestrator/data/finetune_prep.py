@@ -1,21 +1,20 @@
 """Data stage, driver side: fine-tuning files -> validated, tokenised features in the run dir (no torch).
 
 Every file error (missing column, unseen label, bad CoNLL line, bad SQuAD span) is raised here, before
-any worker starts. Workers load the pickled features; they never re-read or re-tokenise the files.
+any worker starts. Workers load the features (JSON, never pickle); they never re-read or re-tokenise the files.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from orchestrator.errors import ConfigError, DataError
 
-FEATURES_FILE = "features.pkl"
+FEATURES_FILE = "features.json"  # JSON, never pickle: whoever can write a run dir must not run code in its workers
 
 
 @dataclass(frozen=True)
@@ -151,13 +150,9 @@ def prepare_finetune_data(job, run_dir: str) -> FinetuneData:
         raise DataError(eval_file, "no evaluation examples")
     payload = {"train": tr_rows, "eval": ev_rows, "eval_extra": extra_eval, "labels": labels,
                "train_file": train_file, "eval_file": eval_file}
-    from orchestrator.io import atomic_write
+    from orchestrator.io import write_text_atomic
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            pickle.dump(payload, fh, protocol=pickle.HIGHEST_PROTOCOL)
-
-    atomic_write(data_dir / FEATURES_FILE, write)
+    write_text_atomic(data_dir / FEATURES_FILE, json.dumps(payload, default=_encode, separators=(",", ":")))
     return FinetuneData(
         data_dir=str(data_dir),
         tokenizer_dir=str(tok_dir),
@@ -170,6 +165,32 @@ def prepare_finetune_data(job, run_dir: str) -> FinetuneData:
     )
 
 
+def _example_types() -> dict[str, type]:
+    from orchestrator.data import finetuning as ft
+
+    return {c.__name__: c for c in (ft.ClassificationExample, ft.NerSentence, ft.SquadAnswer, ft.QAExample)}
+
+
+def _encode(obj: Any) -> Any:
+    """JSON for what featurising yields beyond lists and numbers: the example dataclasses (tagged by type) and
+    numpy values."""
+    if is_dataclass(obj) and type(obj).__name__ in _example_types():
+        return {"__type__": type(obj).__name__, **{f.name: getattr(obj, f.name) for f in fields(obj)}}
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars
+        return obj.tolist()
+    raise TypeError(f"cannot store a {type(obj).__name__} in {FEATURES_FILE}")
+
+
 def load_features(data_dir: str) -> dict[str, Any]:
-    with open(Path(data_dir) / FEATURES_FILE, "rb") as fh:
-        return pickle.load(fh)
+    """The driver's featurised data; only the example types above are rebuilt (no code runs from the file)."""
+    types = _example_types()
+
+    def decode(d: dict[str, Any]) -> Any:
+        name = d.get("__type__")
+        if name is None:
+            return d
+        if name not in types:
+            raise DataError(str(Path(data_dir) / FEATURES_FILE), f"unknown record type {name!r}")
+        return types[name](**{k: v for k, v in d.items() if k != "__type__"})
+
+    return json.loads((Path(data_dir) / FEATURES_FILE).read_text(), object_hook=decode)

@@ -8,6 +8,7 @@ renamed and the rename fsynced before any older one is deleted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -142,6 +143,48 @@ def _rotate(root: Path, keep_last: int) -> None:
 UNIVERSAL_TAG = "ds_universal"
 
 
+def _deepspeed_safe_globals() -> list:
+    """The only classes DeepSpeed 0.19.8's ZeRO checkpoints pickle besides tensors and builtins (found by loading
+    stage 0-3 checkpoints with weights_only=True); plain data holders, rebuilt without running their code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Inside, every torch.load runs with weights_only=True (whatever its caller passed) and only DeepSpeed's few
+    data classes allowed: whoever can write a shared run dir cannot run code in the workers through DeepSpeed's
+    own loads, which pass weights_only=False."""
+    import torch
+
+    original = torch.load
+    allowed = _deepspeed_safe_globals()
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(allowed):
+            return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def _convert_to_universal_main(argv: list[str]) -> None:
+    """`python -m orchestrator.worker.checkpoint <ds_to_universal args>`: DeepSpeed's converter with safe loads."""
+    import runpy
+    import sys
+
+    sys.argv = ["ds_to_universal", *argv]
+    with weights_only_loads():
+        runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__")
+
+
 def ensure_universal(ckpt_dir: Path, rank: int, barrier: Callable[[], None], tag: str = "ds") -> tuple[Path, float]:
     """Collective: a DeepSpeed universal copy of ckpt_dir/<tag> (ZeRO state re-shardable to any world size).
 
@@ -160,7 +203,7 @@ def ensure_universal(ckpt_dir: Path, rank: int, barrier: Callable[[], None], tag
         shutil.rmtree(tmp, ignore_errors=True)
         t0 = time.perf_counter()
         cmd = [
-            sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+            sys.executable, "-m", "orchestrator.worker.checkpoint",  # ds_to_universal, loading weights only
             "--input_folder", str(ckpt_dir / tag), "--output_folder", str(tmp),
             "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1",
         ]
@@ -191,3 +234,9 @@ def truncate_ledgers(run_dir: str | os.PathLike, resume_step: int) -> None:
 
     for path in sorted(ledger_dir.glob("rank*.jsonl")):
         truncate_jsonl(path, resume_step)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _convert_to_universal_main(sys.argv[1:])

@@ -204,7 +204,7 @@ class TorchEngine(Engine):
         )
 
     def load(self, directory: Path, universal: bool = False):
-        state = torch.load(directory / "engine_state.pt", map_location=self.device, weights_only=False)
+        state = torch.load(directory / "engine_state.pt", map_location=self.device, weights_only=True)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -273,13 +273,14 @@ class DeepSpeedEngine(Engine):
         DeepSpeed reads `checkpoint.load_universal` only when loading, so it is set per load here: a later
         rollback to a checkpoint of the current world size loads the plain way again.
         """
-        from orchestrator.worker.checkpoint import UNIVERSAL_TAG
+        from orchestrator.worker.checkpoint import UNIVERSAL_TAG, weights_only_loads
 
         self.engine._config.load_universal_checkpoint = universal
-        path, _ = self.engine.load_checkpoint(
-            str(directory), tag=UNIVERSAL_TAG if universal else self.TAG,
-            load_optimizer_states=True, load_lr_scheduler_states=True,
-        )
+        with weights_only_loads():  # DeepSpeed 0.19.8 unpickles its shards with weights_only=False
+            path, _ = self.engine.load_checkpoint(
+                str(directory), tag=UNIVERSAL_TAG if universal else self.TAG,
+                load_optimizer_states=True, load_lr_scheduler_states=True,
+            )
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {directory}")
 

@@ -107,7 +107,7 @@ def restore_rng(latest, d: Dist, seed: int) -> str:
     """
     rng_file = latest.path / f"rng_rank{d.rank}.pt"
     if rng_file.is_file() and latest.state.get("world_size") == d.world_size:
-        st = torch.load(rng_file, weights_only=False)
+        st = torch.load(rng_file, weights_only=True)
         torch.set_rng_state(st["torch"])
         if d.device.type == "cuda" and "cuda" in st:
             torch.cuda.set_rng_state(st["cuda"])
