@@ -73,11 +73,26 @@ def make_plan(cfg, run_dir: Optional[str] = None, prepare: bool = True):
 
 
 def _check_resume_point(plan) -> None:
-    """A run dir whose newest checkpoint lies beyond the planned steps cannot be resumed into this plan."""
+    """A run dir's newest checkpoint is resumed only into the same job (train.resume), and only if it does not lie
+    beyond the planned steps."""
+    from orchestrator.plan.identity import identity_diff, job_identity
     from orchestrator.worker.checkpoint import find_latest
 
     latest = find_latest(plan.run_dir, warn=lambda m: None)
-    if latest is not None and latest.step > plan.total_steps:
+    if latest is None:
+        return
+    mode = plan.job.train.resume
+    if mode == "never":
+        raise ConfigError("train.resume", f"run dir '{plan.run_dir}' holds a checkpoint (step {latest.step}) and"
+                                          " train.resume=never: choose a new run dir (run_name=... or hydra.run.dir=...)")
+    diff = identity_diff(latest.state["identity"], job_identity(plan.config)) if "identity" in latest.state else []
+    if diff and mode != "force":
+        raise ConfigError("train.resume", f"run dir '{plan.run_dir}' holds a checkpoint (step {latest.step}) of a"
+                                          f" different job: {'; '.join(diff)}. Choose a new run dir (run_name=... or"
+                                          " hydra.run.dir=...), or train.resume=force to resume it anyway")
+    if diff:
+        console().print(f"[yellow]train.resume=force: resuming step {latest.step} of a different job ({'; '.join(diff)})")
+    if latest.step > plan.total_steps:
         raise ConfigError(
             "train.max_steps",
             f"run dir '{plan.run_dir}' holds a checkpoint at step {latest.step}, beyond the {plan.total_steps}"
@@ -176,19 +191,37 @@ def refuse_job_overrides_on_pipeline(passed: list[str]) -> None:
 
 
 def train(cfg, run_dir: Optional[str] = None, interactive: bool = True, passed: Optional[list[str]] = None) -> dict[str, Any]:
-    """Compose-free entry (tests call this): plan, write plan.json, launch, write summary on failure too."""
+    """Compose-free entry (tests call this): plan, write plan.json, launch, write summary on failure too. A job that
+    runs holds its run dir's lock from before its data preparation to its summary; a second one is refused."""
     from orchestrator.config.schema import JobConfig, to_job_config
-    from orchestrator.io import write_json_atomic
+    from orchestrator.plan.job_plan import check_run_dir
+    from orchestrator.run_lock import run_dir_lock
 
     job = cfg if isinstance(cfg, JobConfig) else to_job_config(cfg)
+    target = job.run_dir or run_dir or ("runs/pipeline" if job.pipeline.stages else None)
+    if job.plan_only or target is None:
+        return _train(job, run_dir, interactive, passed)
+    check_run_dir(target)
+    with run_dir_lock(target):
+        return _train(job, run_dir, interactive, passed)
+
+
+def _train(job, run_dir: Optional[str], interactive: bool, passed: Optional[list[str]]) -> dict[str, Any]:
+    from orchestrator.io import write_json_atomic
+
     if job.pipeline.stages:
         refuse_job_overrides_on_pipeline(passed or [])
         return run_pipeline(job, job.run_dir or run_dir or "runs/pipeline", passed or [], interactive)
     plan, prepared = make_plan(job, run_dir, prepare=not job.plan_only)
     print_plan(plan, prepared)
-    plan.write(plan.run_dir)
     if plan.job.plan_only:
+        held = [n for n in ("plan.json", "checkpoints", "summary.json") if (Path(plan.run_dir) / n).exists()]
+        if held:  # planning never touches a run: another job may be using it
+            console().print(f"plan.json not written: {plan.run_dir} holds a run ({', '.join(held)})")
+        else:
+            plan.write(plan.run_dir)
         return {"status": "planned", "plan": plan.to_dict()}
+    plan.write(plan.run_dir)
     try:
         if plan.job.launcher.name == "local":
             from orchestrator.launch.local import launch_local

@@ -482,6 +482,9 @@ class TrainConfig:
     """This many skipped steps in a row roll back to the newest good checkpoint."""
     max_rollbacks: int = rule(2, ge=0)
     """Rollbacks allowed per run before the job fails (bad data would otherwise loop forever)."""
+    resume: str = rule("auto", choices=("auto", "never", "force"))
+    """A run dir holding a checkpoint: auto = resume it when it is the same job (plan/identity.py), else refuse
+    naming every differing key; never = refuse any checkpoint; force = resume even a different job's."""
 
     def check(self, job: "JobConfig") -> None:
         budgets = [k for k in ("max_steps", "epochs", "token_budget") if getattr(self, k) is not None]

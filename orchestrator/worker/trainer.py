@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from orchestrator.plan.job_plan import JobPlan
+from orchestrator.plan.identity import job_identity
 from orchestrator.worker import checkpoint as ckpt
 from orchestrator.worker.dist import Dist
 from orchestrator.io import write_json_atomic
@@ -526,6 +527,7 @@ class Trainer:
         saved = st.to_checkpoint(epoch=self.order.epoch_of(st.step - 1), world_size=self.d.world_size,
                                  grad_accum_steps=self.accum, micro_batch_size_per_gpu=self.plan.micro_batch_size_per_gpu,
                                  global_batch_size=self.plan.global_batch_size, seed=self.job.train.seed)
+        saved["identity"] = job_identity(self.plan.config)  # what a later start must match to resume it
 
         def write_shards(tmp: Path) -> None:
             self.engine.save(tmp)

@@ -1,0 +1,77 @@
+"""One job per run dir: the driver holds an exclusive lock on `<run dir>/.lock` from before its data preparation
+until its summary is written.
+
+`flock` is released by the kernel when the holder exits, also on SIGKILL, so a killed job never blocks the next
+start. On shared storage the lock holds across nodes where the filesystem supports locks: Linux NFS clients (v3
+with lockd, v4) implement flock as an NFS byte-range lock; a crashed *node*'s lock is freed when its NFSv4 lease
+expires (90 s by default). Filesystems without lock support (some FUSE and object-store mounts) only lock within
+one node. The lock file also names the holder (host, pid, Ray job id), which a refused start prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+from orchestrator.errors import OrchestratorError
+
+LOCK_FILE = ".lock"
+
+
+class RunDirBusy(OrchestratorError):
+    """Another job holds the run dir. The message names it."""
+
+
+def _ray_job_id() -> Optional[str]:
+    """The Ray Job this process is the entrypoint of (Ray passes its metadata in the environment)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw).get("metadata", {}).get("job_submission_id")
+    except ValueError:
+        return None
+
+
+def _describe(holder: str) -> str:
+    try:
+        h = json.loads(holder)
+    except ValueError:
+        return "another job (holder unknown)"
+    ray_job = f", Ray job {h['ray_job']}" if h.get("ray_job") else ""
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.get("since", 0)))
+    return f"pid {h.get('pid')} on {h.get('host')}{ray_job}, since {since}"
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
+    """Hold the run dir for this process, or raise RunDirBusy naming the holder at once (never waits)."""
+    path = Path(run_dir) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace")
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise RunDirBusy(f"run dir '{run_dir}' is in use by {_describe(holder)}: wait for that job, stop it,"
+                             " or choose another run dir (run_name=... or hydra.run.dir=...)") from None
+        raise
+    try:
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "ray_job": _ray_job_id(), "since": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        os.fsync(fd)
+        yield path
+    finally:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
