@@ -26,27 +26,42 @@ def hydra_entry(cfg) -> Any:
         sys.exit(2)
 
 
-def _check_run_dir_args(argv: list[str]) -> None:
+def check_dir_args(argv: list[str], dir_keys: tuple[str, ...] = ("hydra.run.dir", "runs_root")) -> None:
     """Hydra creates the run dir before our code runs, so a run dir given on the command line that cannot be
     created is refused here with one line naming the key, not with Hydra's traceback."""
+    from orchestrator.config.schema import check_run_name
     from orchestrator.plan.job_plan import check_run_dir
 
     if "-m" in argv or "--multirun" in argv:
         return  # members' dirs are made by the sweep launcher, under hydra.sweep.dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
     for arg in argv:
-        key, eq, value = arg.lstrip("+").partition("=")
-        if eq and key in ("hydra.run.dir", "runs_root") and value and "${" not in value:
-            try:
+        key, eq, raw = arg.lstrip("+").partition("=")
+        if not eq or key not in (*dir_keys, "run_name") or not raw or "${" in raw:
+            continue
+        try:
+            value = parser.parse_override(arg).value()  # Hydra's own unquoting: '/a b/c' is /a b/c
+        except Exception as exc:  # a malformed override: Hydra itself will name it
+            print(f"error: cannot parse override '{arg}': {str(exc).splitlines()[0]}", file=sys.stderr)
+            sys.exit(2)
+        if not isinstance(value, str):
+            continue
+        try:
+            if key == "run_name":
+                check_run_name(value)
+            else:
                 check_run_dir(value)
-            except ConfigError as exc:
-                print(f"error: {str(exc).replace('run_dir', key, 1)}", file=sys.stderr)
-                sys.exit(2)
+        except ConfigError as exc:
+            print(f"error: {str(exc).replace('run_dir', key, 1)}", file=sys.stderr)
+            sys.exit(2)
 
 
 def main() -> None:
     import hydra
 
-    _check_run_dir_args(sys.argv[1:])
+    check_dir_args(sys.argv[1:])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(hydra_entry)

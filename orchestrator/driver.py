@@ -48,6 +48,7 @@ def make_plan(cfg, run_dir: Optional[str] = None, prepare: bool = True):
     from orchestrator.config.schema import JobConfig, check_job, to_job_config
     from orchestrator.data.corpus import corpus_spec
     from orchestrator.data.tokenizer import load_tokenizer_dir
+    from orchestrator.plan.inputs import check_inputs
     from orchestrator.plan.job_plan import build_plan, check_run_dir, plan_batch
 
     job = cfg if isinstance(cfg, JobConfig) else to_job_config(cfg)
@@ -56,6 +57,7 @@ def make_plan(cfg, run_dir: Optional[str] = None, prepare: bool = True):
     check_job(job)
     check_run_dir(job.run_dir or "")
     plan_batch(job)  # batch arithmetic refused before any data work (tokenising a corpus can take hours)
+    check_inputs(job)  # init_from and fine-tuning files, also when only planning
     stats = None
     prepared = None
     if prepare or job.train.epochs is not None:  # an epoch count needs the dataset's size

@@ -37,6 +37,9 @@ def hydra_entry(cfg) -> Any:
 def main() -> None:
     import hydra
 
+    from orchestrator.cli import check_dir_args
+
+    check_dir_args(sys.argv[1:], dir_keys=("output_dir", "hydra.run.dir"))  # Hydra makes its log dir there first
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -32,7 +32,10 @@ def test_every_config_composes_and_plans(group, option, tmp_path):
         corpus = tmp_path / "c.txt"
         corpus.write_text("a b c.\n\nd e f.\n")
         extra.append(f"data.paths=[{corpus}]")
-    if group == "experiment" and option.endswith("phase2"):
+    if group == "experiment" and option.endswith("phase2"):  # a phase-1 run dir's export
+        (tmp_path / "export").mkdir()
+        (tmp_path / "export" / "config.json").write_text("{}")
+        (tmp_path / "export" / "model.safetensors").write_bytes(b"")
         extra.append(f"train.init_from={tmp_path}")
     if group == "tokenizer" and option == "dir":
         from orchestrator.data.tokenizer import train_wordpiece

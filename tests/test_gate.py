@@ -59,3 +59,34 @@ def test_a_malformed_address_is_one_line(tmp_path, capsys):
     code = submit.main(["--address", "http://[::1", "--runs-root", str(tmp_path), "experiment=quickstart_pretrain"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and "cannot parse Ray address 'http://[::1'" in err[0], err
+
+
+def test_squad2_data_under_version_1_is_refused_before_any_step(tmp_path):
+    """It used to train until the first evaluation and die in the metric (max() of an empty sequence)."""
+    from orchestrator.data.synthetic_tasks import write_synthetic_squad
+    from orchestrator.driver import make_plan
+    from orchestrator.errors import DataError
+
+    paths = write_synthetic_squad(tmp_path, n_train=10, n_dev=10, seed=1, version_2=True)
+    train_file, eval_file = paths["train"], paths["dev"]
+    cfg = compose(["experiment=none", "task=qa", f"task.train_file={train_file}", f"task.eval_file={eval_file}",
+                   "task.version_2=false", "task.max_seq_length=256", "launcher=local", "compute=cpu1", "engine=torch",
+                   "train.max_steps=2", "train.global_batch_size=4", "train.micro_batch_size_per_gpu=4"])
+    with pytest.raises(DataError, match=r"has no answer \(SQuAD 2.0\) but task.version_2=false"):
+        make_plan(cfg, str(tmp_path / "run"), prepare=True)
+
+
+@pytest.mark.parametrize("key", ["task.train_file", "task.eval_file", "train.init_from"])
+def test_missing_inputs_are_refused_when_only_planning(key, tmp_path):
+    from orchestrator.driver import make_plan
+
+    real = tmp_path / "real.tsv"
+    real.write_text("sentence\tlabel\na b\t1\n")
+    files = {"task.train_file": str(real), "task.eval_file": str(real)}
+    files[key] = str(tmp_path / "missing")
+    cfg = compose(["experiment=none", "task=classify", *(f"{k}={v}" for k, v in files.items() if k != "train.init_from"),
+                   *([f"train.init_from={files['train.init_from']}"] if key == "train.init_from" else []),
+                   "launcher=local", "compute=cpu1", "plan_only=true"])
+    with pytest.raises(OrchestratorError) as ei:
+        make_plan(cfg, str(tmp_path / "run"), prepare=False)
+    assert str(tmp_path / "missing") in str(ei.value)

@@ -61,6 +61,12 @@ def _check_value(key: str, value: Any, meta: Any) -> None:
         raise ConfigError(key, f"{want}, got {value}" + (f" ({meta['why']})" if meta.get("why") else ""))
 
 
+def check_run_name(name: str) -> None:
+    """A run name is one path component: the run dir must stay inside runs_root."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ConfigError("run_name", f"{name!r} must be a single directory name inside runs_root (no '/', '..')")
+
+
 def _walk(obj: Any, prefix: str = ""):
     """Yield ("value", key, value, metadata) for every leaf of a config dataclass (nested groups and stage lists
     included) and ("group", obj) for every group, itself last."""
@@ -523,7 +529,10 @@ class JobConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run_name: str = "pretrain"
-    """Name of the run; the default run dir is runs/<run_name>."""
+    """Name of the run; the default run dir is runs/<run_name> (one directory name: it cannot leave runs_root)."""
+
+    def check(self, job: "JobConfig") -> None:
+        check_run_name(self.run_name)
     runs_root: str = "runs"
     """Directory holding run dirs (shared storage on multi-node clusters); env BERT_ORCH_RUNS."""
     run_dir: Optional[str] = None

@@ -62,7 +62,7 @@ def _tokenizer_for(job, train_texts: list[str], cache_dir: Path):
 
     from orchestrator.data.tokenizer import load_tokenizer_dir, train_wordpiece
     from orchestrator.io import atomic_save_dir
-    from orchestrator.model.build import resolve_init_dir
+    from orchestrator.plan.inputs import resolve_init_dir
 
     if job.train.init_from:
         src = resolve_init_dir(job.train.init_from)
@@ -115,6 +115,12 @@ def prepare_finetune_data(job, run_dir: str) -> FinetuneData:
     else:
         read = ft.read_squad
     train, evals = read(train_file), read(eval_file)
+    if t.name == "qa" and not t.version_2:  # v1.1 scoring has no "no answer": refuse before any step, not at eval
+        for path, examples in ((train_file, train), (eval_file, evals)):
+            bad = next((ex for ex in examples if ex.is_impossible), None)
+            if bad is not None:
+                raise DataError(path, f"question {bad.qid} ({bad.location}) has no answer (SQuAD 2.0) but"
+                                      " task.version_2=false: set task.version_2=true")
     cache_dir = Path(os.path.expanduser(job.data.cache_dir)).resolve()
     tok, tok_dir, model_src = _tokenizer_for(job, _texts(t, train), cache_dir)
 

@@ -88,21 +88,6 @@ def build_pretraining_model(model_cfg, vocab_size: int, pad_token_id: int, nsp: 
     return model
 
 
-def resolve_init_dir(init_from: str):
-    """A run dir (its export/) or any Hugging Face BERT directory holding config.json and weights."""
-    from pathlib import Path
-
-    from orchestrator.errors import ConfigError
-
-    p = Path(init_from).expanduser()
-    src = p / "export" if (p / "export" / "config.json").is_file() else p
-    if not (src / "config.json").is_file():
-        raise ConfigError("train.init_from", f"'{init_from}' holds no model (config.json) and no export/ dir")
-    if not any((src / w).is_file() for w in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")):
-        raise ConfigError("train.init_from", f"'{src}' has config.json but no weights (model.safetensors / pytorch_model.bin)")
-    return src
-
-
 def load_encoder_weights(hf_model, init_from: str, keep_heads: bool) -> None:
     """Copy the encoder (and, for pretraining, the MLM/NSP heads) from init_from into hf_model.
 
@@ -111,6 +96,8 @@ def load_encoder_weights(hf_model, init_from: str, keep_heads: bool) -> None:
     from transformers import BertModel
 
     from orchestrator.errors import ConfigError
+
+    from orchestrator.plan.inputs import resolve_init_dir
 
     src = resolve_init_dir(init_from)
     loaded_cfg = type(hf_model.config).from_pretrained(str(src), local_files_only=True)
