@@ -90,3 +90,18 @@ def test_missing_inputs_are_refused_when_only_planning(key, tmp_path):
     with pytest.raises(OrchestratorError) as ei:
         make_plan(cfg, str(tmp_path / "run"), prepare=False)
     assert str(tmp_path / "missing") in str(ei.value)
+
+
+def test_a_cpu_job_that_cannot_fit_the_node_is_refused(tmp_path):
+    """A 100,000-layer model on CPU used to be planned (and die in the worker)."""
+    from orchestrator.driver import make_plan
+    from orchestrator.errors import ConfigError
+
+    big = ["experiment=quickstart_pretrain", "model.num_hidden_layers=100000", "plan_only=true"]
+    with pytest.raises(ConfigError) as ei:
+        make_plan(compose(big), str(tmp_path / "a"), prepare=False)
+    assert ei.value.key == "compute.host_memory_gib" and "2 CPU worker(s)" in str(ei.value)
+    plan = make_plan(compose([*big, "compute.host_memory_gib=8192"]), str(tmp_path / "b"), prepare=False)[0]
+    assert plan.memory["total_gib"] * 2 < 8192
+    remote = make_plan(compose([*big, "launcher.address=ray://head:10001"]), str(tmp_path / "c"), prepare=False)[0]
+    assert remote.world_size == 2, "a cluster's node memory is unknown here: not checked"

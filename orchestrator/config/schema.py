@@ -362,6 +362,9 @@ class ComputeConfig:
     """GPU model for the time/cost estimate (A100, H100, H200, A10G, L4, V100, ...)."""
     gpu_memory_gib: float = rule(80.0, gt=0.0)
     """Memory of one GPU; the plan refuses a job whose per-GPU estimate exceeds it."""
+    host_memory_gib: Optional[float] = rule(None, gt=0.0)
+    """Memory of a node running CPU workers; the plan refuses CPU jobs whose workers together exceed it
+    (null = this machine's when the job runs here, unchecked on a remote cluster)."""
     mfu: float = rule(0.4, gt=0.0, le=1.0)
     """Assumed model FLOPs utilisation for the time estimate (0.4: typical of tuned BERT pretraining)."""
     price_per_gpu_hour: Optional[float] = rule(None, ge=0.0)

@@ -180,6 +180,30 @@ def plan_batch(cfg: JobConfig) -> tuple[BatchPlan, Optional[dict[int, int]]]:
     return batch, elastic_accum
 
 
+def _host_memory_gib(cfg: JobConfig) -> Optional[float]:
+    """Memory of a node running CPU workers: compute.host_memory_gib, else this machine's when the job runs here
+    (launcher=local, or a Ray this command starts); None when it runs on a cluster we cannot see from here."""
+    if cfg.compute.host_memory_gib is not None:
+        return cfg.compute.host_memory_gib
+    here = cfg.launcher.name == "local" or (cfg.launcher.address is None and not os.environ.get("RAY_ADDRESS"))
+    if not here:
+        return None
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def _check_host_memory(cfg: JobConfig, memory: dict[str, Any]) -> None:
+    """CPU workers: a node's workers together must fit its memory (a 100,000-layer model is refused here)."""
+    host = None if cfg.compute.use_gpu else _host_memory_gib(cfg)
+    per_node = memory["total_bytes"] * cfg.compute.resolved_workers_per_node() / 2**30
+    if host is not None and per_node > host:
+        raise ConfigError(
+            "compute.host_memory_gib",
+            f"estimated {per_node:.1f} GiB for the {cfg.compute.resolved_workers_per_node()} CPU worker(s) of a node"
+            f" exceeds its {host:.1f} GiB (compute.host_memory_gib; null = this machine's when the job runs here):"
+            " lower the micro batch or the model size, or enable engine.activation_checkpointing",
+        )
+
+
 def build_plan(cfg: JobConfig, dataset: Optional[DatasetStats] = None) -> JobPlan:
     """Resolve world size, batch arithmetic, total steps and the DeepSpeed config."""
     check_job(cfg)
@@ -232,6 +256,7 @@ def build_plan(cfg: JobConfig, dataset: Optional[DatasetStats] = None) -> JobPla
             f"{cfg.compute.gpu_memory_gib:g}: lower the micro batch, raise engine.zero_stage or enable"
             " engine.activation_checkpointing",
         )
+    _check_host_memory(cfg, memory)
     return JobPlan(
         config=dataclasses.asdict(cfg),
         run_dir=str(cfg.run_dir),
