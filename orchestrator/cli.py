@@ -61,6 +61,9 @@ def check_dir_args(argv: list[str], dir_keys: tuple[str, ...] = ("hydra.run.dir"
 def main() -> None:
     import hydra
 
+    from orchestrator.config.schema import register_resolvers
+
+    register_resolvers()  # the default run_name, which Hydra resolves for hydra.run.dir before our code runs
     check_dir_args(sys.argv[1:])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -34,7 +34,10 @@ def resolve_run_dir(overrides: Sequence[str], runs_root: str) -> tuple[str, list
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
+    from orchestrator.config.schema import register_resolvers
     from orchestrator.driver import CONF_DIR, check_without_files
+
+    register_resolvers()
 
     overrides = list(overrides)
     old = os.environ.get("BERT_ORCH_RUNS")

@@ -114,3 +114,20 @@ def test_two_local_jobs_on_one_run_dir(tmp_path):
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if '"loss"' in line]
     assert steps == list(range(1, 21)), steps
+
+
+def test_default_run_dirs_differ_by_config_and_repeat_by_command(tmp_path):
+    """The auditor's three jobs all landed in runs/pretrain_tiny; now each config has its own dir."""
+    from orchestrator.submit import resolve_run_dir
+
+    def run_dir(*overrides: str) -> str:
+        return resolve_run_dir(["experiment=none", *overrides], str(tmp_path))[0]
+
+    base = run_dir()
+    assert Path(base).name.startswith("pretrain_tiny-") and run_dir() == base, "the same command, the same dir"
+    assert run_dir("compute=cpu1", "launcher=local", "train.log_every_steps=5", "logger.project=x") == base
+    others = {run_dir("optim.lr=1e-4"), run_dir("optim.lr=3e-4", "engine=zero3", "train.seed=1"),
+              run_dir("data=text", "data.paths=[corpus/x.txt]")}
+    assert len(others) == 3 and base not in others, others
+    assert run_dir("run_name=mine") == str(tmp_path / "mine")
+    assert resolve_run_dir(["experiment=quickstart_pretrain"], str(tmp_path))[0] == str(tmp_path / "quickstart_pretrain")

@@ -548,6 +548,30 @@ class JobConfig:
     """Set by debug configs: says why the run is small."""
 
 
+def default_run_name(*, _root_: Any) -> str:
+    """`run_name: ${orch_run_name:}` (conf/config.yaml): <task>_<model>-<8 hex digits of the job identity>, so
+    different configs get different run dirs and the same command the same one (plan/identity.py)."""
+    import hashlib
+    import json
+
+    from omegaconf import OmegaConf
+
+    from orchestrator.plan.identity import RESULT_KEYS, job_identity
+
+    groups = {g: OmegaConf.to_container(_root_[g], resolve=True, throw_on_missing=False)
+              for g in RESULT_KEYS if g in _root_}
+    digest = hashlib.sha256(json.dumps(job_identity(groups), sort_keys=True).encode()).hexdigest()[:8]
+    return f"{_root_.task.name}_{_root_.model.name}-{digest}"
+
+
+def register_resolvers() -> None:
+    """Called before anything resolves a composed config (the CLI, bert-orch-submit, to_job_config)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("orch_run_name"):
+        OmegaConf.register_new_resolver("orch_run_name", default_run_name)
+
+
 def to_job_config(cfg: Any) -> JobConfig:
     """Validate a composed DictConfig (or dict) against JobConfig: unknown keys and wrong types are refused.
 
@@ -558,6 +582,7 @@ def to_job_config(cfg: Any) -> JobConfig:
 
     from orchestrator.errors import ConfigError
 
+    register_resolvers()
     if not OmegaConf.is_config(cfg):
         cfg = OmegaConf.create(cfg)
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
