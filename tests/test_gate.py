@@ -3,6 +3,9 @@ enabled, and bert-orch-submit refuses a job the plan would refuse before contact
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from orchestrator import submit
@@ -105,3 +108,30 @@ def test_a_cpu_job_that_cannot_fit_the_node_is_refused(tmp_path):
     assert plan.memory["total_gib"] * 2 < 8192
     remote = make_plan(compose([*big, "launcher.address=ray://head:10001"]), str(tmp_path / "c"), prepare=False)[0]
     assert remote.world_size == 2, "a cluster's node memory is unknown here: not checked"
+
+
+def test_run_name_cannot_leave_runs_root(tmp_path):
+    from orchestrator.driver import make_plan
+    from orchestrator.errors import ConfigError
+
+    for bad in ("../../x", "a/b", ".."):
+        with pytest.raises(ConfigError, match="single directory name inside runs_root"):
+            make_plan(compose(["experiment=quickstart_pretrain", f"run_name={bad}", "plan_only=true"]),
+                      str(tmp_path / "r"), prepare=False)
+
+
+def test_paths_on_the_command_line_are_one_line_and_leave_no_stray_dir(tmp_path):
+    from tests.conftest import run_cli
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    (tmp_path / "c.txt").write_text("some text here.\n")
+    prep = subprocess.run([sys.executable, "-m", "orchestrator.prepare", f"sources=[{tmp_path / 'c.txt'}]",
+                           f"output_dir={a_file}"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    err = [line for line in prep.stderr.splitlines() if line.strip()]
+    assert prep.returncode == 2 and err == [f"error: config key 'output_dir': cannot write to '{a_file}': File exists"], prep.stderr
+    quoted = run_cli(["experiment=quickstart_pretrain", "plan_only=true", f"hydra.run.dir='{tmp_path}/a b/c'"],
+                     cwd=tmp_path, timeout=120)
+    assert quoted.returncode == 0, quoted.stderr[-2000:]
+    assert (tmp_path / "a b" / "c" / "plan.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a b", "a_file", "c.txt"], "no directory named \"'\""
