@@ -253,7 +253,7 @@ def test_slurm_lib_starts_and_stops_a_real_one_node_ray_cluster(fake_slurm_bin):
                      SLURM_GPUS_ON_NODE=0, RAY_PORT=gcs, RAY_CLIENT_SERVER_PORT=client,
                      RAY_DASHBOARD_AGENT_LISTEN_PORT=agent, RAY_DASHBOARD_PORT=dash,
                      RAY_INCLUDE_DASHBOARD="false", RAY_TEMP_DIR=temp_dir, RAY_START_TIMEOUT_S=90,
-                     PYTHON=sys.executable)
+                     PYTHON=sys.executable, RAY_AUTH_TOKEN_PATH=f"{temp_dir}/token/auth_token")
     script = f"""
         set -euo pipefail
         source {LIB}
@@ -278,6 +278,8 @@ def test_slurm_lib_starts_and_stops_a_real_one_node_ray_cluster(fake_slurm_bin):
         assert "Active" in status and "CPU" in status, status
         assert "ALIVE=1" in out
         assert "STOPPED" in out
+        token = Path(temp_dir) / "token" / "auth_token"  # no token was given: the lib wrote one, private
+        assert "wrote a new Ray auth token" in p.stderr and token.stat().st_mode & 0o077 == 0
         # every Ray process of this cluster is gone (they all carry the temp dir on their command line)
         ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
         leftovers = [line for line in ps.splitlines() if temp_dir in line]

@@ -192,9 +192,24 @@ ray_wait_for_nodes() {
 }
 
 # Start the head on the first node and one worker per other node; wait for all of them; export RAY_ADDRESS.
+# Token auth needs a token on every node: when none is given (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH's file or
+# ~/.ray/auth_token), write a new one (mode 0600) where RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token says; on a
+# shared home every node of the job reads the same file.
+ray_ensure_token() {
+    [[ "$RAY_AUTH_MODE" == token && -z "${RAY_AUTH_TOKEN:-}" ]] || return 0
+    local path="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
+    [[ -s "$path" ]] && return 0
+    ray_run mkdir -p "$(dirname "$path")"
+    if [[ "$DRY_RUN" != 1 ]]; then
+        (umask 077 && "$PYTHON" -c 'import secrets; print(secrets.token_hex(32), end="")' > "$path")
+    fi
+    _ray_log "wrote a new Ray auth token to $path"
+}
+
 ray_start_cluster() {
     local head n ip address
     local -a head_cmd worker_cmd
+    ray_ensure_token
     head="$(ray_head_node)" || return 1
     n="$(ray_num_nodes)"
     address="$(ray_head_address)" || return 1
