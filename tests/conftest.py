@@ -119,3 +119,4 @@ def ray_head():
         finally:
             h.stop()
             assert not h.session_pids(), "the head's processes are gone"
+

@@ -48,6 +48,7 @@ def _run(args: list[str], tmp_path: Path) -> dict:
     return json.loads(res.stdout)
 
 
+@pytest.mark.slow  # a bench subprocess
 def test_throughput_bench_refuses_an_empty_heldout_split_before_any_phase(tmp_path):
     """No document falls in the 5% held-out split: one line naming the corpus, and no phase runs."""
     from orchestrator.data.corpus import is_eval_document, read_text_documents
@@ -85,6 +86,7 @@ def test_throughput_bench_tiny_all_three_phases(tmp_path):
     assert r["data_prep"]["tokens_per_s_cold"] > 0
 
 
+@pytest.mark.slow  # a bench subprocess
 def test_profile_worker_tiny(tmp_path):
     r = _run(["bench/profile_worker.py", "--model", "tiny", "--seq", "32", "--global-batch", "8", "--warmup", "1",
               "--steps", "3", "--profile-steps", "2", "--vocab", "2000", "--data", str(_corpus(tmp_path)),

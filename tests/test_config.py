@@ -20,6 +20,7 @@ def _plan(overrides, tmp_path, prepare=False):
     return make_plan(cfg, run_dir=str(tmp_path / "run"), prepare=prepare)[0]
 
 
+@pytest.mark.slow  # every option of every group: ~55 Hydra compositions
 @pytest.mark.parametrize(
     "group,option",
     [(g, p.stem) for g in sorted(os.listdir(CONF_DIR)) if os.path.isdir(os.path.join(CONF_DIR, g))

@@ -244,6 +244,7 @@ def _plan_job(overrides: list[str], run_dir: Path) -> dict:
 PLANNED = [c for c in COMMANDS if c.kind != "submit_control"]
 
 
+@pytest.mark.slow  # ~35 Hydra compositions and plans, with prepared local stand-ins
 @pytest.mark.parametrize("cmd", PLANNED, ids=[c.where for c in PLANNED])
 def test_documented_command_plans(cmd, local, tmp_path):
     args = _substitute(cmd.args, local, tmp_path / "run")

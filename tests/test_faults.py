@@ -85,6 +85,7 @@ def test_elastic_range_keeps_global_batch_or_is_refused():
 # ---------------------------------------------------------------- divergence guard (local, DeepSpeed ZeRO-2)
 
 
+@pytest.mark.slow  # real training jobs (the unit tier: test_trainer.py)
 def test_nan_step_is_skipped_and_nan_run_rolls_back(tmp_path, monkeypatch):
     """NaN at step 6: skipped (no LR tick). NaN at 10, 11, 12 (3 in a row): roll back to step 8, redo, finish."""
     _fault_env(monkeypatch, "nan_loss_at=6,10,11,12")
@@ -108,6 +109,7 @@ def test_nan_step_is_skipped_and_nan_run_rolls_back(tmp_path, monkeypatch):
     _assert_epoch_exactly_once(run_dir, 16, 16)
 
 
+@pytest.mark.slow  # real training jobs (the unit tier: test_trainer.py)
 def test_loss_spike_is_skipped(tmp_path, monkeypatch):
     _fault_env(monkeypatch, "spike_loss_at=9")
     run_dir = tmp_path / "spike"
@@ -118,6 +120,7 @@ def test_loss_spike_is_skipped(tmp_path, monkeypatch):
     assert [r["step"] for r in ev] == [9] and ev[0]["reason"].startswith("loss spike")
 
 
+@pytest.mark.slow  # real training jobs (the unit tier: test_trainer.py)
 def test_sticky_bad_data_fails_after_max_rollbacks(tmp_path, monkeypatch):
     from orchestrator.worker.trainer import DivergenceError
 
@@ -131,6 +134,7 @@ def test_sticky_bad_data_fails_after_max_rollbacks(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- damaged checkpoint
 
 
+@pytest.mark.slow  # real training jobs (the unit tier: test_trainer.py)
 def test_truncated_newest_checkpoint_resumes_from_previous(tmp_path):
     run_dir = tmp_path / "trunc"
     args = [*LOCAL, "engine=torch", "train.checkpoint_every_steps=4", "train.eval_every_steps=100"]
@@ -150,6 +154,7 @@ def test_truncated_newest_checkpoint_resumes_from_previous(tmp_path):
 # ---------------------------------------------------------------- SIGTERM (preemption), local launcher
 
 
+@pytest.mark.slow  # real training jobs (the unit tier: test_trainer.py)
 def test_sigterm_saves_checkpoint_at_stop_step_and_rerun_resumes(tmp_path):
     run_dir = tmp_path / "term"
     args = [*LOCAL, "engine=zero2", "train.max_steps=40", "train.checkpoint_every_steps=100", "train.eval_every_steps=100",

@@ -30,6 +30,7 @@ def classify_run(tmp_path_factory):
     return run_dir, summary
 
 
+@pytest.mark.slow  # trains a real model
 def test_classification_learns_and_keeps_best(classify_run):
     run_dir, summary = classify_run
     recs = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
@@ -42,6 +43,7 @@ def test_classification_learns_and_keeps_best(classify_run):
     assert ev["eval_accuracy"] == pytest.approx(max(evals)) and summary["best_metric"] == pytest.approx(max(evals))
 
 
+@pytest.mark.slow  # trains a real model
 def test_classification_export_reloads_and_predicts_the_same_labels(classify_run):
     from transformers import pipeline
 
@@ -55,6 +57,7 @@ def test_classification_export_reloads_and_predicts_the_same_labels(classify_run
     assert set(cfg["label2id"]) == {"0", "1"}
 
 
+@pytest.mark.slow  # trains a real model
 def test_ner_learns_entities_and_export_predicts_the_same_tags(tmp_path):
     import torch
     from transformers import AutoModelForTokenClassification, AutoTokenizer
@@ -89,6 +92,7 @@ QA = ["task.max_seq_length=64", "task.doc_stride=16", "task.max_query_length=20"
       "train.micro_batch_size_per_gpu=32", "optim.lr=1e-3", "task.synthetic_eval=60"]
 
 
+@pytest.mark.slow  # trains a real model
 def test_qa_windows_beat_the_first_window_baseline(tmp_path):
     """Long contexts are split into windows; reading all windows beats reading only the first one."""
     run_dir = tmp_path / "squad"
@@ -134,6 +138,7 @@ def _qa_export_predicts_the_same_spans(run_dir: Path, preds: list[dict]) -> None
     assert answers == {ex.qid: by_id[ex.qid] for ex in examples}
 
 
+@pytest.mark.slow  # trains a real model
 def test_qa_v2_handles_unanswerable_questions(tmp_path):
     run_dir = tmp_path / "squad_v2"
     summary = train(compose(_ft("qa", "squad_v2", *QA, "task.version_2=true", "task.synthetic_train=100",
@@ -230,6 +235,7 @@ def _hf_bert_dir(classify_run, d: Path, hidden: int = 64, layers: int = 1, weigh
     return d
 
 
+@pytest.mark.slow  # trains a real model
 def test_init_from_a_hugging_face_bert_dir_takes_its_shape_and_weights(classify_run, tmp_path):
     import torch
     from transformers import AutoModelForSequenceClassification, BertForMaskedLM
@@ -250,6 +256,7 @@ def test_init_from_a_hugging_face_bert_dir_takes_its_shape_and_weights(classify_
     assert a.shape == b.shape and torch.max(torch.abs(a - b)).item() < 5e-3
 
 
+@pytest.mark.slow  # trains a real model
 def test_init_from_a_dir_without_encoder_weights_is_refused(classify_run, tmp_path):
     src = _hf_bert_dir(classify_run, tmp_path / "not_bert", weights=False)
     with pytest.raises(ConfigError) as ei:
@@ -259,6 +266,7 @@ def test_init_from_a_dir_without_encoder_weights_is_refused(classify_run, tmp_pa
     assert "train.init_from" in str(ei.value) and "lacks" in str(ei.value) and "encoder weights" in str(ei.value)
 
 
+@pytest.mark.slow  # trains a real model
 def test_init_checkpoint_vocabulary_mismatch_names_both(classify_run, tmp_path):
     run_dir, _ = classify_run
     tok = tmp_path / "other_tok"

@@ -277,6 +277,7 @@ def test_report_is_one_json_with_a_verdict(tmp_path):
     assert ga.assemble_report(facts, [{"name": "doctor", "status": "skipped"}], time.time(), tmp_path)["gpu_acceptance"] == "fail"
 
 
+@pytest.mark.slow  # the script's own process (imports torch)
 def test_without_a_gpu_it_exits_with_one_line(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     out = tmp_path / "out"

@@ -51,7 +51,7 @@ def test_engine_forward_uses_the_resolved_kernel(tmp_path):
     run_dir = tmp_path / "run"
     cfg = compose(["launcher=local", "compute=cpu1", "engine=torch", "engine.bf16=true",
                    "train.max_steps=2", f"hydra.run.dir={run_dir}"])
-    plan, _ = make_plan(cfg, run_dir=str(run_dir))
+    plan, _ = make_plan(cfg, run_dir=str(run_dir), prepare=False)
     seen = []
 
     class Probe(torch.nn.Module):

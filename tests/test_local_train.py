@@ -23,6 +23,8 @@ LEARN = [
 ]
 
 
+pytestmark = pytest.mark.slow  # every test here trains a real model (DeepSpeed or torch, subprocesses)
+
 @pytest.fixture(scope="module")
 def learned_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("learn") / "run"

@@ -129,6 +129,7 @@ def test_stopped_job_resumes_from_its_checkpoint_when_resubmitted(head, tmp_path
     print(f"stopped at step {stopped_at}, resumed from {summary['resumed_from']}")
 
 
+@pytest.mark.slow  # two CLI processes
 def test_submit_to_an_address_with_no_cluster_fails_fast_naming_it(tmp_path):
     port = ray_job.free_port()
     address = f"http://127.0.0.1:{port}"
