@@ -88,6 +88,8 @@ def _check_resume_point(plan) -> None:
         raise ConfigError("train.resume", f"run dir '{plan.run_dir}' holds a checkpoint (step {latest.step}) and"
                                           " train.resume=never: choose a new run dir (run_name=... or hydra.run.dir=...)")
     diff = identity_diff(latest.state["identity"], job_identity(plan.config)) if "identity" in latest.state else []
+    if plan.job.train.init_from and plan.dataset is None:  # unprepared (plan_only): the shape is init_from's, unread
+        diff = [d for d in diff if not d.startswith("model.")]
     if diff and mode != "force":
         raise ConfigError("train.resume", f"run dir '{plan.run_dir}' holds a checkpoint (step {latest.step}) of a"
                                           f" different job: {'; '.join(diff)}. Choose a new run dir (run_name=... or"
