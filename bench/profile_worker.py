@@ -188,7 +188,6 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
     with tempfile.TemporaryDirectory(prefix="bench_prof_") as tmp:

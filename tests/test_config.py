@@ -12,7 +12,7 @@ import pytest
 
 from conftest import CONF_DIR, REPO, compose, run_cli
 from orchestrator.driver import make_plan
-from orchestrator.errors import ConfigError, DataError, OrchestratorError
+from orchestrator.errors import ConfigError, DataError
 
 
 def _plan(overrides, tmp_path, prepare=False):
