@@ -40,6 +40,7 @@ def inputs(tmp_path_factory):
         d = root / f"phase1_{name}"
         d.mkdir()
         BertConfig(vocab_size=30522, max_position_embeddings=512, **shape).to_json_file(str(d / "config.json"))
+        (d / "model.safetensors").write_bytes(b"")  # planning checks the weights are there; it reads config.json only
         dirs[name] = d
     return {"corpus": root / "corpus.txt", "phase1": dirs}
 
