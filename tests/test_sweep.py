@@ -90,7 +90,7 @@ def test_member_refused_by_the_plan_fails_alone(head, tmp_path):
     with (sweep_dir / "sweep_summary.csv").open() as fh:
         table = list(csv.DictReader(fh))
     assert [row["status"] for row in table] == ["succeeded", "failed"]
-    assert "ZeRO stage must be 0, 1, 2 or 3" in table[1]["error"]
+    assert "config key 'engine.zero_stage': 4 is not one of 0, 1, 2, 3" in table[1]["error"]
 
 
 def test_optuna_search_runs_trials_as_ray_jobs(head, tmp_path):
