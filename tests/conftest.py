@@ -102,6 +102,37 @@ def run_cli(args: list[str], cwd: Path = REPO, timeout: float = 900, env_extra: 
     )
 
 
+def _train_plans(config) -> None:
+    """Train function of `train_in_one_worker_group`: each plan in turn, on the group's one process group."""
+    from orchestrator.worker.trainer import run
+
+    for plan_dict in config["plans"]:
+        run(plan_dict, reporter=None, interactive=False)
+
+
+def train_in_one_worker_group(jobs: list) -> list[dict]:
+    """Plan each (cfg, run_dir) pair and train them one after another in ONE Ray Train worker group (one group
+    start instead of one per job), for tests whose assertion is about the training math, not the launcher.
+    Returns each job's summary.json."""
+    from ray import cloudpickle
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.driver import make_plan
+    from orchestrator.launch.ray_train import trainer_configs
+
+    plans = [make_plan(cfg, run_dir=str(run_dir))[0] for cfg, run_dir in jobs]
+    assert len({p.world_size for p in plans}) == 1, "one worker group: one world size"
+    for p in plans:
+        p.write(p.run_dir)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/conftest.py
+    scaling, run_config = trainer_configs(plans[0])
+    result = TorchTrainer(_train_plans, train_loop_config={"plans": [p.to_dict() for p in plans]},
+                          scaling_config=scaling, run_config=run_config).fit()
+    if result.error is not None:
+        raise result.error
+    return [json.loads((Path(p.run_dir) / "summary.json").read_text()) for p in plans]
+
+
 @pytest.fixture(scope="session")
 def ray_head():
     """One private 2-CPU `ray start --head` (loopback, own ports and temp dir, token auth with its own token)

@@ -220,6 +220,8 @@ class DeepSpeedEngine(Engine):
     def __init__(self, model: nn.Module, plan, device: torch.device, ds_config: Optional[dict[str, Any]] = None):
         import deepspeed
 
+        if device.type == "cpu":
+            skip_inference_shm_op()
         job = plan.job
         ds_config = dict(ds_config or plan.deepspeed_config)
         if job.engine.bf16 is None:  # auto: decided by this worker's hardware
@@ -293,6 +295,18 @@ class DeepSpeedEngine(Engine):
                 yield
         else:
             yield
+
+
+def skip_inference_shm_op() -> None:
+    """No JIT build at a CPU job's start. DeepSpeed's CPU accelerator compiles its shared-memory all-reduce op
+    (`deepspeed_shm_comm`, ~60 s of g++ on a fresh machine, then a ninja check at every start) when its comm
+    backend starts. That op serves only `inference_all_reduce` (DeepSpeed-Inference's tensor parallelism);
+    training's collectives go through torch.distributed (gloo), and without the op `inference_all_reduce` falls
+    back to the process group's all_reduce. So CPU workers do not build it. (GPU accelerators have no such op.)"""
+    import importlib
+
+    # the module itself: `import deepspeed.comm.torch as m` binds torch, which deepspeed.comm re-exports as .torch
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def build_engine(model: nn.Module, plan, device: torch.device, ds_config: Optional[dict[str, Any]] = None) -> Engine:
