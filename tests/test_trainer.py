@@ -423,3 +423,29 @@ def test_deepspeed_loads_run_weights_only(tmp_path):
         good = torch.load(tmp_path / "good_optim_states.pt", weights_only=False)
     assert not marker.exists() and good["zero_stage"] == ZeroStageEnum.gradients
     assert torch.load is torch.serialization.load, "restored on exit"
+
+
+# ------------------------------------------------------------------------------------------- progress
+def test_off_a_terminal_rank_0_prints_one_progress_line_per_log_step(tmp_path, capsys):
+    import re
+
+    plan = _plan(tmp_path, "train.global_batch_size=4", "train.max_steps=12", "train.log_every_steps=4")
+    _trainer(plan, on_forward=lambda i: trainer_mod.STOP.set() if i == 5 else None).run()  # stops at step 5
+    trainer_mod.STOP.clear()
+    capsys.readouterr()
+    _trainer(plan).run()  # resumes at 5: lines at 8 and 12 (the last step)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[run] step ")]
+    pattern = r"\[run\] step (\d+)/12 \(\d+%\)  loss [\d.]+  lr [\d.e+-]+  [\d,]+ tok/s  elapsed \d+:\d\d  eta (\d+:\d\d)"
+    matches = [re.fullmatch(pattern, ln) for ln in lines]
+    assert all(matches), lines
+    assert [int(m.group(1)) for m in matches] == [8, 12]
+    assert matches[-1].group(2) == "0:00", "nothing left at the last step"
+
+
+def test_progress_line_eta_comes_from_this_starts_pace():
+    from orchestrator.worker.metrics import progress_line
+
+    rec = {"step": 60, "loss": 2.5, "mlm_acc": 0.4, "lr": 1e-3, "tokens_per_s": 12345.6}
+    line = progress_line(rec, total=100, initial=40, elapsed=40.0)  # 20 steps in 40 s: 40 left take 80 s
+    assert line == ("step 60/100 (60%)  loss 2.5000  mlm_acc 0.400  lr 1.00e-03  12,346 tok/s  elapsed 0:40"
+                    "  eta 1:20")

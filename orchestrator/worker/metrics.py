@@ -83,21 +83,55 @@ class WandbSink:
         self.run.finish(exit_code=exit_code)
 
 
-class Progress:
-    """tqdm bar in an interactive local run; silent under Ray (its log stream is not a terminal)."""
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
-    def __init__(self, total: int, initial: int, enabled: bool):
+
+def progress_line(record: dict[str, Any], total: int, initial: int, elapsed: float) -> str:
+    """One line per log step: step/total, loss, the task's accuracy, lr, tokens/s, elapsed and ETA (from this
+    start's pace: steps done since the resume point over the time they took)."""
+    step = record["step"]
+    done = step - initial
+    eta = elapsed / done * (total - step) if done > 0 else float("nan")
+    parts = [f"step {step}/{total} ({100 * step / max(total, 1):.0f}%)"]
+    if record.get("loss") is not None:
+        parts.append(f"loss {record['loss']:.4f}")
+    parts += [f"{k} {record[k]:.3f}" for k in ("mlm_acc", "nsp_acc", "train_acc") if record.get(k) is not None]
+    parts += [f"lr {record['lr']:.2e}", f"{record.get('tokens_per_s', 0):,.0f} tok/s", f"elapsed {_clock(elapsed)}",
+              f"eta {_clock(eta) if eta == eta else '?'}"]
+    return "  ".join(parts)
+
+
+class Progress:
+    """Rank 0's view of a run: a tqdm bar on a terminal; elsewhere (Ray job logs, files, CI) one line per log
+    step with step/total, loss, accuracy, lr, tokens/s, elapsed and ETA. Other ranks print nothing."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, bar: bool = False, label: str = ""):
+        import time
+
+        self.total, self.initial, self.enabled, self.label = total, initial, enabled, label
+        self.t0 = time.perf_counter()
         self.bar = None
-        if enabled:
+        if enabled and bar:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
-    def update(self, n: int, postfix: Optional[dict[str, Any]] = None) -> None:
+    def update(self, n: int) -> None:
         if self.bar is not None:
             self.bar.update(n)
-            if postfix:
-                self.bar.set_postfix(postfix, refresh=False)
+
+    def log(self, record: dict[str, Any]) -> None:
+        import time
+
+        if self.bar is not None:
+            self.bar.set_postfix({"loss": f"{record['loss']:.3f}" if record.get("loss") is not None else "-"},
+                                 refresh=False)
+        elif self.enabled:
+            line = progress_line(record, self.total, self.initial, time.perf_counter() - self.t0)
+            print(f"{self.label}{line}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

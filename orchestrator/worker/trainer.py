@@ -319,7 +319,8 @@ class Trainer:
         else:
             self.batches = self._make_batches(0)
         self.start_step = self.state.step
-        self.progress = Progress(self.plan.total_steps, self.start_step, enabled=self.interactive and self.d.rank == 0)
+        self.progress = Progress(self.plan.total_steps, self.start_step, enabled=self.d.rank == 0, bar=self.interactive,
+                                 label=f"[{self.run_dir.name}] ")
         self.sinks = Sinks(self, self.start_step)
         for msg in self.skipped_ckpts:
             self.sinks.event({"event": "checkpoint_skipped", "step": self.start_step, "reason": msg})
@@ -476,7 +477,7 @@ class Trainer:
         }
         self.state.last_metrics = record
         self.sinks.write(record)
-        self.progress.update(0, {"loss": f"{record['loss']:.3f}" if record["loss"] is not None else "-"})
+        self.progress.log(record)
         self._reset_window()
 
     def maybe_evaluate(self, last: bool) -> None:
