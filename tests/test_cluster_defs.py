@@ -209,12 +209,15 @@ def test_slurm_lib_fails_outside_an_allocation(fake_slurm_bin):
     assert p.returncode != 0 and "SLURM_JOB_NODELIST" in p.stderr
 
 
-def test_sbatch_dry_run_prints_the_cluster_and_job_commands(fake_slurm_bin):
+def test_sbatch_dry_run_prints_the_cluster_and_job_commands(fake_slurm_bin, tmp_path):
+    # a home without a Ray token (as on a new cluster account): the script makes one before starting Ray
     env = _slurm_env(fake_slurm_bin, DRY_RUN=1, SLURM_JOB_NODELIST="gpu[01-04]", SLURM_GPUS_ON_NODE=8,
-                     SLURM_CPUS_ON_NODE=96, SLURM_JOB_ID=77, SLURM_JOB_NAME="bert", SLURM_SUBMIT_DIR=ROOT)
+                     SLURM_CPUS_ON_NODE=96, SLURM_JOB_ID=77, SLURM_JOB_NAME="bert", SLURM_SUBMIT_DIR=ROOT,
+                     HOME=tmp_path)
     p = subprocess.run(["bash", str(SBATCH), "model=base", "engine=zero2"], env=env, capture_output=True,
                        text=True, check=True, cwd=ROOT)
     cmds = [line[2:] for line in p.stdout.splitlines() if line.startswith("+ ")]
+    assert cmds.pop(0) == f"mkdir -p {tmp_path}/.ray" and f"wrote a new Ray auth token to {tmp_path}/.ray/auth_token" in p.stdout + p.stderr
     assert cmds[0].startswith("srun --nodes=1 --ntasks=1 -w gpu01 ray start --head --block")
     assert cmds[1].startswith("srun --nodes=3 --ntasks=3 --ntasks-per-node=1 --exclude=gpu01 ray start --block "
                               "--address=gpu01:6379")

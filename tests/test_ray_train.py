@@ -53,7 +53,7 @@ def test_default_pipeline_pretrains_then_finetunes(ray_cluster, tmp_path):
     pre = json.loads((run_dir / "pretrain" / "summary.json").read_text())
     ev = pre["final_eval"]
     print("held-out MLM accuracy", ev["eval_mlm_acc"], "most-frequent-token baseline", ev["eval_baseline_most_frequent_acc"])
-    assert pre["world_size"] == 2 and pre["steps"] == 800
+    assert pre["world_size"] == 2 and pre["steps"] == 300
     assert ev["eval_mlm_acc"] > 2 * ev["eval_baseline_most_frequent_acc"], ev
     plan = json.loads((run_dir / "pretrain" / "plan.json").read_text())
     assert plan["deepspeed_config"]["zero_optimization"]["stage"] == 2
@@ -62,7 +62,7 @@ def test_default_pipeline_pretrains_then_finetunes(ray_cluster, tmp_path):
     print("fine-tuned accuracy: pretrained", ft["eval_accuracy"], "random init", rnd["eval_accuracy"])
     ft_plan = json.loads((run_dir / "finetune" / "plan.json").read_text())
     assert ft_plan["config"]["train"]["init_from"].endswith("pretrain") and ft_plan["world_size"] == 2
-    assert ft["eval_accuracy"] > rnd["eval_accuracy"] + 0.05
+    assert ft["eval_accuracy"] >= rnd["eval_accuracy"] + 0.15, "pretraining helps by 15 points or more"
 
 
 KILL_RUN = [

@@ -62,7 +62,7 @@ def invalid_override(draw):
 
 BASES = {  # a job whose composed config holds the key: task keys live in their task's group file
     "pretrain": ["experiment=quickstart_pretrain"],
-    "classify": ["experiment=none", "task=classify", "task.synthetic=consistency", "task.max_seq_length=256"],
+    "classify": ["experiment=none", "task=classify", "task.synthetic=category", "task.max_seq_length=256"],
     "ner": ["experiment=none", "task=ner", "task.synthetic=ner", "task.max_seq_length=256"],
     "qa": ["experiment=none", "task=qa", "task.synthetic=squad", "task.max_seq_length=256"],
 }

@@ -15,7 +15,7 @@ from orchestrator.errors import ConfigError
 
 TASKS = ("pretrain", "classify", "ner", "qa")
 FINETUNE_TASKS = ("classify", "ner", "qa")
-SYNTHETIC_TASKS = {"consistency": "classify", "sentiment": "classify", "pair": "classify", "ner": "ner",
+SYNTHETIC_TASKS = {"category": "classify", "sentiment": "classify", "pair": "classify", "ner": "ner",
                    "squad": "qa", "squad_v2": "qa"}
 MASKING_UNITS = ("token", "whole_word", "span")
 LAUNCHERS = ("local", "ray")
@@ -162,7 +162,7 @@ class TaskConfig:
     eval_file: Optional[str] = None
     """Fine-tuning: labelled evaluation file, same format."""
     synthetic: Optional[str] = rule(None, choices=tuple(SYNTHETIC_TASKS))
-    """Fine-tuning on generated data instead of files: consistency | sentiment | pair | ner | squad | squad_v2."""
+    """Fine-tuning on generated data instead of files: category | sentiment | pair | ner | squad | squad_v2."""
     synthetic_train: int = rule(400, ge=1)
     """Generated training examples (paragraphs for squad)."""
     synthetic_eval: int = rule(400, ge=1)

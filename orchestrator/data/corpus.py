@@ -211,53 +211,52 @@ def is_eval_document(doc: Document, eval_fraction: float) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < eval_fraction
 
 
-def synthetic_consistency_examples(n: int, seed: int) -> list[tuple[str, int]]:
-    """A labelled task over the grammar's world: is the sentence consistent with it (1) or corrupted (0)?
+# The category task's classes: words the corpus uses in category-specific contexts (a dog barks in a kennel,
+# soup is eaten with a spoon, a baker makes bread, one travels by bus).
+_CATEGORIES = {"animal": sorted(_ANIMALS), "food": sorted(_FOODS), "job": sorted(_JOBS), "vehicle": sorted(_VEHICLES)}
+# Frames shared by every class, so the frame says nothing of the label: only the word does.
+_CATEGORY_FRAMES = ["{n} and {f} like the {x} .", "the {x} is in {p} .", "{n} has one {x} .", "on {d} {n} sees the {x} ."]
 
-    Consistent sentences state facts the pretraining corpus repeats (a dog barks, soup is eaten with a
-    spoon, tuesday follows monday); corrupted ones swap one fact. An encoder pretrained on the corpus
-    has seen these facts; a random one must learn them from the few labelled examples.
-    """
+
+def category_words(seed: int) -> dict[str, tuple[list[str], list[str]]]:
+    """Each category's words split in two halves: (words of the training split, words of the dev split)."""
     rng = random.Random(seed)
-    out: list[tuple[str, int]] = []
-    animals, foods, jobs = list(_ANIMALS), list(_FOODS), list(_JOBS)
+    out = {}
+    for label, words in _CATEGORIES.items():
+        words = list(words)
+        rng.shuffle(words)
+        out[label] = (words[: len(words) // 2], words[len(words) // 2 :])
+    return out
+
+
+def synthetic_category_examples(n: int, seed: int, split: str) -> list[tuple[str, str]]:
+    """A labelled task over the grammar's world: which category (animal, food, job, vehicle) is the sentence's
+    object? The dev split's words never occur in the training split. A random encoder has learnt nothing about
+    them, so it is at chance on dev whatever it learns from the labels. A pretrained encoder has seen each word in
+    its category's contexts, and its fine-tuned classifier carries over to the unseen words: that transfer is
+    what pretraining is for."""
+    halves = category_words(seed=0)  # the same word split for every seed: dev words stay unseen in training
+    rng = random.Random(seed)
+    labels = sorted(halves)
+    out = []
     for i in range(n):
-        label = i % 2  # balanced
-        name = rng.choice(_NAME_LIST)
-        kind = rng.randrange(4)
-        if kind == 0:
-            animal = rng.choice(animals)
-            sound = _ANIMALS[animal][1]
-            if not label:
-                sound = _ANIMALS[rng.choice([a for a in animals if _ANIMALS[a][1] != sound])][1]
-            text = f"the {animal} {sound} when {name} comes home ."
-        elif kind == 1:
-            food = rng.choice(foods)
-            utensil, taste = _FOODS[food]
-            if not label:
-                taste = rng.choice(sorted({t for _, t in _FOODS.values()} - {taste}))
-            text = f"{name} eats {food} with a {utensil} because the {food} is {taste} ."
-        elif kind == 2:
-            d = rng.randint(0, 5)
-            nxt = _DAYS[d + 1] if label else rng.choice([x for j, x in enumerate(_DAYS) if j not in (d, d + 1)])
-            text = f"after {_DAYS[d]} comes {nxt} ."
-        else:
-            job = rng.choice(jobs)
-            product = _JOBS[job] if label else rng.choice([p for j, p in _JOBS.items() if j != job])
-            text = f"{name} works as a {job} and makes {product} in {rng.choice(list(_PLACES))} ."
-        out.append((text, label))
+        label = labels[i % len(labels)]  # balanced
+        word = rng.choice(halves[label][0 if split == "train" else 1])
+        frame = rng.choice(_CATEGORY_FRAMES)
+        out.append((frame.format(n=rng.choice(_NAME_LIST), f=rng.choice(_NAME_LIST), x=word,
+                                 p=rng.choice(list(_PLACES)), d=rng.choice(_DAYS)), label))
     rng.shuffle(out)
     return out
 
 
-def write_consistency_task(directory, n_train: int, n_dev: int, seed: int) -> dict[str, Path]:
-    """train.tsv / dev.tsv (header sentence<TAB>label) of the consistency task."""
+def write_category_task(directory, n_train: int, n_dev: int, seed: int) -> dict[str, Path]:
+    """train.tsv / dev.tsv (header sentence<TAB>label) of the category task."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, n, s in (("train", n_train, seed), ("dev", n_dev, seed + 1)):
         from orchestrator.io import write_text_atomic
 
-        text = "sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in synthetic_consistency_examples(n, s))
+        text = "sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in synthetic_category_examples(n, s, split))
         paths[split] = write_text_atomic(d / f"{split}.tsv", text)
     return paths

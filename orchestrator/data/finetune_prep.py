@@ -31,12 +31,12 @@ class FinetuneData:
 
 def _synthetic_files(task, data_dir: Path, seed: int) -> tuple[str, str]:
     from orchestrator.data import synthetic_tasks as st
-    from orchestrator.data.corpus import write_consistency_task
+    from orchestrator.data.corpus import write_category_task
 
     kind, n_tr, n_ev = task.synthetic, task.synthetic_train, task.synthetic_eval
     out = data_dir / "synthetic"
-    if kind == "consistency":
-        p = write_consistency_task(out, n_tr, n_ev, seed)
+    if kind == "category":
+        p = write_category_task(out, n_tr, n_ev, seed)
     elif kind in ("sentiment", "pair"):
         p = st.write_synthetic_classification(out, n_tr, n_ev, seed, pair=kind == "pair")
     elif kind == "ner":
