@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -131,7 +132,9 @@ class Progress:
                                  refresh=False)
         elif self.enabled:
             line = progress_line(record, self.total, self.initial, time.perf_counter() - self.t0)
-            print(f"{self.label}{line}", flush=True)
+            # not print(): Ray Train patches it to also log each line, which prints it twice
+            sys.stdout.write(f"{self.label}{line}\n")
+            sys.stdout.flush()
 
     def close(self) -> None:
         if self.bar is not None:
