@@ -116,7 +116,7 @@ def compose_config(overrides: list[str]):
 
 
 # Overrides of the pipeline command that reach every stage: placement and speed, never the math.
-PASS_THROUGH = ("launcher", "compute", "engine", "logger", "data.cache_dir", "data.loader_workers")
+PASS_THROUGH = ("launcher", "compute", "engine", "logger", "data.cache_dir", "data.loader_workers", "verbose")
 
 
 def pass_through(passed: list[str]) -> list[str]:

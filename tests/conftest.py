@@ -67,6 +67,22 @@ def compose(overrides: list[str]):
         return hcompose(config_name="config", overrides=list(overrides))
 
 
+# Library lines a run does not print unless verbose=true (orchestrator/logs.py)
+LIBRARY_NOISE = ("Setting accelerator to CPU", "Reporting training result", "UNEXPECTED", "Writing model shards",
+                 "FutureWarning")
+
+
+def progress_steps(output: str, total: int) -> list[int]:
+    """The steps of the progress lines in a run's output (one per log step: step/total, ..., elapsed, ETA), after
+    checking that the output holds none of the libraries' routine lines."""
+    import re
+
+    noise = [ln for ln in output.splitlines() if any(n in ln for n in LIBRARY_NOISE)]
+    assert not noise, noise[:5]
+    pattern = re.compile(rf"\bstep (\d+)/{total} \(\d+%\)  loss .* tok/s  elapsed \d+:\d\d  eta (\d+:\d\d|\?)$")
+    return [int(m.group(1)) for ln in output.splitlines() if (m := pattern.search(ln))]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

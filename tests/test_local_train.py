@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SHARED_DATA, compose, read_jsonl
+from conftest import REPO, SHARED_DATA, compose, progress_steps, read_jsonl
 from orchestrator.driver import train
 
 LEARN = [
@@ -94,6 +94,7 @@ def test_sigkill_mid_run_then_same_command_resumes_to_same_result(tmp_path):
     ref = _cli(RESUME, ref_dir)
     out, _ = ref.communicate(timeout=600)
     assert ref.returncode == 0, out[-3000:]
+    assert progress_steps(out, 40) == list(range(1, 41)), "output to a pipe: one progress line per log step"
 
     proc = _cli(RESUME, run_dir)
     deadline = time.time() + 600

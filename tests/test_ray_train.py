@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, compose, read_jsonl, train_in_one_worker_group
+from conftest import REPO, compose, progress_steps, read_jsonl, train_in_one_worker_group
 from orchestrator.driver import train
 
 pytestmark = pytest.mark.slow
@@ -101,7 +101,10 @@ def test_ray_job_killed_with_sigkill_resumes_with_same_command(ray_cluster, tmp_
     assert again.returncode == 0, out[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"] is not None and summary["steps"] == 30
-    assert summary["steps_this_start"] == 30 - int(Path(summary["resumed_from"]).name.split("_")[1])
+    resumed_at = int(Path(summary["resumed_from"]).name.split("_")[1])
+    assert summary["steps_this_start"] == 30 - resumed_at
+    # rank 0's progress, one line per log step from the resume point on, through Ray's log stream to a pipe
+    assert progress_steps(out, 30) == list(range(resumed_at + 1, 31))
     for k, v in ref["final_eval"].items():
         assert summary["final_eval"][k] == pytest.approx(v, rel=1e-3, abs=1e-5), k
     steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]

@@ -546,6 +546,10 @@ class JobConfig:
     """When stages are given, the job is this sequence of jobs."""
     debug_note: Optional[str] = None
     """Set by debug configs: says why the run is small."""
+    verbose: bool = False
+    """Show the libraries' routine logs too (Ray Train's report lines, DeepSpeed's accelerator probe,
+    transformers' load reports and save bars); off, a run prints its plan, one progress line per log step and
+    its summary, with every warning and error."""
 
 
 def default_run_name(*, _root_: Any) -> str:

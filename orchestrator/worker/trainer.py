@@ -628,10 +628,16 @@ def run(plan_dict: dict[str, Any], reporter: Optional[Reporter] = None, interact
 
     SIGTERM (launcher=local) saves a checkpoint at the end of the current step and returns status "preempted".
     """
+    from orchestrator.logs import pin_cpu_accelerator, quiet_libraries
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    plan = JobPlan.from_dict(plan_dict)
+    if not plan.job.compute.use_gpu:
+        pin_cpu_accelerator()
+    quiet_libraries(plan.job.verbose)
     previous = install_sigterm()
     try:
-        return Trainer(JobPlan.from_dict(plan_dict), reporter, interactive).run()
+        return Trainer(plan, reporter, interactive).run()
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

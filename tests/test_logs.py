@@ -1,0 +1,47 @@
+"""Quiet by default: the libraries' routine logs are off in a worker unless verbose=true (orchestrator/logs.py).
+The runs' own output is checked in the integration tier (test_local_train.py, test_ray_train.py: progress lines,
+none of conftest.LIBRARY_NOISE)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+
+from orchestrator.logs import quiet_libraries
+
+
+@pytest.fixture
+def restore_levels():
+    from ray.train.v2._internal.execution import context
+    from transformers.utils import logging as hf_logging
+
+    ray_logger = logging.getLogger(context.__file__)
+    saved = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), ray_logger.level, warnings.filters[:])
+    yield ray_logger
+    hf_logging.set_verbosity(saved[0])
+    (hf_logging.enable_progress_bar if saved[1] else hf_logging.disable_progress_bar)()
+    ray_logger.setLevel(saved[2])
+    warnings.filters[:] = saved[3]
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_chatter_is_off_unless_verbose(restore_levels, verbose):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_info()
+    hf_logging.enable_progress_bar()
+    restore_levels.setLevel(logging.INFO)
+    quiet_libraries(verbose)
+    assert (hf_logging.get_verbosity() == logging.ERROR) is not verbose, "transformers' load reports"
+    assert hf_logging.is_progress_bar_enabled() is verbose, "transformers' save bars"
+    assert restore_levels.isEnabledFor(logging.INFO) is verbose, "Ray Train's 'Reporting training result' lines"
+    assert restore_levels.isEnabledFor(logging.WARNING), "warnings always pass"
+
+
+def test_verbose_reaches_every_stage_of_a_pipeline():
+    from orchestrator.driver import pass_through, refuse_job_overrides_on_pipeline
+
+    refuse_job_overrides_on_pipeline(["verbose=true"])  # not refused as a job-level override
+    assert pass_through(["verbose=true", "optim.lr=1"]) == ["verbose=true"]
