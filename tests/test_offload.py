@@ -1,5 +1,10 @@
-"""ZeRO-Offload for real: optimizer (ZeRO-2) and parameter + optimizer (ZeRO-3) offload train on 2 CPU workers with
-DeepSpeedCPUAdam, follow the same loss curve as the job without offload, skip a NaN step and resume after a kill.
+"""ZeRO stages 0-3 follow one loss curve; ZeRO-Offload for real: optimizer (ZeRO-2) and parameter + optimizer (ZeRO-3)
+offload train on 2 CPU workers with DeepSpeedCPUAdam, follow the same curve as the job without offload, skip a NaN
+step and resume after a kill.
+
+The jobs without a kill (ZeRO 0-3, ZeRO-2 + offload) train one after another in ONE Ray Train worker group (one
+group start, not five), each with a NaN loss at step 3; the killed ZeRO-3 offload job runs alone (Ray restarts
+its group) and is compared with that group's ZeRO-3 curve.
 
 The first use of DeepSpeedCPUAdam JIT-builds its C++ op with g++ (cached in ~/.cache/torch_extensions), which
 takes minutes once on a 2-core machine."""
@@ -14,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import compose, read_jsonl
+from conftest import compose, read_jsonl, train_in_one_worker_group
 from orchestrator.driver import train
 
 RUN = [
@@ -23,6 +28,9 @@ RUN = [
     "train.log_every_steps=1", "train.eval_every_steps=12", "train.checkpoint_every_steps=6",
     "optim.lr=2e-3", "schedule.warmup_steps=2",
 ]
+NAN_AT = 3
+GROUP = {"zero0": ["engine=zero0"], "zero1": ["engine=zero1"], "zero2": ["engine=zero2"], "zero3": ["engine=zero3"],
+         "zero2_offload": ["engine=zero2", "engine.offload_optimizer=true"]}
 # Offload changes where the optimizer runs (DeepSpeedCPUAdam on the host instead of torch's AdamW), not the math.
 # Measured max relative loss difference, offload vs not, over the 12 steps: 7.0e-8 (ZeRO-2, 1.3e-7 with the NaN
 # step) and 6.4e-8 (ZeRO-3, across the kill and resume): float32 rounding. 1e-5 leaves a margin of ~75x.
@@ -94,20 +102,43 @@ def test_cpu_adam_is_chosen_for_offload_and_steps_like_torch_adamw():
 # ---------------------------------------------------------------- 2 Ray workers
 
 
+@pytest.fixture(scope="module")
+def group_runs(ray_cluster, tmp_path_factory):
+    """The five jobs without a kill, each with a NaN loss at step 3, trained in one worker group."""
+    root = tmp_path_factory.mktemp("zero")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BERT_ORCH_FAULT", f"nan_loss_at={NAN_AT}")
+        summaries = train_in_one_worker_group([(compose([*RUN, *extra]), root / name) for name, extra in GROUP.items()])
+    return {name: (root / name, summary) for name, summary in zip(GROUP, summaries)}
+
+
 @pytest.mark.slow
-def test_zero2_offload_optimizer_matches_no_offload_and_skips_nan_step(ray_cluster, tmp_path, monkeypatch):
+def test_zero_stages_0_to_3_give_matching_loss_curves(group_runs):
+    """ZeRO changes memory, not math: the same seeded job under stages 0-3 follows the same loss curve, and each
+    skips the NaN step the same way (ZeRO-0 through our guard, 1-3 through DeepSpeed's own overflow check)."""
+    runs = group_runs
+    curves = {}
+    for stage in range(4):
+        run_dir, summary = runs[f"zero{stage}"]
+        assert summary["world_size"] == 2 and summary["grad_accum_steps"] == 2 and summary["skipped_steps"] == 1
+        assert json.loads((run_dir / "plan.json").read_text())["deepspeed_config"]["zero_optimization"]["stage"] == stage
+        curves[stage] = _curve(run_dir)
+    assert curves[0][12] < curves[0][1] - 0.5, "the curve moves, so agreement is not trivial"
+    for stage in (1, 2, 3):
+        rel = _max_rel_diff(curves[0], curves[stage])
+        assert rel < 2e-3, f"ZeRO-{stage} vs ZeRO-0: {rel:.2e}"
+
+
+@pytest.mark.slow
+def test_zero2_offload_optimizer_matches_no_offload_and_skips_nan_step(group_runs):
     """ZeRO-2 with the optimizer offloaded vs the same job without, both with a NaN loss at step 3: both skip that
     step (no update, no LR tick: ZeRO-Offload's host-side overflow check) and follow the same curve."""
-    monkeypatch.setenv("BERT_ORCH_FAULT", "nan_loss_at=3")
-    ref_dir, off_dir = tmp_path / "zero2", tmp_path / "zero2_offload"
-    train(compose([*RUN, "engine=zero2"]), run_dir=str(ref_dir), interactive=False)
-    summary = train(compose([*RUN, "engine=zero2", "engine.offload_optimizer=true"]), run_dir=str(off_dir),
-                    interactive=False)
+    (ref_dir, _), (off_dir, summary) = group_runs["zero2"], group_runs["zero2_offload"]
     assert _zero_offload(off_dir)["offload_optimizer"]["device"] == "cpu" and "offload_optimizer" not in _zero_offload(ref_dir)
     assert summary["status"] == "completed" and summary["world_size"] == 2 and summary["steps"] == 12
     assert summary["skipped_steps"] == 1
     recs = {r["step"]: r for r in _records(off_dir) if "loss" in r}
-    assert [r["step"] for r in _records(off_dir) if r.get("event") == "skipped_step"] == [3]
+    assert [r["step"] for r in _records(off_dir) if r.get("event") == "skipped_step"] == [NAN_AT]
     assert recs[3]["lr"] == recs[2]["lr"] and recs[4]["lr"] < recs[3]["lr"], "the skipped step did not tick the LR"
     ref, off = _curve(ref_dir), _curve(off_dir)
     assert off[12] < off[1] - 0.5, "the curve moves, so agreement is not trivial"
@@ -117,13 +148,12 @@ def test_zero2_offload_optimizer_matches_no_offload_and_skips_nan_step(ray_clust
 
 
 @pytest.mark.slow
-def test_zero3_offload_killed_and_resumed_matches_no_offload(ray_cluster, tmp_path, monkeypatch):
+def test_zero3_offload_killed_and_resumed_matches_no_offload(group_runs, tmp_path, monkeypatch):
     """ZeRO-3 with parameters and optimizer offloaded; rank 1 SIGKILLs itself after step 8, the group restarts from
     the step-6 checkpoint and finishes. The resumed steps still follow the no-offload curve, which they do only if
     the checkpoint carried the CPU optimizer's moments and step counts."""
-    ref_dir, off_dir = tmp_path / "zero3", tmp_path / "zero3_offload"
-    train(compose([*RUN, "engine=zero3"]), run_dir=str(ref_dir), interactive=False)
-    monkeypatch.setenv("BERT_ORCH_FAULT", "kill_rank=1@step=8")
+    ref_dir, off_dir = group_runs["zero3"][0], tmp_path / "zero3_offload"
+    monkeypatch.setenv("BERT_ORCH_FAULT", f"nan_loss_at={NAN_AT};kill_rank=1@step=8")
     summary = train(compose([*RUN, "engine=zero3", "engine.offload_param=true", "engine.offload_optimizer=true"]),
                     run_dir=str(off_dir), interactive=False)
     zero = _zero_offload(off_dir)

@@ -85,8 +85,10 @@ def _submit(args: list[str], env_extra: dict | None = None, **kw) -> subprocess.
 @pytest.mark.slow
 def test_stopped_job_resumes_from_its_checkpoint_when_resubmitted(head, tmp_path):
     runs = tmp_path / "runs"
-    overrides = [*SMOKE, "train.max_steps=60", "train.checkpoint_every_steps=10", "train.keep_last=10",
-                 "train.log_every_steps=1", "train.eval_every_steps=60"]
+    # enough steps that the stop (a CLI start, then the Jobs API) lands mid-run on a fast CPU too (~50 tiny steps/s)
+    total = 600
+    overrides = [*SMOKE, f"train.max_steps={total}", "train.checkpoint_every_steps=20", "train.keep_last=3",
+                 "train.log_every_steps=10", f"train.eval_every_steps={total}"]
     base = ["--address", head.dashboard_url, "--runs-root", str(runs)]
     secret = "wandb-key-that-must-not-leak-0123456789"
     first = _submit([*base, "--no-wait", *overrides], env_extra={"WANDB_API_KEY": secret}, timeout=120)
@@ -117,15 +119,15 @@ def test_stopped_job_resumes_from_its_checkpoint_when_resubmitted(head, tmp_path
     manifest = json.loads((newest / "manifest.json").read_text())
     assert manifest, "the newest checkpoint is complete"
     stopped_at = int(done[-1].split("_")[1])
-    assert 20 <= stopped_at < 60
+    assert 20 <= stopped_at < total
 
     again = _submit([*base, *overrides], timeout=300)  # same overrides -> same run dir -> resume
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["steps"] == 60
+    assert summary["status"] == "completed" and summary["steps"] == total
     assert summary["resumed_from"] is not None and f"{stopped_at:08d}" in str(summary["resumed_from"]), summary["resumed_from"]
     steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
-    assert steps[-1] == 60 and set(range(stopped_at + 1, 61)) <= set(steps)
+    assert steps[-1] == total and set(range(stopped_at + 10, total + 1, 10)) <= set(steps)
     print(f"stopped at step {stopped_at}, resumed from {summary['resumed_from']}")
 
 
