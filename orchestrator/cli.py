@@ -18,7 +18,12 @@ def hydra_entry(cfg) -> Any:
     run_dir = hc.runtime.output_dir
     try:
         passed = list(hc.overrides.task)
-        return train(cfg, run_dir=run_dir, interactive=sys.stderr.isatty(), passed=passed)
+        result = train(cfg, run_dir=run_dir, interactive=sys.stderr.isatty(), passed=passed)
+        if hc.mode != RunMode.MULTIRUN and result.get("status") not in ("planned", None):
+            from orchestrator.report import report_or_warn
+
+            report_or_warn(result.get("run_dir") or run_dir)
+        return result
     except OrchestratorError as exc:
         if hc.mode == RunMode.MULTIRUN:
             raise  # the sweep reports the failed member and goes on
@@ -62,6 +67,11 @@ def main() -> None:
     import hydra
 
     from orchestrator.config.schema import register_resolvers
+
+    if sys.argv[1:2] == ["report"]:  # bert-orch report RUN_DIR | PIPELINE_DIR | SWEEP_DIR
+        from orchestrator.report import main as report_main
+
+        return report_main(sys.argv[2:])
 
     register_resolvers()  # the default run_name, which Hydra resolves for hydra.run.dir before our code runs
     check_dir_args(sys.argv[1:])

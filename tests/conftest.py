@@ -83,6 +83,23 @@ def progress_steps(output: str, total: int) -> list[int]:
     return [int(m.group(1)) for ln in output.splitlines() if (m := pattern.search(ln))]
 
 
+def assert_page_links_valid_pngs(page: Path) -> list[str]:
+    """Every PNG in the report dir is a valid image and the page links each one (and nothing outside the dir)."""
+    import re
+
+    from PIL import Image
+
+    text = page.read_text()
+    links = re.findall(r'<img src="([^"]+)"', text)
+    pngs = sorted(p.name for p in page.parent.glob("*.png"))
+    assert pngs and sorted(links) == pngs, (links, pngs)
+    for name in pngs:
+        with Image.open(page.parent / name) as im:
+            assert im.format == "PNG" and im.size[0] > 100
+            im.verify()
+    return links
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, compose, progress_steps, read_jsonl
+from conftest import REPO, assert_page_links_valid_pngs, compose, progress_steps, read_jsonl
 from orchestrator.driver import train
 
 pytestmark = pytest.mark.slow
@@ -36,6 +36,10 @@ def test_default_pipeline_pretrains_then_finetunes(ray_cluster, tmp_path):
     ft_plan = json.loads((run_dir / "finetune" / "plan.json").read_text())
     assert ft_plan["config"]["train"]["init_from"].endswith("pretrain") and ft_plan["world_size"] == 2
     assert ft["eval_accuracy"] >= rnd["eval_accuracy"] + 0.15, "pretraining helps by 15 points or more"
+    from orchestrator.report import write_report
+
+    links = assert_page_links_valid_pngs(write_report(run_dir))
+    assert {"pretrain_loss.png", "pretrain_eval.png", "finetune_eval.png", "finetune_random_init_eval.png"} <= set(links)
 
 
 KILL_RUN = [
@@ -78,6 +82,9 @@ def test_ray_job_killed_with_sigkill_resumes_with_same_command(ray_cluster, tmp_
     assert summary["steps_this_start"] == 30 - resumed_at
     # rank 0's progress, one line per log step from the resume point on, through Ray's log stream to a pipe
     assert progress_steps(out, 30) == list(range(resumed_at + 1, 31))
+    page = run_dir / "report" / "index.html"
+    assert f"report: {page}" in out, "a run ends by saying where its report is"
+    assert {"loss.png", "eval.png", "lr.png"} <= set(assert_page_links_valid_pngs(page))
     for k, v in ref["final_eval"].items():
         assert summary["final_eval"][k] == pytest.approx(v, rel=1e-3, abs=1e-5), k
     steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, assert_page_links_valid_pngs
 
 pytestmark = pytest.mark.slow
 
@@ -84,6 +84,9 @@ def test_grid_runs_two_at_a_time_and_a_member_refused_by_the_plan_fails_alone(he
     assert metrics == sorted(metrics, reverse=True), "best first"
     assert all("config key 'engine.zero_stage': 4 is not one of 0, 1, 2, 3" in row["error"] for row in table[4:])
     assert "sweep summary" in out.stdout
+    page = sweep_dir / "report" / "index.html"
+    assert f"report: {page}" in out.stdout, "the sweep ends by saying where its report is"
+    assert set(assert_page_links_valid_pngs(page)) == {"sweep_optim.lr.png", "sweep_engine.zero_stage.png"}
 
 
 def test_optuna_search_runs_trials_as_ray_jobs(head, tmp_path):

@@ -449,3 +449,31 @@ def test_progress_line_eta_comes_from_this_starts_pace():
     line = progress_line(rec, total=100, initial=40, elapsed=40.0)  # 20 steps in 40 s: 40 left take 80 s
     assert line == ("step 60/100 (60%)  loss 2.5000  mlm_acc 0.400  lr 1.00e-03  12,346 tok/s  elapsed 0:40"
                     "  eta 1:20")
+
+
+# ------------------------------------------------------------------------------------------ TensorBoard
+def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """What TensorBoard itself reads from the run dir's event files (its own reader, purges applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_gets_every_logged_step_once_across_a_rollback(tmp_path):
+    plan = _plan(tmp_path, "logger=tensorboard", "train.global_batch_size=4", "train.max_bad_steps_in_row=2",
+                 "train.max_steps=12", "train.log_every_steps=2")
+    forwards = []
+
+    def loss_at(i: int) -> float:
+        forwards.append(i)
+        return float("nan") if len(forwards) in (5, 6) else 10.0 / len(forwards)  # steps 5, 6 bad once: back to 4
+
+    summary = _trainer(plan, loss_at=loss_at).run()
+    assert summary["rollbacks"] == 1
+    scalars = _scalars(Path(plan.run_dir))
+    assert [s for s, _ in scalars["train/loss"]] == [2, 4, 6, 8, 10, 12], "each step once: the redone 6 replaced"
+    jsonl = {r["step"]: r["loss"] for r in read_jsonl(Path(plan.run_dir) / "metrics.jsonl") if "loss" in r}
+    assert dict(scalars["train/loss"]) == pytest.approx(jsonl), "the same numbers as metrics.jsonl"
+    assert [s for s, _ in scalars["eval/loss"]] == [8, 12] and "train/lr" in scalars

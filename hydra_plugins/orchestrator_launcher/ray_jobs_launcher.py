@@ -246,6 +246,9 @@ class RayJobsLauncher(Launcher):
         csv_path = write_summary(self._sweep_dir, self.results, metric, self.params.metric_mode)
         print_summary(self.results, metric, self.params.metric_mode)
         log.info(f"sweep summary: {csv_path}")
+        from orchestrator.report import report_or_warn
+
+        report_or_warn(self._sweep_dir)
 
         returns: List[JobReturn] = []
         for res, sweep_config, _ in members:

@@ -451,6 +451,8 @@ class LoggerConfig:
     """W&B mode online | offline | disabled; null = WANDB_MODE or online."""
     tags: List[str] = field(default_factory=list)
     """W&B tags."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to <run dir>/tensorboard (logger=tensorboard; with logger=wandb too)."""
 
 
 @dataclass

@@ -84,6 +84,31 @@ class WandbSink:
         self.run.finish(exit_code=exit_code)
 
 
+class TensorBoardSink:
+    """Every metrics record as TensorBoard scalars (train/<key>, eval/<key>) under <run dir>/tensorboard, written
+    with tensorboardX (Ray's own dependency; `tensorboard --logdir runs/` reads it). A run resumed or rolled back to
+    step N starts with a purge at N + 1, so TensorBoard drops the events of the steps it redoes (as metrics.jsonl
+    drops their lines)."""
+
+    def __init__(self, run_dir: Path, start_step: int):
+        from tensorboardX import SummaryWriter
+
+        # one event file per start (its name holds the start step: files opened in the same second do not collide)
+        self.writer = SummaryWriter(logdir=str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None,
+                                    filename_suffix=f".from_step_{start_step}")
+
+    def write(self, record: dict[str, Any]) -> None:
+        step = record.get("step")
+        for k, v in record.items():
+            if k in ("step", "time") or isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+                continue
+            self.writer.add_scalar(f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}", v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 def _clock(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rest = divmod(seconds, 3600)

@@ -30,7 +30,7 @@ from orchestrator.plan.identity import job_identity
 from orchestrator.worker import checkpoint as ckpt
 from orchestrator.worker.dist import Dist
 from orchestrator.io import write_json_atomic
-from orchestrator.worker.metrics import MetricsJsonl, Progress, WandbSink
+from orchestrator.worker.metrics import MetricsJsonl, Progress, TensorBoardSink, WandbSink
 from orchestrator.worker.state import TrainerState
 
 log = logging.getLogger("orchestrator.worker")
@@ -137,10 +137,13 @@ class Sinks:
         self.t = trainer
         self.metrics: Optional[MetricsJsonl] = None
         self.wandb: Optional[WandbSink] = None
+        self.tensorboard: Optional[TensorBoardSink] = None
         if trainer.d.rank == 0:
             self.metrics = MetricsJsonl(trainer.run_dir / "metrics.jsonl", start_step)
             if trainer.job.logger.name == "wandb":
                 self.wandb = WandbSink(trainer.run_dir, trainer.job.logger, trainer.plan.to_dict(), trainer.job.run_name)
+            if trainer.job.logger.tensorboard:
+                self.tensorboard = TensorBoardSink(trainer.run_dir, start_step)
         self.ledger: Optional[MetricsJsonl] = self._open_ledger(start_step)
 
     def _open_ledger(self, step: int) -> Optional[MetricsJsonl]:
@@ -154,7 +157,7 @@ class Sinks:
         return MetricsJsonl(t.run_dir / "ledger" / f"rank{t.d.rank}.jsonl", step)
 
     def write(self, record: dict[str, Any]) -> None:
-        for sink in (self.metrics, self.wandb):
+        for sink in (self.metrics, self.wandb, self.tensorboard):
             if sink is not None:
                 sink.write(record)
 
@@ -167,17 +170,20 @@ class Sinks:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = MetricsJsonl(self.t.run_dir / "metrics.jsonl", step)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = TensorBoardSink(self.t.run_dir, step)
         if self.ledger is not None:
             self.ledger.close()
             self.ledger = self._open_ledger(step)
 
     def close(self, failed: bool = False) -> None:
-        for sink in (self.metrics, self.ledger):
+        for sink in (self.metrics, self.ledger, self.tensorboard):
             if sink is not None:
                 sink.close()
         if self.wandb is not None:
             self.wandb.close(exit_code=1 if failed else 0)
-        self.metrics = self.wandb = self.ledger = None
+        self.metrics = self.wandb = self.ledger = self.tensorboard = None
 
 
 # -------------------------------------------------------------------------------------------- trainer
