@@ -95,6 +95,9 @@ def _classify(where: str, line: str) -> list[Command]:
         if module == "orchestrator":
             if rest == ["..."]:
                 continue  # `bert-orch ...`: "the same app as a console script", nothing to plan
+            if rest[:1] == ["report"]:
+                cmds.append(Command(where, "report", tuple(rest[1:])))
+                continue
             kind = "sweep" if ("-m" in rest or "--multirun" in rest) else "train"
             cmds.append(Command(where, kind, tuple(a for a in rest if a not in ("-m", "--multirun"))))
         elif module == "orchestrator.submit":
@@ -125,7 +128,7 @@ def test_the_docs_yield_every_kind_of_command():
     """The extraction itself: nothing documented is silently skipped (a doc rewrite that hides commands from
     this test fails here)."""
     kinds = {c.kind for c in COMMANDS}
-    assert {"train", "sweep", "submit", "submit_control", "prepare", "doctor", "sbatch"} <= kinds, kinds
+    assert {"train", "sweep", "submit", "submit_control", "prepare", "doctor", "sbatch", "report"} <= kinds, kinds
     where = {c.where.split(":")[0] for c in COMMANDS}
     assert set(CLUSTER_FILES) <= where and {"README.md", "cluster/README.md"} <= where, where
     readme_train = [c for c in COMMANDS if c.where.startswith("README.md") and c.kind in ("train", "sweep")]
@@ -271,6 +274,15 @@ def test_documented_command_plans(cmd, local, tmp_path):
         from orchestrator.doctor import parse_args
 
         parse_args(args)
+    elif cmd.kind == "report":
+        from orchestrator.report import write_report
+
+        assert args and not any(a.startswith("-") for a in args), cmd
+        for a in args:  # a finished run of two logged steps stands in for the documented dir
+            d = tmp_path / a
+            d.mkdir(parents=True)
+            (d / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "lr": 0.1}\n{"step": 2, "loss": 1.0, "lr": 0.1}\n')
+            assert write_report(d).is_file(), cmd
     else:
         raise AssertionError(cmd)
 
