@@ -276,3 +276,65 @@ def test_init_checkpoint_vocabulary_mismatch_names_both(classify_run, tmp_path):
                   f"tokenizer.path={tok}"), tmp_path)
     msg = str(ei.value)
     assert "tokenizer.path" in msg and "7 tokens" in msg and "vocab_size=" in msg and str(run_dir) in msg
+
+
+# ------------------------------------------------------------------------- Hugging Face formats and tokenizers
+def _bpe_tokenizer_dir(texts: list[str], out: Path) -> Path:
+    """A byte-level BPE tokenizer saved as a Hugging Face dir (AutoTokenizer), with RoBERTa-style special tokens:
+    not our WordPiece, not a vocab.txt."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "</s>", "<pad>", "<unk>", "<mask>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> $B:1 </s>:1", special_tokens=[("<s>", 0), ("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", cls_token="<s>",
+                                   sep_token="</s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
+    fast.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.slow  # trains a real model
+def test_fine_tune_with_an_autotokenizer_dir_from_parquet_and_a_headerless_tsv(tmp_path):
+    """A BPE AutoTokenizer dir (not our WordPiece), parquet train and eval files; the same eval split as a
+    headerless tsv (label first) and as a datasets.save_to_disk dir reads to the same examples."""
+    import csv
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from orchestrator.data.finetuning import read_classification
+    from orchestrator.data.synthetic_tasks import write_synthetic_classification
+
+    src = write_synthetic_classification(tmp_path / "src", 600, 200, seed=3)
+    rows = {k: list(csv.DictReader(p.open(), delimiter="\t")) for k, p in src.items()}
+    files = {}
+    for split in ("train", "dev"):
+        files[split] = tmp_path / f"{split}.parquet"
+        pq.write_table(pa.table({"text": [r["sentence"] for r in rows[split]],
+                                 "label": [int(r["label"]) for r in rows[split]]}), files[split])
+    tok_dir = _bpe_tokenizer_dir([r["sentence"] for r in rows["train"]], tmp_path / "bpe")
+    run_dir = tmp_path / "run"
+    summary = train(compose([*LOCAL, "task=classify", f"task.train_file={files['train']}", f"task.eval_file={files['dev']}",
+                             "task.text_column=text", "task.label_column=label", "tokenizer=dir", f"tokenizer.path={tok_dir}",
+                             "task.max_seq_length=40", "train.max_steps=null", "train.epochs=4", "train.eval_every_steps=null",
+                             "train.checkpoint_every_steps=1000", "train.global_batch_size=32",
+                             "train.micro_batch_size_per_gpu=32", "optim.lr=1e-3"]), run_dir=str(run_dir), interactive=False)
+    ev = summary["final_eval"]
+    assert ev["eval_accuracy"] > ev["eval_majority_baseline"] + 0.2, ev
+    tok = AutoTokenizer.from_pretrained(str(run_dir / "export"))
+    assert tok.cls_token == "<s>" and "Bert" not in type(tok).__name__, "the BPE tokenizer is what was exported"
+    model = AutoModelForSequenceClassification.from_pretrained(str(run_dir / "export")).eval()
+    assert model.config.vocab_size == len(tok)
+
+    parquet = [(e.text, e.label) for e in read_classification(files["dev"], "text", label_column="label")]
+    headerless = tmp_path / "dev.tsv"
+    headerless.write_text("".join(f"{r['label']}\t{r['sentence']}\n" for r in rows["dev"]))
+    assert [(e.text, e.label) for e in read_classification(headerless, "1", label_column="0", header=False)] == parquet
+    datasets.Dataset.from_parquet(str(files["dev"])).save_to_disk(str(tmp_path / "dev_ds"))
+    assert [(e.text, e.label) for e in read_classification(tmp_path / "dev_ds", "text", label_column="label")] == parquet

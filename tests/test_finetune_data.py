@@ -607,3 +607,38 @@ def test_real_wnut17_dev(tokenizer):
     feats = ft.featurize_ner(sents, tokenizer, tags, 64)
     for labels, sent in zip(feats["labels"], sents):
         assert sum(l != -100 for l in labels) <= len(sent.tokens)
+
+
+# ------------------------------------------------------------------- parquet, datasets dirs, headerless files
+def test_headerless_tsv_columns_are_indices_and_a_missing_one_is_named(tmp_path):
+    from orchestrator.data.finetuning import read_classification
+
+    f = tmp_path / "x.tsv"
+    f.write_text("pos\tgreat film\nneg\tdull\n")
+    assert [(e.text, e.label, e.line) for e in read_classification(f, "1", label_column="0", header=False)] == [
+        ("great film", "pos", 1), ("dull", "neg", 2)]
+    with pytest.raises(DataError, match=r"x\.tsv:1: text column '2' missing; column indices \(no header\) found: 0, 1"):
+        read_classification(f, "2", label_column="0", header=False)
+    f.write_text("pos\tgreat film\nneg\n")
+    with pytest.raises(DataError, match=r"x\.tsv:2: row has 1 fields, the first row had 2"):
+        read_classification(f, "1", label_column="0", header=False)
+
+
+def test_parquet_and_datasets_dirs_name_their_missing_columns(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.data.finetuning import read_classification
+
+    f = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"sentence": ["a b", "c d"], "y": [0, 1]}), f)
+    assert [(e.text, e.label, e.line) for e in read_classification(f, "sentence", label_column="y")] == [
+        ("a b", "0", 1), ("c d", "1", 2)]
+    with pytest.raises(DataError, match=r"x\.parquet: label column 'label' missing; columns found: sentence, y"):
+        read_classification(f, "sentence")
+    d = tmp_path / "ds"
+    datasets.DatasetDict({"train": datasets.Dataset.from_parquet(str(f))}).save_to_disk(str(d))
+    with pytest.raises(DataError, match=r"holds a DatasetDict \(train\): give one split's dir, e\.g\. .*/ds/train"):
+        read_classification(d, "sentence", label_column="y")
+    assert len(read_classification(d / "train", "sentence", label_column="y")) == 2

@@ -158,7 +158,7 @@ class TaskConfig:
     """Pack several short samples into one row, with position/segment resets and block-diagonal attention."""
     # ---- fine-tuning (classify, ner, qa) ----
     train_file: Optional[str] = None
-    """Fine-tuning: labelled training file (tsv/csv/jsonl, CoNLL, SQuAD JSON)."""
+    """Fine-tuning: labelled training file (tsv/csv/jsonl/parquet or a datasets dir, CoNLL, SQuAD JSON)."""
     eval_file: Optional[str] = None
     """Fine-tuning: labelled evaluation file, same format."""
     synthetic: Optional[str] = rule(None, choices=tuple(SYNTHETIC_TASKS))
@@ -173,8 +173,12 @@ class TaskConfig:
     """Classification: column of the second text of a pair (null = single sentences)."""
     label_column: str = "label"
     """Classification: column of the label (strings or integers)."""
-    file_format: Optional[str] = rule(None, choices=("tsv", "csv", "jsonl"))
-    """Classification: tsv | csv | jsonl (null = from the file suffix)."""
+    file_format: Optional[str] = rule(None, choices=("tsv", "csv", "jsonl", "parquet", "datasets"))
+    """Classification: tsv | csv | jsonl | parquet | datasets (a datasets.save_to_disk dir); null = from the suffix
+    (a directory is a datasets dir)."""
+    header: bool = True
+    """Classification tsv/csv: the first row names the columns; false = no header row, columns are named by their
+    0-based index (task.text_column=0 task.label_column=1)."""
     token_column: int = 0
     """NER: column of the token in CoNLL lines."""
     tag_column: int = -1

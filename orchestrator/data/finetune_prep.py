@@ -58,9 +58,7 @@ def _tokenizer_for(job, train_texts: list[str], cache_dir: Path):
     """init_from's tokenizer (it must match the encoder), else tokenizer.dir, else WordPiece on the train texts."""
     import hashlib
 
-    from transformers import BertTokenizer
-
-    from orchestrator.data.tokenizer import load_tokenizer_dir, train_wordpiece
+    from orchestrator.data.tokenizer import load_tokenizer_dir, open_tokenizer, train_wordpiece
     from orchestrator.io import atomic_save_dir
     from orchestrator.plan.inputs import resolve_init_dir
 
@@ -68,9 +66,9 @@ def _tokenizer_for(job, train_texts: list[str], cache_dir: Path):
         src = resolve_init_dir(job.train.init_from)
         cfg = json.loads((src / "config.json").read_text())
         if job.tokenizer.source == "dir":
-            tok, tok_dir = load_tokenizer_dir(job.tokenizer.path), Path(job.tokenizer.path).expanduser()
-        elif (src / "tokenizer.json").is_file() or (src / "vocab.txt").is_file():
-            tok, tok_dir = load_tokenizer_dir(str(src)), src
+            tok, tok_dir = load_tokenizer_dir(job.tokenizer.path, need_mask=False), Path(job.tokenizer.path).expanduser()
+        elif any((src / n).is_file() for n in ("tokenizer_config.json", "tokenizer.json", "vocab.txt")):
+            tok, tok_dir = load_tokenizer_dir(str(src), need_mask=False), src
         else:
             raise ConfigError("tokenizer.path", f"'{src}' has no tokenizer: give tokenizer=dir tokenizer.path=...")
         if len(tok.get_vocab()) != cfg["vocab_size"]:
@@ -81,7 +79,7 @@ def _tokenizer_for(job, train_texts: list[str], cache_dir: Path):
             )
         return tok, tok_dir, src
     if job.tokenizer.source == "dir":
-        return load_tokenizer_dir(job.tokenizer.path), Path(job.tokenizer.path).expanduser(), None
+        return load_tokenizer_dir(job.tokenizer.path, need_mask=False), Path(job.tokenizer.path).expanduser(), None
     h = hashlib.sha256()
     for t in train_texts:
         h.update(t.encode("utf-8", "replace"))
@@ -90,7 +88,7 @@ def _tokenizer_for(job, train_texts: list[str], cache_dir: Path):
     ).hexdigest()[:16]
     out = cache_dir / "tokenizers" / key
     if (out / "tokenizer.json").is_file():
-        return BertTokenizer.from_pretrained(str(out), local_files_only=True), out, None
+        return open_tokenizer(out), out, None
     tok = train_wordpiece(iter(train_texts), job.tokenizer.vocab_size, job.tokenizer.min_frequency, job.tokenizer.lowercase)
     atomic_save_dir(lambda d: tok.save_pretrained(str(d)), out)
     return tok, out, None
@@ -108,7 +106,7 @@ def prepare_finetune_data(job, run_dir: str) -> FinetuneData:
         train_file, eval_file = os.path.expanduser(t.train_file), os.path.expanduser(t.eval_file)
     if t.name == "classify":
         read = lambda p: ft.read_classification(  # noqa: E731
-            p, t.text_column, t.text_pair_column, t.label_column, t.file_format
+            p, t.text_column, t.text_pair_column, t.label_column, t.file_format, t.header
         )
     elif t.name == "ner":
         read = lambda p: ft.read_conll(p, t.token_column, t.tag_column)  # noqa: E731

@@ -2,7 +2,8 @@
 
 Three tasks:
 
-* ``classify`` -- single sentence or sentence-pair classification from tsv/csv/jsonl
+* ``classify`` -- single sentence or sentence-pair classification from tsv/csv (with or without a header),
+  jsonl, parquet or a ``datasets.save_to_disk`` dir
   (:func:`read_classification`, :func:`build_label_map`, :func:`encode_labels`,
   :func:`featurize_classification`).
 * ``ner`` -- token classification from CoNLL-style files (:func:`read_conll`,
@@ -66,19 +67,21 @@ class ClassificationExample:
     line: int  # 1-based line of the record in its file
 
 
-_FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl"}
+_FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
+CLASSIFICATION_FORMATS = ("tsv", "csv", "jsonl", "parquet", "datasets")
 
 
 def _infer_format(path: Path, file_format: str | None) -> str:
     if file_format is not None:
-        if file_format not in ("tsv", "csv", "jsonl"):
-            raise DataError(path, f"unknown file_format {file_format!r} (expected tsv, csv or jsonl)")
+        if file_format not in CLASSIFICATION_FORMATS:
+            raise DataError(path, f"unknown file_format {file_format!r} (expected {', '.join(CLASSIFICATION_FORMATS)})")
         return file_format
+    if path.is_dir():
+        return "datasets"
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise DataError(
-            path, f"cannot infer the format from suffix {path.suffix!r}; use .tsv, .csv or .jsonl or pass file_format"
-        )
+        raise DataError(path, f"cannot infer the format from suffix {path.suffix!r}; use .tsv, .csv, .jsonl or .parquet,"
+                              " a datasets.save_to_disk dir, or pass file_format")
     return fmt
 
 
@@ -99,84 +102,120 @@ def _text_value(path: Path, value: Any, line: int, column: str) -> str:
     return value
 
 
+def _check_columns(path: Path, wanted: list[tuple[str, str]], found: Sequence[str], what: str, line=None) -> None:
+    for role, column in wanted:
+        if column not in found:
+            raise DataError(path, f"{role} column '{column}' missing; {what} found: {', '.join(found) or 'none'}",
+                            line=line)
+
+
+def _jsonl_records(path: Path, wanted):
+    with path.open("r", encoding="utf-8-sig", newline="") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise DataError(path, f"malformed JSON line: {exc.msg} (column {exc.colno})", line=line_no) from None
+            if not isinstance(record, dict):
+                raise DataError(path, f"expected a JSON object, got {type(record).__name__}", line=line_no)
+            _check_columns(path, wanted, sorted(record), "keys", line=line_no)
+            yield record, line_no
+
+
+def _delimited_records(path: Path, wanted, fmt: str, header: bool):
+    """tsv (quoting off: SST-2 sentences hold quotes) or csv rows as dicts keyed by the header's names, or by each
+    column's 0-based index ("0", "1", ...) in a file without a header row."""
+    with path.open("r", encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv" else csv.reader(handle)
+        try:
+            names = None
+            if header:
+                names = next(reader, None)
+                while names is not None and not any(cell.strip() for cell in names):
+                    names = next(reader, None)
+                if names is None:
+                    raise DataError(path, "file is empty (expected a header row; task.header=false for none)")
+                names = [cell.strip() for cell in names]
+                _check_columns(path, wanted, names, "columns", line=reader.line_num)
+            start = reader.line_num + 1
+            for row in reader:
+                line_no, start = start, reader.line_num + 1
+                if not row or not any(cell.strip() for cell in row):
+                    continue
+                if names is None:  # headerless: the first row fixes the column count
+                    names = [str(i) for i in range(len(row))]
+                    _check_columns(path, wanted, names, "column indices (no header)", line=line_no)
+                if len(row) != len(names):
+                    raise DataError(path, f"row has {len(row)} fields, {'the header has' if header else 'the first row had'}"
+                                          f" {len(names)}", line=line_no)
+                yield dict(zip(names, row)), line_no
+        except csv.Error as exc:
+            raise DataError(path, f"malformed {fmt}: {exc}", line=reader.line_num) from None
+
+
+def _table_records(path: Path, wanted, fmt: str):
+    """Rows of a parquet file, or of a `datasets` dir (Dataset.save_to_disk); `line` is the 1-based row."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # noqa: BLE001 - pyarrow's errors have many types; name the file
+            raise DataError(path, f"cannot read parquet: {str(exc).splitlines()[0]}") from None
+        columns, rows = table.column_names, table.to_pylist()
+    else:
+        try:
+            import datasets
+        except ImportError:
+            raise DataError(path, "reading a datasets dir needs the `datasets` package (pip install datasets)") from None
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(path, f"not a datasets.save_to_disk dir: {str(exc).splitlines()[0]}") from None
+        if isinstance(ds, datasets.DatasetDict):
+            raise DataError(path, f"holds a DatasetDict ({', '.join(ds)}): give one split's dir, e.g. {path}/{next(iter(ds))}")
+        columns, rows = ds.column_names, ds
+    _check_columns(path, wanted, list(columns), "columns")
+    for i, row in enumerate(rows, start=1):
+        yield row, i
+
+
 def read_classification(
     path: str | Path,
     text_column: str,
     text_pair_column: str | None = None,
     label_column: str = "label",
     file_format: str | None = None,
+    header: bool = True,
 ) -> list[ClassificationExample]:
-    """Read a classification split.
-
-    tsv (quoting disabled: SST-2 sentences contain quotes) and csv (standard quoting) need
-    a header row; jsonl holds one JSON object per line.  Blank lines are skipped.  Raises
-    DataError for a missing file, a missing text/label column (naming the columns
-    found), a row with the wrong number of fields, a malformed jsonl line, an empty text
-    or label, and an empty split.
+    """Read a classification split: tsv or csv (with a header row, or `header=False` and columns named by their
+    0-based index), jsonl (one JSON object per line), parquet, or a `datasets.save_to_disk` dir.  Blank lines are
+    skipped.  Raises DataError for a missing file, a missing text/label column (naming the columns found), a row
+    with the wrong number of fields, a malformed jsonl line, an empty text or label, and an empty split.
     """
     path = Path(path)
-    _check_file(path)
     fmt = _infer_format(path, file_format)
+    if fmt != "datasets":
+        _check_file(path)
+    elif not path.is_dir():
+        raise DataError(path, "not a directory (file_format datasets: a datasets.save_to_disk dir)")
     wanted = [("text", text_column)] + ([("text pair", text_pair_column)] if text_pair_column else [])
     wanted.append(("label", label_column))
+    if fmt == "jsonl":
+        records = _jsonl_records(path, wanted)
+    elif fmt in ("tsv", "csv"):
+        records = _delimited_records(path, wanted, fmt, header)
+    else:
+        records = _table_records(path, wanted, fmt)
     examples: list[ClassificationExample] = []
-
-    def make(record: Mapping[str, Any], line: int) -> ClassificationExample:
-        text = _text_value(path, record[text_column], line, text_column)
-        pair = _text_value(path, record[text_pair_column], line, text_pair_column) if text_pair_column else None
-        label = _label_str(path, record[label_column], line, label_column)
-        return ClassificationExample(text, pair, label, line)
-
     try:
-        with path.open("r", encoding="utf-8-sig", newline="") as handle:
-            if fmt == "jsonl":
-                for line_no, raw in enumerate(handle, start=1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        record = json.loads(raw)
-                    except json.JSONDecodeError as exc:
-                        raise DataError(path, f"malformed JSON line: {exc.msg} (column {exc.colno})", line=line_no) from None
-                    if not isinstance(record, dict):
-                        raise DataError(path, f"expected a JSON object, got {type(record).__name__}", line=line_no)
-                    for role, column in wanted:
-                        if column not in record:
-                            found = ", ".join(sorted(record)) or "none"
-                            raise DataError(
-                                path, f"{role} column '{column}' missing; keys found: {found}", line=line_no
-                            )
-                    examples.append(make(record, line_no))
-            else:
-                if fmt == "tsv":
-                    reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-                else:
-                    reader = csv.reader(handle)
-                try:
-                    header = next(reader, None)
-                    while header is not None and not any(cell.strip() for cell in header):
-                        header = next(reader, None)
-                    if header is None:
-                        raise DataError(path, "file is empty (expected a header row)")
-                    header = [cell.strip() for cell in header]
-                    for role, column in wanted:
-                        if column not in header:
-                            raise DataError(
-                                path,
-                                f"{role} column '{column}' not in the header; columns found: {', '.join(header)}",
-                                line=reader.line_num,
-                            )
-                    start = reader.line_num + 1
-                    for row in reader:
-                        line_no, start = start, reader.line_num + 1
-                        if not row or not any(cell.strip() for cell in row):
-                            continue
-                        if len(row) != len(header):
-                            raise DataError(
-                                path, f"row has {len(row)} fields, the header has {len(header)}", line=line_no
-                            )
-                        examples.append(make(dict(zip(header, row)), line_no))
-                except csv.Error as exc:
-                    raise DataError(path, f"malformed {fmt}: {exc}", line=reader.line_num) from None
+        for record, line in records:
+            text = _text_value(path, record[text_column], line, text_column)
+            pair = _text_value(path, record[text_pair_column], line, text_pair_column) if text_pair_column else None
+            label = _label_str(path, record[label_column], line, label_column)
+            examples.append(ClassificationExample(text, pair, label, line))
     except UnicodeDecodeError as exc:
         raise DataError(path, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     if not examples:

@@ -46,27 +46,39 @@ def _batched(sentences: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
         yield batch
 
 
-def load_tokenizer_dir(path: str):
-    """Load a tokenizer directory (tokenizer.json and/or vocab.txt); refuse one without a vocabulary."""
+# The roles a BERT-style encoder needs of its tokenizer, whatever the tokens are called ([CLS] or <s>, ...)
+ROLES = ("cls_token", "sep_token", "pad_token", "unk_token")
+
+
+def open_tokenizer(path: str | os.PathLike):
+    """Any Hugging Face tokenizer dir (AutoTokenizer, from its tokenizer_config.json: WordPiece, BPE, Unigram,
+    ...), a dir with only a tokenizer.json (read as BERT's), or a bare BERT vocab.txt."""
+    from transformers import AutoTokenizer, BertTokenizer
+
+    p = Path(path)
+    if (p / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    if (p / "tokenizer.json").is_file():
+        return BertTokenizer.from_pretrained(str(p), local_files_only=True)
+    return BertTokenizer(vocab=_read_vocab_txt(p / "vocab.txt"))
+
+
+def load_tokenizer_dir(path: str, need_mask: bool = True):
+    """Load a tokenizer directory (open_tokenizer); refuse one without a vocabulary or without the special
+    tokens BERT uses (CLS, SEP, PAD, UNK, and MASK for pretraining), by role."""
     p = Path(os.path.expanduser(path))
     if not p.is_dir():
         raise ConfigError("tokenizer.path", f"'{path}' is not a directory")
-    has_json = (p / "tokenizer.json").is_file()
-    has_vocab = (p / "vocab.txt").is_file()
-    if not (has_json or has_vocab):
+    if not any((p / n).is_file() for n in ("tokenizer_config.json", "tokenizer.json", "vocab.txt")):
         raise ConfigError("tokenizer.path", f"'{path}' holds neither vocab.txt nor tokenizer.json")
-    from transformers import BertTokenizer
-
     try:
-        if has_json:
-            tok = BertTokenizer.from_pretrained(str(p), local_files_only=True)
-        else:
-            tok = BertTokenizer(vocab=_read_vocab_txt(p / "vocab.txt"))
+        tok = open_tokenizer(p)
     except Exception as exc:  # corrupt files: say which directory
         raise ConfigError("tokenizer.path", f"cannot load a tokenizer from '{path}': {exc}") from None
-    missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
+    roles = ROLES + (("mask_token",) if need_mask else ())
+    missing = [r for r in roles if getattr(tok, r, None) is None or getattr(tok, r + "_id", None) is None]
     if missing:
-        raise ConfigError("tokenizer.path", f"vocabulary in '{path}' lacks special tokens {missing}")
+        raise ConfigError("tokenizer.path", f"tokenizer in '{path}' lacks special tokens {missing}")
     return tok
 
 
@@ -105,9 +117,7 @@ def get_tokenizer(tok_cfg, corpus, cache_dir: Path) -> tuple[object, Path]:
     key = tokenizer_cache_key(corpus.fingerprint(), tok_cfg.vocab_size, tok_cfg.min_frequency, tok_cfg.lowercase)
     out = cache_dir / "tokenizers" / key
     if (out / "tokenizer.json").is_file():
-        from transformers import BertTokenizer
-
-        return BertTokenizer.from_pretrained(str(out), local_files_only=True), out
+        return open_tokenizer(out), out
     # the vocabulary trains on all documents, held-out ones included (as BERT's did)
     sentences = (s for doc in corpus.documents() for s in doc)
     tok = train_wordpiece(sentences, tok_cfg.vocab_size, tok_cfg.min_frequency, tok_cfg.lowercase)

@@ -27,5 +27,7 @@ def check_inputs(job) -> None:
     if t.name in ("classify", "ner", "qa") and t.synthetic is None:
         for key in ("train_file", "eval_file"):
             path = Path(getattr(t, key)).expanduser()
+            if t.name == "classify" and path.is_dir():  # a datasets.save_to_disk dir
+                continue
             if not path.is_file():
                 raise DataError(str(path), f"task.{key}: {'no such file' if not path.exists() else 'not a file'}")

@@ -85,14 +85,14 @@ class FinetuneTask:
     stat_keys = ("correct", "count")
 
     def __init__(self, plan, d: Dist):
-        from transformers import BertTokenizer
+        from orchestrator.data.tokenizer import open_tokenizer
 
         from orchestrator.data.finetune_prep import load_features
 
         self.plan, self.job, self.d = plan, plan.job, d
         self.dataset = plan.dataset
         self.name = self.job.task.name
-        self.tokenizer = BertTokenizer.from_pretrained(self.dataset["tokenizer_dir"], local_files_only=True)
+        self.tokenizer = open_tokenizer(self.dataset["tokenizer_dir"])
         self.pad_id = self.tokenizer.pad_token_id
         self.labels = self.dataset.get("labels")
         self.main_metric = self.job.task.main_metric or DEFAULT_MAIN_METRIC[self.name]

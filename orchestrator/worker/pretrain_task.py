@@ -79,13 +79,13 @@ class PretrainTask:
     main_metric = None  # pretraining keeps the newest checkpoint, not a "best" one
 
     def __init__(self, plan, d: Dist):
-        from transformers import BertTokenizer
+        from orchestrator.data.tokenizer import open_tokenizer
 
         self.plan = plan
         self.job = plan.job
         self.d = d
         self.dataset = plan.dataset
-        self.tokenizer = BertTokenizer.from_pretrained(self.dataset["tokenizer_dir"], local_files_only=True)
+        self.tokenizer = open_tokenizer(self.dataset["tokenizer_dir"])
         self.pad_id = self.tokenizer.pad_token_id
         self.nsp = self.job.task.nsp
         self.stat_keys = ("mlm_correct", "mlm_count") + (("nsp_correct", "nsp_count") if self.nsp else ())
