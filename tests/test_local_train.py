@@ -166,6 +166,13 @@ def test_wandb_offline_run_is_continued_on_resume_and_keep_last_rotates(tmp_path
     assert len(offline) == 2, "each start writes an offline segment of the same run id (wandb sync joins them)"
     steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
     assert steps == [5, 10, 15, 20]
+    card = (run_dir / "export" / "README.md").read_text()  # the model card: what, on what, how long, how to load
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: fill-mask\n") and "20 optimizer steps" in card
+    assert f"| eval_mlm_acc | {s2['final_eval']['eval_mlm_acc']:.4f} |" in card and "AutoModelForMaskedLM" in card
+    plan = json.loads((run_dir / "plan.json").read_text())
+    artifact = f"{plan['config']['run_name']}-model".encode()
+    logged = [p for p in (run_dir / "wandb").glob("offline-run-*/run-*.wandb") if artifact in p.read_bytes()]
+    assert len(logged) == 2, "each start logs the export as a W&B model artifact"
 
 
 def test_checkpoint_beyond_planned_steps_is_refused_before_launch(learned_run):

@@ -80,6 +80,15 @@ class WandbSink:
             if isinstance(v, (int, float, str)):
                 self.run.summary[k] = v
 
+    def log_model(self, export_dir: Path, task: str) -> None:
+        """The export (weights, tokenizer, model card) as a W&B model artifact of this run."""
+        import wandb
+
+        art = wandb.Artifact(f"{self.run.name or self.run_id}-model".replace("/", "_"), type="model",
+                             metadata={"task": task}, description=f"bert-orchestrator export ({task})")
+        art.add_dir(str(export_dir))
+        self.run.log_artifact(art, aliases=["latest"])
+
     def close(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)
 

@@ -572,9 +572,14 @@ class Trainer:
         if self.d.rank != 0:
             return {}
         summary = self.summary(best_eval)
+        from orchestrator.io import write_text_atomic
+        from orchestrator.worker.model_card import model_card
+
+        write_text_atomic(self.run_dir / "export" / "README.md", model_card(self.plan.to_dict(), summary))
         if self.sinks.wandb is not None:
             summary["wandb_run_id"] = self.sinks.wandb.run_id
             self.sinks.wandb.summary({**summary["final_eval"], "steps": self.state.step})
+            self.sinks.wandb.log_model(self.run_dir / "export", self.job.task.name)
         write_json_atomic(self.run_dir / "summary.json", summary)
         return summary
 

@@ -1,0 +1,64 @@
+"""The model card in export/README.md: what the model is, what it was trained on and for how long, its final
+evaluation, and how to load it (the Hugging Face Hub reads the same file and its YAML header)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# task -> (transformers Auto class, pipeline tag)
+_LOADERS = {
+    "pretrain": ("AutoModelForMaskedLM", "fill-mask"),
+    "pretrain_nsp": ("AutoModelForMaskedLM", "fill-mask"),
+    "classify": ("AutoModelForSequenceClassification", "text-classification"),
+    "ner": ("AutoModelForTokenClassification", "token-classification"),
+    "qa": ("AutoModelForQuestionAnswering", "question-answering"),
+}
+
+
+def _data(cfg: dict[str, Any]) -> str:
+    task, data = cfg["task"], cfg["data"]
+    if task["name"] in ("classify", "ner", "qa"):
+        if task.get("synthetic"):
+            return (f"generated `{task['synthetic']}` task ({task['synthetic_train']} training and "
+                    f"{task['synthetic_eval']} evaluation examples)")
+        return f"training file `{task['train_file']}`, evaluation file `{task['eval_file']}`"
+    if data["source"] == "synthetic":
+        return f"the built-in synthetic grammar corpus ({data['synthetic_documents']} documents, seed {data['synthetic_seed']})"
+    if data["source"] == "prepared":
+        return f"the prepared dataset `{data['prepared_dir']}`"
+    return ", ".join(f"`{p}`" for p in data.get("paths", [])) or data["source"]
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def model_card(plan: dict[str, Any], summary: dict[str, Any]) -> str:
+    cfg = plan["config"]
+    m, task = cfg["model"], cfg["task"]["name"]
+    auto, pipeline_tag = _LOADERS.get(task, ("AutoModel", "feature-extraction"))
+    init = cfg["train"].get("init_from")
+    tokens = summary["steps"] * plan.get("tokens_per_step", 0)
+    lines = [
+        "---", "library_name: transformers", f"pipeline_tag: {pipeline_tag}", "tags:", "- bert", f"- {task}",
+        "- bert-orchestrator", "---", "",
+        f"# {cfg['run_name']}", "",
+        f"A BERT encoder ({m['num_hidden_layers']} layers x {m['hidden_size']} hidden, {m['num_attention_heads']} heads,"
+        f" vocabulary {plan.get('dataset', {}).get('vocab_size', m.get('vocab_size'))}) trained by bert-orchestrator for"
+        f" the `{task}` task: {summary['steps']} optimizer steps at global batch {plan['global_batch_size']}"
+        f" (up to {tokens:,} tokens) on {summary['world_size']} worker(s), from "
+        + (f"`{init}`." if init else "a random initialisation."),
+        "", "## Data", "", _data(cfg) + ".", "",
+        "## Evaluation", "", "| metric | value |", "|---|---|",
+    ]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(summary.get("final_eval", {}).items())]
+    lines += [
+        "", "## Use", "", "```python",
+        f"from transformers import AutoTokenizer, {auto}, pipeline", "",
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/export")',
+        f'model = {auto}.from_pretrained("path/to/export")',
+        f'pipe = pipeline("{pipeline_tag}", model="path/to/export")', "```", "",
+        "The run dir holds the full plan (`plan.json`), every logged step (`metrics.jsonl`) and the checkpoints;"
+        " `bert-orch report <run dir>` plots them.", "",
+    ]
+    return "\n".join(lines)
