@@ -63,11 +63,39 @@ def check_dir_args(argv: list[str], dir_keys: tuple[str, ...] = ("hydra.run.dir"
             sys.exit(2)
 
 
+def app_help() -> str:
+    """`bert-orch --help`: the groups and their options, then every key with its default and meaning."""
+    from pathlib import Path
+
+    from orchestrator.config.keyhelp import key_lines
+    from orchestrator.config.schema import JobConfig
+
+    groups = sorted(p for p in Path(CONF_DIR).iterdir() if p.is_dir())
+    return "\n".join([
+        "bert-orch: BERT pretraining and fine-tuning jobs from Hydra configs (DeepSpeed ZeRO workers on Ray, or one",
+        "local process). python -m orchestrator is the same.",
+        "",
+        "usage: bert-orch [group=option ...] [key=value ...]      one job or pipeline (default: experiment=quickstart)",
+        "       bert-orch -m key=a,b ...                            a sweep: every member a Ray Job",
+        "       bert-orch report RUN_DIR | PIPELINE_DIR | SWEEP_DIR  plots and an HTML page",
+        "       bert-orch-submit, bert-orch-prepare, bert-orch-doctor (each has --help); --hydra-help: Hydra's flags",
+        "",
+        "groups (group=option):",
+        *(f"  {g.name}: {', '.join(sorted(p.stem for p in g.glob('*.yaml')))}" for g in groups),
+        "",
+        "keys (the schema's default, which the groups above set for most keys; then what the key means):",
+        *key_lines(JobConfig),
+    ])
+
+
 def main() -> None:
     import hydra
 
     from orchestrator.config.schema import register_resolvers
 
+    if sys.argv[1:] in (["--help"], ["-h"]):
+        print(app_help())
+        return
     if sys.argv[1:2] == ["report"]:  # bert-orch report RUN_DIR | PIPELINE_DIR | SWEEP_DIR
         from orchestrator.report import main as report_main
 

@@ -34,11 +34,32 @@ def hydra_entry(cfg) -> Any:
         sys.exit(2)
 
 
+def prepare_help() -> str:
+    from orchestrator.config.keyhelp import key_lines
+    from orchestrator.config.prepare_schema import PrepareConfig
+
+    return "\n".join([
+        "bert-orch-prepare: raw corpora -> normalised, filtered, deduplicated documents -> WordPiece -> token shards",
+        "with a manifest (a Ray Data job, or one process with launcher=local). The same command again resumes.",
+        "",
+        "usage: bert-orch-prepare 'sources=[corpus/*.txt]' output_dir=data/wiki [key=value ...]",
+        "       (python -m orchestrator.prepare ... is the same)",
+        "",
+        "keys (default, then meaning):",
+        *key_lines(PrepareConfig),
+        "",
+        "launcher: ray (default) | local; launcher.address=... joins a running cluster.",
+    ])
+
+
 def main() -> None:
     import hydra
 
     from orchestrator.cli import check_dir_args
 
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):  # its own keys, not the training groups Hydra would list
+        print(prepare_help())
+        return
     check_dir_args(sys.argv[1:], dir_keys=("output_dir", "hydra.run.dir"))  # Hydra makes its log dir there first
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

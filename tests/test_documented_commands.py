@@ -84,8 +84,9 @@ def _classify(where: str, line: str) -> list[Command]:
         name = Path(argv[0]).name
         if name in ("python", "python3") and len(argv) > 2 and argv[1] == "-m":
             module, rest = argv[2], argv[3:]
-        elif name in ("bert-orch", "bert-orch-submit"):
-            module, rest = {"bert-orch": "orchestrator", "bert-orch-submit": "orchestrator.submit"}[name], argv[1:]
+        elif name in ("bert-orch", "bert-orch-submit", "bert-orch-prepare", "bert-orch-doctor"):
+            module, rest = {"bert-orch": "orchestrator", "bert-orch-submit": "orchestrator.submit",
+                            "bert-orch-prepare": "orchestrator.prepare", "bert-orch-doctor": "orchestrator.doctor"}[name], argv[1:]
         elif name == "sbatch" and any(a.endswith("ray_job.sbatch") for a in argv):
             i = next(i for i, a in enumerate(argv) if a.endswith("ray_job.sbatch"))
             cmds.append(Command(where, "sbatch", tuple(argv[i + 1:])))
