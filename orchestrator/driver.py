@@ -150,6 +150,8 @@ def run_pipeline(job, run_dir: str, passed: list[str], interactive: bool) -> dic
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     keep = pass_through(passed)
+    if not any(o.lstrip("+").startswith("logger.group=") for o in keep):  # W&B: a pipeline's stages in one group
+        keep.append(f"logger.group=pipeline-{Path(run_dir).resolve().name}")
     stages: dict[str, Any] = {}
     for st in job.pipeline.stages:
         overrides = [o.replace("{pipeline_dir}", str(Path(run_dir).resolve())) for o in st.overrides] + keep

@@ -45,3 +45,19 @@ def test_verbose_reaches_every_stage_of_a_pipeline():
 
     refuse_job_overrides_on_pipeline(["verbose=true"])  # not refused as a job-level override
     assert pass_through(["verbose=true", "optim.lr=1"]) == ["verbose=true"]
+
+
+def test_a_pipelines_stages_share_one_wandb_group(tmp_path):
+    import json
+
+    from conftest import compose
+    from orchestrator.driver import train
+
+    run_dir = tmp_path / "qs"
+    train(compose(["experiment=quickstart", "plan_only=true", "logger=wandb"]), run_dir=str(run_dir),
+          interactive=False, passed=["logger=wandb"])
+    plan = json.loads((run_dir / "pretrain" / "plan.json").read_text())
+    assert plan["config"]["logger"]["name"] == "wandb" and plan["config"]["logger"]["group"] == "pipeline-qs"
+    train(compose(["experiment=quickstart", "plan_only=true", "logger=wandb", "logger.group=mine"]),
+          run_dir=str(tmp_path / "qs2"), interactive=False, passed=["logger=wandb", "logger.group=mine"])
+    assert json.loads((tmp_path / "qs2" / "pretrain" / "plan.json").read_text())["config"]["logger"]["group"] == "mine"
