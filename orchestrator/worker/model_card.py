@@ -44,7 +44,7 @@ def model_card(plan: dict[str, Any], summary: dict[str, Any]) -> str:
         "- bert-orchestrator", "---", "",
         f"# {cfg['run_name']}", "",
         f"A BERT encoder ({m['num_hidden_layers']} layers x {m['hidden_size']} hidden, {m['num_attention_heads']} heads,"
-        f" vocabulary {plan.get('dataset', {}).get('vocab_size', m.get('vocab_size'))}) trained by bert-orchestrator for"
+        f" vocabulary {(plan.get('dataset') or {}).get('vocab_size', m.get('vocab_size'))}) trained by bert-orchestrator for"
         f" the `{task}` task: {summary['steps']} optimizer steps at global batch {plan['global_batch_size']}"
         f" (up to {tokens:,} tokens) on {summary['world_size']} worker(s), from "
         + (f"`{init}`." if init else "a random initialisation."),
