@@ -84,7 +84,7 @@ def run_plots(run_dir: Path, out_dir: Path, prefix: str = "") -> list[Path]:
     recs = _records(run_dir)
     train = [r for r in recs if "loss" in r]
     evals = [r for r in recs if any(k.startswith("eval_") for k in r)]
-    name = prefix or run_dir.name
+    name = run_dir.name
     plots = [
         _plot(out_dir / f"{prefix}loss.png", f"{name}: training loss", "loss", {"train loss": _series(train, "loss")}),
         _plot(out_dir / f"{prefix}train_accuracy.png", f"{name}: training accuracy", "accuracy",
