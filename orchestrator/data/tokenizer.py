@@ -76,7 +76,8 @@ def load_tokenizer_dir(path: str, need_mask: bool = True):
     except Exception as exc:  # corrupt files: say which directory
         raise ConfigError("tokenizer.path", f"cannot load a tokenizer from '{path}': {exc}") from None
     roles = ROLES + (("mask_token",) if need_mask else ())
-    missing = [r for r in roles if getattr(tok, r, None) is None or getattr(tok, r + "_id", None) is None]
+    vocab = tok.get_vocab()
+    missing = [r for r in roles if getattr(tok, r, None) is None or str(getattr(tok, r)) not in vocab]
     if missing:
         raise ConfigError("tokenizer.path", f"tokenizer in '{path}' lacks special tokens {missing}")
     return tok
