@@ -196,6 +196,8 @@ def read_classification(
     with the wrong number of fields, a malformed jsonl line, an empty text or label, and an empty split.
     """
     path = Path(path)
+    if not path.exists():
+        raise DataError(path, "file not found")
     fmt = _infer_format(path, file_format)
     if fmt != "datasets":
         _check_file(path)
