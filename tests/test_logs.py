@@ -61,3 +61,33 @@ def test_a_pipelines_stages_share_one_wandb_group(tmp_path):
     train(compose(["experiment=quickstart", "plan_only=true", "logger=wandb", "logger.group=mine"]),
           run_dir=str(tmp_path / "qs2"), interactive=False, passed=["logger=wandb", "logger.group=mine"])
     assert json.loads((tmp_path / "qs2" / "pretrain" / "plan.json").read_text())["config"]["logger"]["group"] == "mine"
+
+
+@pytest.mark.parametrize("overrides, module, extra, key", [
+    (["logger=wandb"], "wandb", "tracking", "logger"),
+    (["experiment=none", "task=ner", "task.synthetic=ner"], "seqeval", "ner", "task"),
+])
+def test_a_job_needing_a_missing_extra_is_refused_naming_it(tmp_path, monkeypatch, overrides, module, extra, key):
+    import sys
+
+    from conftest import compose
+    from orchestrator.driver import make_plan
+    from orchestrator.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, module, None)  # as if the extra were not installed
+    with pytest.raises(ConfigError) as err:
+        make_plan(compose(overrides), run_dir=str(tmp_path / "run"), prepare=False)
+    assert str(err.value) == (f"config key '{key}': {overrides[-1] if key == 'logger' else 'task=ner'} needs {module},"
+                              f" which is in the '{extra}' extra: pip install 'bert-orchestrator[{extra}]' (or pip"
+                              f" install {module})")
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir()), "refused before any work"
+
+
+def test_the_default_install_leaves_the_extras_out():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from conftest import REPO
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    core = " ".join(project["dependencies"])
+    assert not any(m in core for m in ("wandb", "optuna", "seqeval"))
+    assert {"tracking", "sweeps", "ner"} <= project["optional-dependencies"].keys()

@@ -98,6 +98,9 @@ class OptunaSearchSweeper(Sweeper):
         raise ValueError(f"hydra.sweeper.sampler: unknown sampler '{self.params.sampler}' (tpe | random | qmc)")
 
     def sweep(self, arguments: List[str]) -> Any:
+        from orchestrator.extras import require
+
+        require("optuna", "sweeps", "hydra/sweeper", "hydra/sweeper=optuna_search")
         import optuna
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None

@@ -20,7 +20,11 @@ def resolve_init_dir(init_from: str) -> Path:
 
 
 def check_inputs(job) -> None:
-    """init_from and the fine-tuning files: present and readable (their contents are checked when prepared)."""
+    """The optional packages the job needs, then init_from and the fine-tuning files: present and readable (their
+    contents are checked when prepared)."""
+    from orchestrator.extras import check_extras
+
+    check_extras(job)
     if job.train.init_from:
         resolve_init_dir(job.train.init_from)
     t = job.task
