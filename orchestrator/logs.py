@@ -6,6 +6,8 @@ libraries' routine chatter is off unless `verbose=true`:
 * transformers' load reports (the UNEXPECTED / MISSING rows when a checkpoint's head is not the task's) and its
   "Writing model shards" bars,
 * the FutureWarning torch.distributed raises for DeepSpeed's all_gather_into_tensor.
+
+Ray Train's preemption watcher, whose actor logged an ERROR line per job, is off (launch/ray_train.py says why).
 """
 
 from __future__ import annotations

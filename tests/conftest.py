@@ -69,7 +69,7 @@ def compose(overrides: list[str]):
 
 # Library lines a run does not print unless verbose=true (orchestrator/logs.py)
 LIBRARY_NOISE = ("Setting accelerator to CPU", "Reporting training result", "UNEXPECTED", "Writing model shards",
-                 "FutureWarning")
+                 "FutureWarning", "PreemptionWatcher")
 
 
 def progress_steps(output: str, total: int) -> list[int]:

@@ -101,6 +101,12 @@ def launch_ray(plan: JobPlan) -> dict[str, Any]:
 
     from orchestrator.worker.entry import ray_train_loop
 
+    # Ray Train's preemption watcher (an actor per worker group that relays node-drain notices to
+    # ray.train.get_preemption_info()) is observability our trainer does not read: preemption reaches it as SIGTERM
+    # (a checkpoint at the current step) or as a lost worker (a restart from the newest checkpoint). Off, it costs
+    # no actor process per job and no ERROR line per job about its constructor arguments; set
+    # RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=1 to have it anyway. (Read by the controller from this process's env.)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     started = connect(plan)
     try:
         scaling, run_config = trainer_configs(plan)
