@@ -103,7 +103,8 @@ def main() -> None:
 
     register_resolvers()  # the default run_name, which Hydra resolves for hydra.run.dir before our code runs
     check_dir_args(sys.argv[1:])
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Hub ids in train.init_from / tokenizer.path are fetched while planning when online (offline when
+    # HF_HUB_OFFLINE is set); workers are always offline (launch/ray_train.py), they read the plan's local paths
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(hydra_entry)
     app()

@@ -3,13 +3,49 @@ before any worker starts. No torch: planning stays light."""
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 from orchestrator.errors import ConfigError, DataError
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_HUB_FILES = {  # what each use of a Hub repo downloads (never the other frameworks' weights)
+    "train.init_from": ["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model.bin",
+                        "tokenizer*", "vocab.txt", "special_tokens_map.json", "merges.txt", "*.model"],
+    "tokenizer.path": ["tokenizer*", "vocab.txt", "special_tokens_map.json", "merges.txt", "*.model", "config.json"],
+}
+
+
+def hub_snapshot(value: str, key: str) -> Path:
+    """`value` is not a local path: as a Hugging Face Hub id (`org/name`), its files in the local Hub cache
+    (downloaded once; offline when HF_HUB_OFFLINE is set). The plan carries the local path, so workers never
+    reach for the Hub."""
+    if not _HUB_ID.fullmatch(value):
+        raise ConfigError(key, f"'{value}' is neither a local directory nor a Hugging Face Hub id (org/name)")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ConfigError(key, f"'{value}' is not a local directory, and as a Hugging Face Hub id it needs the"
+                               " network: HF_HUB_OFFLINE is set (unset it, or give a local directory)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(value, allow_patterns=_HUB_FILES[key]))
+    except Exception as exc:  # noqa: BLE001 - not found, gated, no network: one line naming the key
+        raise ConfigError(key, f"cannot download '{value}' from the Hugging Face Hub: "
+                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+def resolve_hub_ids(job) -> None:
+    """init_from and tokenizer.path given as Hub ids become the local snapshot dirs (in the job, so in the plan)."""
+    if job.train.init_from and not Path(job.train.init_from).expanduser().exists():
+        job.train.init_from = str(hub_snapshot(job.train.init_from, "train.init_from"))
+    if job.tokenizer.source == "dir" and job.tokenizer.path and not Path(job.tokenizer.path).expanduser().exists():
+        job.tokenizer.path = str(hub_snapshot(job.tokenizer.path, "tokenizer.path"))
+
 
 def resolve_init_dir(init_from: str) -> Path:
-    """A run dir (its export/) or any Hugging Face BERT directory holding config.json and weights."""
+    """A run dir (its export/) or any Hugging Face BERT directory holding config.json and weights (a Hub id has
+    been replaced by its local snapshot by then: resolve_hub_ids)."""
     p = Path(init_from).expanduser()
     src = p / "export" if (p / "export" / "config.json").is_file() else p
     if not (src / "config.json").is_file():
@@ -25,6 +61,7 @@ def check_inputs(job) -> None:
     from orchestrator.extras import check_extras
 
     check_extras(job)
+    resolve_hub_ids(job)
     if job.train.init_from:
         resolve_init_dir(job.train.init_from)
     t = job.task
