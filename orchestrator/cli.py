@@ -78,6 +78,7 @@ def app_help() -> str:
         "usage: bert-orch [group=option ...] [key=value ...]      one job or pipeline (default: experiment=quickstart)",
         "       bert-orch -m key=a,b ...                            a sweep: every member a Ray Job",
         "       bert-orch report RUN_DIR | PIPELINE_DIR | SWEEP_DIR  plots and an HTML page",
+        "       bert-orch push RUN_DIR REPO_ID [--private]          the export to the Hugging Face Hub",
         "       bert-orch-submit, bert-orch-prepare, bert-orch-doctor (each has --help); --hydra-help: Hydra's flags",
         "",
         "groups (group=option):",
@@ -100,6 +101,10 @@ def main() -> None:
         from orchestrator.report import main as report_main
 
         return report_main(sys.argv[2:])
+    if sys.argv[1:2] == ["push"]:  # bert-orch push RUN_DIR REPO_ID [--private]
+        from orchestrator.push import main as push_main
+
+        return push_main(sys.argv[2:])
 
     register_resolvers()  # the default run_name, which Hydra resolves for hydra.run.dir before our code runs
     check_dir_args(sys.argv[1:])

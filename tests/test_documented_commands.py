@@ -96,8 +96,8 @@ def _classify(where: str, line: str) -> list[Command]:
         if module == "orchestrator":
             if rest == ["..."]:
                 continue  # `bert-orch ...`: "the same app as a console script", nothing to plan
-            if rest[:1] == ["report"]:
-                cmds.append(Command(where, "report", tuple(rest[1:])))
+            if rest[:1] in (["report"], ["push"]):
+                cmds.append(Command(where, rest[0], tuple(rest[1:])))
                 continue
             kind = "sweep" if ("-m" in rest or "--multirun" in rest) else "train"
             cmds.append(Command(where, kind, tuple(a for a in rest if a not in ("-m", "--multirun"))))
@@ -129,7 +129,7 @@ def test_the_docs_yield_every_kind_of_command():
     """The extraction itself: nothing documented is silently skipped (a doc rewrite that hides commands from
     this test fails here)."""
     kinds = {c.kind for c in COMMANDS}
-    assert {"train", "sweep", "submit", "submit_control", "prepare", "doctor", "sbatch", "report"} <= kinds, kinds
+    assert {"train", "sweep", "submit", "submit_control", "prepare", "doctor", "sbatch", "report", "push"} <= kinds, kinds
     where = {c.where.split(":")[0] for c in COMMANDS}
     assert set(CLUSTER_FILES) <= where and {"README.md", "cluster/README.md"} <= where, where
     readme_train = [c for c in COMMANDS if c.where.startswith("README.md") and c.kind in ("train", "sweep")]
@@ -275,6 +275,14 @@ def test_documented_command_plans(cmd, local, tmp_path):
         from orchestrator.doctor import parse_args
 
         parse_args(args)
+    elif cmd.kind == "push":
+        from unittest import mock
+
+        from orchestrator.push import main as push_main
+
+        with mock.patch("orchestrator.push.push", return_value="url") as pushed:  # its arguments parse; no upload
+            push_main(list(args))
+        assert pushed.call_args.args[:2] == tuple(args[:2]), cmd
     elif cmd.kind == "report":
         from orchestrator.report import write_report
 

@@ -64,3 +64,36 @@ def test_online_a_hub_id_becomes_its_local_snapshot_in_the_plan(tmp_path, monkey
     with pytest.raises(ConfigError, match=r"^config key 'train\.init_from': cannot download 'acme/other' from the Hugging"
                                           r" Face Hub: OSError: We couldn't connect"):
         make_plan(compose([*FT, "train.init_from=acme/other"]), run_dir=str(tmp_path / "r2"), prepare=False)
+
+
+def test_push_uploads_the_export_with_its_model_card_or_says_why_not(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import huggingface_hub
+
+    from conftest import REPO
+    from orchestrator.push import push
+
+    run = tmp_path / "run"
+    _tiny_bert(run / "export")
+    (run / "export" / "README.md").write_text("---\nlibrary_name: transformers\n---\n# run\n")
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "push", str(run), "acme/tiny"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)  # the tests run with HF_HUB_OFFLINE=1
+    assert out.returncode == 2 and out.stderr == f"error: {run}: HF_HUB_OFFLINE is set: unset it to push to the Hugging Face Hub\n"
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls.append(("create", repo_id, private, exist_ok))
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+            return type("Info", (), {"commit_url": "https://huggingface.co/acme/tiny/commit/1"})()
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert push(str(run), "acme/tiny", private=True) == "https://huggingface.co/acme/tiny/commit/1"
+    assert calls[0] == ("create", "acme/tiny", True, True)
+    assert calls[1][0] == "upload" and {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= set(calls[1][2])

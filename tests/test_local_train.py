@@ -74,10 +74,10 @@ def test_export_reloads_with_transformers_and_matches_checkpoint(learned_run):
     assert tok.mask_token == "[MASK]" and tok.vocab_size > 100
 
 
-def _cli(args, run_dir: Path, **kw):
+def _cli(args, run_dir: Path, stdout=subprocess.PIPE, **kw):
     return subprocess.Popen(
         [sys.executable, "-m", "orchestrator", *args, f"hydra.run.dir={run_dir}"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw,
+        cwd=REPO, stdout=stdout, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw,
     )
 
 
@@ -93,11 +93,14 @@ def test_sigkill_mid_run_then_same_command_resumes_to_same_result(tmp_path):
     The uninterrupted run JIT-builds no C++ op (DeepSpeed's shm all-reduce op serves inference only)."""
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
     ops = tmp_path / "torch_extensions"
-    ref = _cli(RESUME, ref_dir, env={**os.environ, "TORCH_EXTENSIONS_DIR": str(ops)})
-    out, _ = ref.communicate(timeout=600)
+    log = tmp_path / "ref.log"
+    with log.open("w") as fh:  # output to a file, as under nohup
+        ref = _cli(RESUME, ref_dir, stdout=fh, env={**os.environ, "TORCH_EXTENSIONS_DIR": str(ops)})
+        ref.wait(timeout=600)
+    out = log.read_text()
     assert ref.returncode == 0, out[-3000:]
     assert not ops.exists() or not any(ops.iterdir()), f"a CPU job JIT-built {sorted(p.name for p in ops.iterdir())}"
-    assert progress_steps(out, 40) == list(range(1, 41)), "output to a pipe: one progress line per log step"
+    assert progress_steps(out, 40) == list(range(1, 41)), "output to a file: one progress line per log step"
 
     proc = _cli(RESUME, run_dir)
     deadline = time.time() + 600

@@ -18,11 +18,15 @@ from orchestrator.driver import train
 
 pytestmark = pytest.mark.slow
 
-def test_default_pipeline_pretrains_then_finetunes(ray_cluster, tmp_path):
+def test_default_pipeline_pretrains_then_finetunes(ray_cluster, tmp_path, capfd):
     """README command 1's job (experiment=quickstart on 2 CPU ZeRO-2 workers on Ray), run in full:
     pretraining beats the most-frequent-token baseline; both fine-tunes report next to each other."""
     run_dir = tmp_path / "default"
     summary = train(compose(["experiment=quickstart"]), run_dir=str(run_dir), interactive=False)
+    out = capfd.readouterr().out  # this process's output, Ray's forwarded worker lines included
+    # one progress line per log step of the pretraining stage, and none of the libraries' routine lines (the
+    # fine-tune from the pretrained encoder is where transformers printed its UNEXPECTED load report)
+    assert progress_steps(out, 300) == list(range(10, 301, 10))
     pre = json.loads((run_dir / "pretrain" / "summary.json").read_text())
     ev = pre["final_eval"]
     print("held-out MLM accuracy", ev["eval_mlm_acc"], "most-frequent-token baseline", ev["eval_baseline_most_frequent_acc"])
@@ -50,11 +54,11 @@ KILL_RUN = [
 ]
 
 
-def _cli(run_dir: Path):
+def _cli(run_dir: Path, stdout=subprocess.PIPE):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.Popen(
         [sys.executable, "-m", "orchestrator", *KILL_RUN, f"hydra.run.dir={run_dir}"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        cwd=REPO, env=env, stdout=stdout, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
 
 
@@ -73,14 +77,17 @@ def test_ray_job_killed_with_sigkill_resumes_with_same_command(ray_cluster, tmp_
     killed_at = max(r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "step" in r)
     assert killed_at < 30, "the kill landed after the run had finished"
     assert not (run_dir / "summary.json").exists() or json.loads((run_dir / "summary.json").read_text())["status"] != "completed"
-    again = _cli(run_dir)
-    out, _ = again.communicate(timeout=900)
+    log = run_dir.parent / "again.log"
+    with log.open("w") as fh:  # output to a file, as under nohup
+        again = _cli(run_dir, stdout=fh)
+        again.wait(timeout=900)
+    out = log.read_text()
     assert again.returncode == 0, out[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"] is not None and summary["steps"] == 30
     resumed_at = int(Path(summary["resumed_from"]).name.split("_")[1])
     assert summary["steps_this_start"] == 30 - resumed_at
-    # rank 0's progress, one line per log step from the resume point on, through Ray's log stream to a pipe
+    # rank 0's progress, one line per log step from the resume point on, through Ray's log stream to a file
     assert progress_steps(out, 30) == list(range(resumed_at + 1, 31))
     page = run_dir / "report" / "index.html"
     assert f"report: {page}" in out, "a run ends by saying where its report is"
