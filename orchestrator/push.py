@@ -5,7 +5,6 @@ Face Hub, with huggingface_hub's own upload (the token comes from `hf auth login
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -17,7 +16,9 @@ def push(run_dir: str, repo_id: str, private: bool = False) -> str:
     export = Path(run_dir) / "export"
     if not (export / "config.json").is_file():
         raise DataError(str(run_dir), "holds no export/ with config.json (a finished run writes one)")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    from orchestrator.plan.inputs import hub_offline
+
+    if hub_offline():
         raise DataError(str(run_dir), "HF_HUB_OFFLINE is set: unset it to push to the Hugging Face Hub")
     from huggingface_hub import HfApi
 

@@ -22,9 +22,7 @@ from typing import Any, Optional
 
 from orchestrator.errors import DataError
 from orchestrator.io import write_text_atomic
-
-_TRAIN_ACC = ("mlm_acc", "nsp_acc", "train_acc")
-_PLAN_KEYS = ("model", "task", "launcher", "world", "batch", "steps")
+from orchestrator.worker.metrics import TRAIN_ACCURACIES
 
 
 def _plt():
@@ -56,8 +54,7 @@ def _series(recs: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _plot(out: Path, title: str, ylabel: str, lines: dict[str, tuple[list, list]], xlabel: str = "step",
-          logy: bool = False) -> Optional[Path]:
+def _plot(out: Path, title: str, ylabel: str, lines: dict[str, tuple[list, list]]) -> Optional[Path]:
     lines = {k: v for k, v in lines.items() if v[0]}
     if not lines:
         return None
@@ -66,10 +63,8 @@ def _plot(out: Path, title: str, ylabel: str, lines: dict[str, tuple[list, list]
     for label, (xs, ys) in lines.items():
         ax.plot(xs, ys, marker="o" if len(xs) <= 12 else None, markersize=3, label=label)
     ax.set_title(title)
-    ax.set_xlabel(xlabel)
+    ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
-    if logy:
-        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     if len(lines) > 1:
         ax.legend(fontsize=8)
@@ -88,7 +83,7 @@ def run_plots(run_dir: Path, out_dir: Path, prefix: str = "") -> list[Path]:
     plots = [
         _plot(out_dir / f"{prefix}loss.png", f"{name}: training loss", "loss", {"train loss": _series(train, "loss")}),
         _plot(out_dir / f"{prefix}train_accuracy.png", f"{name}: training accuracy", "accuracy",
-              {k: _series(train, k) for k in _TRAIN_ACC}),
+              {k: _series(train, k) for k in TRAIN_ACCURACIES}),
     ]
     eval_keys = sorted({k for r in evals for k, v in r.items() if k.startswith("eval_") and _finite(v)
                         and k not in ("eval_rows",) and not k.endswith(("_total", "_ppl"))})
@@ -113,7 +108,7 @@ def _swept(overrides: list[str]) -> dict[str, str]:
     return out
 
 
-def sweep_plots(sweep_dir: Path, doc: dict[str, Any], out_dir: Path) -> list[Path]:
+def sweep_plots(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     """The sweep's metric against each parameter that differs between members (numbers on a log axis when they
     span more than a decade; other values as categories)."""
     members = [m for m in doc["members"] if m.get("status") == "succeeded" and _finite(m.get("metric"))]
@@ -213,7 +208,7 @@ def write_report(path: str | Path) -> Path:
     out_dir.mkdir(exist_ok=True)
     if sweep.is_file():
         doc = json.loads(sweep.read_text())
-        plots = sweep_plots(root, doc, out_dir)
+        plots = sweep_plots(doc, out_dir)
         rows = "".join(
             f"<tr><td>{m.get('num')}</td><td>{html.escape(m.get('status', ''))}</td>"
             f"<td>{html.escape(' '.join(m.get('overrides', [])))}</td>"

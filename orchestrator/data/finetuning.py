@@ -199,10 +199,10 @@ def read_classification(
     if not path.exists():
         raise DataError(path, "file not found")
     fmt = _infer_format(path, file_format)
-    if fmt != "datasets":
-        _check_file(path)
-    elif not path.is_dir():
+    if fmt == "datasets" and not path.is_dir():
         raise DataError(path, "not a directory (file_format datasets: a datasets.save_to_disk dir)")
+    if fmt != "datasets" and not path.is_file():
+        raise DataError(path, "not a regular file")
     wanted = [("text", text_column)] + ([("text pair", text_pair_column)] if text_pair_column else [])
     wanted.append(("label", label_column))
     if fmt == "jsonl":

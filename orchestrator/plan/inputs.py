@@ -17,13 +17,18 @@ _HUB_FILES = {  # what each use of a Hub repo downloads (never the other framewo
 }
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it (read now, not at its import: tests and users set it late)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def hub_snapshot(value: str, key: str) -> Path:
     """`value` is not a local path: as a Hugging Face Hub id (`org/name`), its files in the local Hub cache
     (downloaded once; offline when HF_HUB_OFFLINE is set). The plan carries the local path, so workers never
     reach for the Hub."""
     if not _HUB_ID.fullmatch(value):
         raise ConfigError(key, f"'{value}' is neither a local directory nor a Hugging Face Hub id (org/name)")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if hub_offline():
         raise ConfigError(key, f"'{value}' is not a local directory, and as a Hugging Face Hub id it needs the"
                                " network: HF_HUB_OFFLINE is set (unset it, or give a local directory)")
     from huggingface_hub import snapshot_download

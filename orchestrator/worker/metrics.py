@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Optional
 
 from orchestrator.io import write_text_atomic
+
+# The tasks' training accuracies, as their train_record()s name them (progress lines and reports show them)
+TRAIN_ACCURACIES = ("mlm_acc", "nsp_acc", "train_acc")
 
 
 def truncate_jsonl(path: Path, max_step: int) -> None:
@@ -133,7 +137,7 @@ def progress_line(record: dict[str, Any], total: int, initial: int, elapsed: flo
     parts = [f"step {step}/{total} ({100 * step / max(total, 1):.0f}%)"]
     if record.get("loss") is not None:
         parts.append(f"loss {record['loss']:.4f}")
-    parts += [f"{k} {record[k]:.3f}" for k in ("mlm_acc", "nsp_acc", "train_acc") if record.get(k) is not None]
+    parts += [f"{k} {record[k]:.3f}" for k in TRAIN_ACCURACIES if record.get(k) is not None]
     parts += [f"lr {record['lr']:.2e}", f"{record.get('tokens_per_s', 0):,.0f} tok/s", f"elapsed {_clock(elapsed)}",
               f"eta {_clock(eta) if eta == eta else '?'}"]
     return "  ".join(parts)
@@ -144,8 +148,6 @@ class Progress:
     step with step/total, loss, accuracy, lr, tokens/s, elapsed and ETA. Other ranks print nothing."""
 
     def __init__(self, total: int, initial: int, enabled: bool, bar: bool = False, label: str = ""):
-        import time
-
         self.total, self.initial, self.enabled, self.label = total, initial, enabled, label
         self.t0 = time.perf_counter()
         self.bar = None
@@ -159,8 +161,6 @@ class Progress:
             self.bar.update(n)
 
     def log(self, record: dict[str, Any]) -> None:
-        import time
-
         if self.bar is not None:
             self.bar.set_postfix({"loss": f"{record['loss']:.3f}" if record.get("loss") is not None else "-"},
                                  refresh=False)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from orchestrator.config.schema import FINETUNE_TASKS
+
 # task -> (transformers Auto class, pipeline tag)
 _LOADERS = {
     "pretrain": ("AutoModelForMaskedLM", "fill-mask"),
-    "pretrain_nsp": ("AutoModelForMaskedLM", "fill-mask"),
     "classify": ("AutoModelForSequenceClassification", "text-classification"),
     "ner": ("AutoModelForTokenClassification", "token-classification"),
     "qa": ("AutoModelForQuestionAnswering", "question-answering"),
@@ -17,7 +18,7 @@ _LOADERS = {
 
 def _data(cfg: dict[str, Any]) -> str:
     task, data = cfg["task"], cfg["data"]
-    if task["name"] in ("classify", "ner", "qa"):
+    if task["name"] in FINETUNE_TASKS:
         if task.get("synthetic"):
             return (f"generated `{task['synthetic']}` task ({task['synthetic_train']} training and "
                     f"{task['synthetic_eval']} evaluation examples)")

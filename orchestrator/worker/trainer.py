@@ -29,7 +29,7 @@ from orchestrator.plan.job_plan import JobPlan
 from orchestrator.plan.identity import job_identity
 from orchestrator.worker import checkpoint as ckpt
 from orchestrator.worker.dist import Dist
-from orchestrator.io import write_json_atomic
+from orchestrator.io import write_json_atomic, write_text_atomic
 from orchestrator.worker.metrics import MetricsJsonl, Progress, TensorBoardSink, WandbSink
 from orchestrator.worker.state import TrainerState
 
@@ -572,7 +572,6 @@ class Trainer:
         if self.d.rank != 0:
             return {}
         summary = self.summary(best_eval)
-        from orchestrator.io import write_text_atomic
         from orchestrator.worker.model_card import model_card
 
         write_text_atomic(self.run_dir / "export" / "README.md", model_card(self.plan.to_dict(), summary))
