@@ -4,8 +4,10 @@ that is not installed (checked while planning, before any data work or worker).
     tracking   wandb     logger=wandb
     sweeps     optuna    hydra/sweeper=optuna_search
     ner        seqeval   task=ner (entity-level precision / recall / F1)
+    retrieval  bm25s, sentence-transformers   task=embed | rerank (BM25 baseline and negatives; the export)
+    serve      onnx, onnxruntime, onnxscript  bert-orch export (ONNX fp32 + dynamic int8, parity and speed)
 
-`pip install -e '.[dev]'` (README command 2) installs all three.
+`pip install -e '.[dev]'` (README command 2) installs every one.
 """
 
 from __future__ import annotations
@@ -33,3 +35,7 @@ def check_extras(job) -> None:
         require("wandb", "tracking", "logger", "logger=wandb")
     if job.task.name == "ner":
         require("seqeval", "ner", "task", "task=ner")
+    if job.task.name in ("embed", "rerank"):
+        require("bm25s", "retrieval", "task", f"task={job.task.name} (the BM25 baseline and hard negatives)")
+    if job.task.name == "embed":
+        require("sentence_transformers", "retrieval", "task", "task=embed (its export is a sentence-transformers dir)")

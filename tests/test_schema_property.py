@@ -65,6 +65,8 @@ BASES = {  # a job whose composed config holds the key: task keys live in their 
     "classify": ["experiment=none", "task=classify", "task.synthetic=category", "task.max_seq_length=256"],
     "ner": ["experiment=none", "task=ner", "task.synthetic=ner", "task.max_seq_length=256"],
     "qa": ["experiment=none", "task=qa", "task.synthetic=squad", "task.max_seq_length=256"],
+    "embed": ["experiment=none", "task=embed", "task.synthetic=retrieval", "task.max_seq_length=256"],
+    "rerank": ["experiment=none", "task=rerank", "task.synthetic=retrieval", "task.max_seq_length=256"],
 }
 _COMPOSED: dict = {}
 

@@ -13,10 +13,11 @@ from typing import Any, Callable, List, Optional, Union
 
 from orchestrator.errors import ConfigError
 
-TASKS = ("pretrain", "classify", "ner", "qa")
-FINETUNE_TASKS = ("classify", "ner", "qa")
-SYNTHETIC_TASKS = {"category": "classify", "sentiment": "classify", "pair": "classify", "ner": "ner",
-                   "squad": "qa", "squad_v2": "qa"}
+TASKS = ("pretrain", "classify", "ner", "qa", "embed", "rerank")
+FINETUNE_TASKS = ("classify", "ner", "qa", "embed", "rerank")
+RETRIEVAL_TASKS = ("embed", "rerank")
+SYNTHETIC_TASKS = {"category": ("classify",), "sentiment": ("classify",), "pair": ("classify",), "ner": ("ner",),
+                   "squad": ("qa",), "squad_v2": ("qa",), "retrieval": RETRIEVAL_TASKS}
 MASKING_UNITS = ("token", "whole_word", "span")
 LAUNCHERS = ("local", "ray")
 LOGGERS = ("none", "wandb")
@@ -135,7 +136,7 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: str = rule("pretrain", choices=TASKS)
-    """Task: pretrain (MLM, optional NSP) | classify | ner | qa."""
+    """Task: pretrain (MLM, optional NSP) | classify | ner | qa | embed (bi-encoder) | rerank (cross-encoder)."""
     max_seq_length: int = rule(128, ge=8, why="too short for [CLS] A [SEP] B [SEP] samples")
     """Tokens per sample including [CLS]/[SEP]; at most model.max_position_embeddings."""
     mlm_probability: float = rule(0.15, gt=0.0, lt=1.0)
@@ -158,11 +159,14 @@ class TaskConfig:
     """Pack several short samples into one row, with position/segment resets and block-diagonal attention."""
     # ---- fine-tuning (classify, ner, qa) ----
     train_file: Optional[str] = None
-    """Fine-tuning: labelled training file (tsv/csv/jsonl/parquet or a datasets dir, CoNLL, SQuAD JSON)."""
+    """Fine-tuning: labelled training file (tsv/csv/jsonl/parquet or a datasets dir, CoNLL, SQuAD JSON; embed and
+    rerank: a pairs file, tsv or jsonl, query / positive / negative* columns)."""
     eval_file: Optional[str] = None
-    """Fine-tuning: labelled evaluation file, same format."""
+    """Fine-tuning: labelled evaluation file, same format (embed and rerank: a BEIR dir, corpus.jsonl, queries.jsonl
+    and qrels/test.tsv)."""
     synthetic: Optional[str] = rule(None, choices=tuple(SYNTHETIC_TASKS))
-    """Fine-tuning on generated data instead of files: category | sentiment | pair | ner | squad | squad_v2."""
+    """Fine-tuning on generated data instead of files: category | sentiment | pair | ner | squad | squad_v2 |
+    retrieval (embed, rerank)."""
     synthetic_train: int = rule(400, ge=1)
     """Generated training examples (paragraphs for squad)."""
     synthetic_eval: int = rule(400, ge=1)
@@ -195,8 +199,28 @@ class TaskConfig:
     """QA: SQuAD v2.0 (questions may have no answer)."""
     null_score_diff_threshold: float = 0.0
     """QA v2: predict no answer when the null score beats the best span by more than this."""
+    query_column: str = "query"
+    """Embed / rerank pairs file: column (or jsonl field) of the query."""
+    positive_column: str = "positive"
+    """Embed / rerank pairs file: column of the relevant passage."""
+    negative_prefix: str = "negative"
+    """Embed / rerank pairs file: columns whose name starts with this hold hard negatives (jsonl: or a list)."""
+    hard_negatives: int = rule(0, ge=0)
+    """Embed / rerank: hard negatives per query in training: the file's first, then mined with BM25 among the
+    other queries' positives."""
+    pooling: str = rule("mean", choices=("mean", "cls"))
+    """Embed: sentence embedding = mean of the token states | the [CLS] state."""
+    similarity_scale: float = rule(20.0, gt=0.0)
+    """Embed: cosine similarities x scale are the logits of the in-batch ranking loss (sentence-transformers: 20)."""
+    gather_negatives: bool = True
+    """Embed: every worker's passages are negatives for every query (in-batch negatives grow with the world size)."""
+    rerank_loss: str = rule("listwise", choices=("listwise", "pointwise"))
+    """Rerank: listwise = softmax over (positive, negatives) of a query | pointwise = binary cross-entropy per pair."""
+    rerank_top_k: int = rule(20, ge=1)
+    """Rerank evaluation: passages retrieved by BM25 per query, then reranked."""
     main_metric: Optional[str] = None
-    """Metric that picks the best checkpoint (null: accuracy / f1 / f1 for classify / ner / qa)."""
+    """Metric that picks the best checkpoint (null: accuracy / f1 / f1 / ndcg_at_10 / ndcg_at_10 for classify / ner /
+    qa / embed / rerank)."""
 
     def check(self, job: "JobConfig") -> None:
         if self.max_seq_length > job.model.max_position_embeddings:
@@ -206,12 +230,17 @@ class TaskConfig:
             raise ConfigError("task.random_replace_prob", "mask_replace_prob + random_replace_prob exceeds 1")
         if self.name not in FINETUNE_TASKS:
             return
-        if self.synthetic is not None and SYNTHETIC_TASKS[self.synthetic] != self.name:
-            raise ConfigError("task.synthetic",
-                              f"'{self.synthetic}' data is for task={SYNTHETIC_TASKS[self.synthetic]}, not {self.name}")
+        if self.synthetic is not None and self.name not in SYNTHETIC_TASKS[self.synthetic]:
+            raise ConfigError("task.synthetic", f"'{self.synthetic}' data is for task="
+                                                f"{' | '.join(SYNTHETIC_TASKS[self.synthetic])}, not {self.name}")
         for key in ("train_file", "eval_file") if self.synthetic is None else ():
             if not getattr(self, key):
                 raise ConfigError(f"task.{key}", f"task={self.name} needs a {key.replace('_', ' ')} (or task.synthetic)")
+        if self.name == "rerank" and self.hard_negatives < 1:
+            raise ConfigError("task.hard_negatives", "task=rerank ranks a positive against negatives: give at least 1")
+        if self.name in RETRIEVAL_TASKS and self.max_query_length >= self.max_seq_length:
+            raise ConfigError("task.max_query_length", f"{self.max_query_length} leaves no room for the passage in"
+                                                       f" task.max_seq_length {self.max_seq_length}")
         if self.name == "qa" and not self.doc_stride < self.max_seq_length - self.max_query_length - 3:
             raise ConfigError("task.doc_stride",
                               f"must lie in [0, max_seq_length - max_query_length - 3), got {self.doc_stride}")

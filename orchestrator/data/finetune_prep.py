@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from orchestrator.config.schema import RETRIEVAL_TASKS
 from orchestrator.errors import ConfigError, DataError
 
 FEATURES_FILE = "features.json"  # JSON, never pickle: whoever can write a run dir must not run code in its workers
@@ -41,12 +42,21 @@ def _synthetic_files(task, data_dir: Path, seed: int) -> tuple[str, str]:
         p = st.write_synthetic_classification(out, n_tr, n_ev, seed, pair=kind == "pair")
     elif kind == "ner":
         p = st.write_synthetic_ner(out, n_tr, n_ev, seed)
+    elif kind == "retrieval":
+        from orchestrator.data.retrieval import write_synthetic_retrieval
+
+        p = write_synthetic_retrieval(out, n_tr, n_ev, seed)
+        return str(p["train"]), str(p["eval"])
     else:
         p = st.write_synthetic_squad(out, n_tr, n_ev, seed, version_2=kind == "squad_v2")
     return str(p["train"]), str(p["dev"])
 
 
 def _texts(task, split: Any) -> list[str]:
+    if task.name in RETRIEVAL_TASKS:
+        from orchestrator.data.retrieval_prep import texts
+
+        return texts(split)
     if task.name == "classify":
         return [e.text for e in split] + [e.text_pair for e in split if e.text_pair]
     if task.name == "ner":
@@ -94,16 +104,14 @@ def _tokenizer_for(job, train_texts: list[str], cache_dir: Path):
     return tok, out, None
 
 
-def prepare_finetune_data(job, run_dir: str) -> FinetuneData:
+def _read(t, train_file: str, eval_file: str, seed: int) -> tuple[Any, Any]:
+    """The task's (training, evaluation) examples; every file error names the file and line."""
     from orchestrator.data import finetuning as ft
 
-    t = job.task
-    data_dir = Path(run_dir) / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    if t.synthetic:
-        train_file, eval_file = _synthetic_files(t, data_dir, job.train.seed)
-    else:
-        train_file, eval_file = os.path.expanduser(t.train_file), os.path.expanduser(t.eval_file)
+    if t.name in RETRIEVAL_TASKS:
+        from orchestrator.data import retrieval_prep
+
+        return retrieval_prep.read(t, train_file, eval_file, seed)
     if t.name == "classify":
         read = lambda p: ft.read_classification(  # noqa: E731
             p, t.text_column, t.text_pair_column, t.label_column, t.file_format, t.header
@@ -112,16 +120,18 @@ def prepare_finetune_data(job, run_dir: str) -> FinetuneData:
         read = lambda p: ft.read_conll(p, t.token_column, t.tag_column)  # noqa: E731
     else:
         read = ft.read_squad
-    train, evals = read(train_file), read(eval_file)
-    if t.name == "qa" and not t.version_2:  # v1.1 scoring has no "no answer": refuse before any step, not at eval
-        for path, examples in ((train_file, train), (eval_file, evals)):
-            bad = next((ex for ex in examples if ex.is_impossible), None)
-            if bad is not None:
-                raise DataError(path, f"question {bad.qid} ({bad.location}) has no answer (SQuAD 2.0) but"
-                                      " task.version_2=false: set task.version_2=true")
-    cache_dir = Path(os.path.expanduser(job.data.cache_dir)).resolve()
-    tok, tok_dir, model_src = _tokenizer_for(job, _texts(t, train), cache_dir)
+    return read(train_file), read(eval_file)
 
+
+def _featurize(t, train, evals, tok, train_file: str, eval_file: str):
+    """(train rows, eval rows, labels, eval_extra) of the task's examples."""
+    from orchestrator.data import finetuning as ft
+
+    if t.name in RETRIEVAL_TASKS:
+        from orchestrator.data import retrieval_prep
+
+        tr_rows, ev_rows, extra_eval = retrieval_prep.featurize(t, train, evals, tok)
+        return tr_rows, ev_rows, None, extra_eval
     seq = t.max_seq_length
     labels: Optional[list] = None
     extra_eval: dict[str, Any] = {}
@@ -148,6 +158,28 @@ def prepare_finetune_data(job, run_dir: str) -> FinetuneData:
     ev_rows = ft.feature_rows(ev, ev_keys)
     if t.name == "ner":
         extra_eval.update(word_ids=ev["word_ids"], num_words=ev["num_words"])
+    return tr_rows, ev_rows, labels, extra_eval
+
+
+def prepare_finetune_data(job, run_dir: str) -> FinetuneData:
+    t = job.task
+    data_dir = Path(run_dir) / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if t.synthetic:
+        train_file, eval_file = _synthetic_files(t, data_dir, job.train.seed)
+    else:
+        train_file, eval_file = os.path.expanduser(t.train_file), os.path.expanduser(t.eval_file)
+    train, evals = _read(t, train_file, eval_file, job.train.seed)
+    if t.name == "qa" and not t.version_2:  # v1.1 scoring has no "no answer": refuse before any step, not at eval
+        for path, examples in ((train_file, train), (eval_file, evals)):
+            bad = next((ex for ex in examples if ex.is_impossible), None)
+            if bad is not None:
+                raise DataError(path, f"question {bad.qid} ({bad.location}) has no answer (SQuAD 2.0) but"
+                                      " task.version_2=false: set task.version_2=true")
+    cache_dir = Path(os.path.expanduser(job.data.cache_dir)).resolve()
+    tok, tok_dir, model_src = _tokenizer_for(job, _texts(t, train), cache_dir)
+
+    tr_rows, ev_rows, labels, extra_eval = _featurize(t, train, evals, tok, train_file, eval_file)
     if not tr_rows:
         raise DataError(train_file, "no training examples")
     if not ev_rows:
@@ -162,11 +194,19 @@ def prepare_finetune_data(job, run_dir: str) -> FinetuneData:
         tokenizer_dir=str(tok_dir),
         train_rows=len(tr_rows),
         eval_rows=len(ev_rows),
-        train_tokens=int(sum(len(r["input_ids"]) for r in tr_rows)),
+        train_tokens=int(sum(_row_tokens(r) for r in tr_rows)),
         vocab_size=len(tok.get_vocab()),
         labels=labels,
         model_config_dir=str(model_src) if model_src else None,
     )
+
+
+def _row_tokens(row: dict[str, Any]) -> int:
+    """Tokens of one training row: a feature, a rerank group of pairs, or an embed query and its passages."""
+    if "q" in row:
+        return len(row["q"]) + sum(len(d) for d in row["d"])
+    ids = row["input_ids"]
+    return sum(len(x) for x in ids) if ids and isinstance(ids[0], list) else len(ids)
 
 
 def _example_types() -> dict[str, type]:

@@ -121,8 +121,9 @@ def load_encoder_weights(hf_model, init_from: str, keep_heads: bool) -> None:
         if absent:
             raise ConfigError("train.init_from", f"'{src}' lacks {len(absent)} encoder weights, e.g. {sorted(absent)[:3]}")
         state = encoder.state_dict()
-        if getattr(hf_model.bert, "pooler", None) is None:  # token classification / QA heads have no pooler
+        target = getattr(hf_model, "bert", hf_model)  # a head model's encoder, or a bare BertModel (embed)
+        if getattr(target, "pooler", None) is None:  # token classification / QA heads have no pooler
             state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
-        missing, unexpected = hf_model.bert.load_state_dict(state, strict=False)
+        missing, unexpected = target.load_state_dict(state, strict=False)
         if unexpected:
             raise ConfigError("train.init_from", f"'{src}' has weights the encoder does not: {unexpected[:3]}")

@@ -7,6 +7,7 @@ import os
 import re
 from pathlib import Path
 
+from orchestrator.config.schema import FINETUNE_TASKS, RETRIEVAL_TASKS
 from orchestrator.errors import ConfigError, DataError
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -70,9 +71,14 @@ def check_inputs(job) -> None:
     if job.train.init_from:
         resolve_init_dir(job.train.init_from)
     t = job.task
-    if t.name in ("classify", "ner", "qa") and t.synthetic is None:
+    if t.name in FINETUNE_TASKS and t.synthetic is None:
         for key in ("train_file", "eval_file"):
             path = Path(getattr(t, key)).expanduser()
+            if t.name in RETRIEVAL_TASKS and key == "eval_file":
+                if not path.is_dir():
+                    raise DataError(str(path), "task.eval_file: not a BEIR dir (corpus.jsonl, queries.jsonl,"
+                                               " qrels/test.tsv)")
+                continue
             if t.name == "classify" and path.is_dir():  # a datasets.save_to_disk dir
                 continue
             if not path.is_file():

@@ -177,6 +177,15 @@ def plan_batch(cfg: JobConfig) -> tuple[BatchPlan, Optional[dict[int, int]]]:
     batch = resolve_batch(
         cfg.train.micro_batch_size_per_gpu, cfg.train.grad_accum_steps, cfg.train.global_batch_size, world_size
     )
+    t = cfg.task
+    if t.name == "embed" and t.hard_negatives == 0:
+        # (elastic: the smallest group decides)
+        sharing = (cfg.compute.min_workers or world_size) if t.gather_negatives else 1
+        if batch.micro_batch_size_per_gpu * sharing < 2:
+            raise ConfigError("train.micro_batch_size_per_gpu",
+                              f"task=embed ranks each query's passage against the other passages of its batch: a batch"
+                              f" of {batch.micro_batch_size_per_gpu * sharing} has none; raise the micro batch (or give"
+                              f" task.hard_negatives)")
     return batch, elastic_accum
 
 

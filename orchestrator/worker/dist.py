@@ -45,6 +45,21 @@ class Dist:
             dist.all_reduce(t)
         return t
 
+    def all_gather_grad(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's `t` concatenated in rank order (same shape on every rank), differentiable: each rank's
+        slice receives the gradient of every rank's loss (torch.distributed.nn, all-to-all in the backward)."""
+        if t.device != self.device:
+            raise ValueError(f"collective on a {t.device} tensor; the process group serves {self.device}")
+        if self.world_size == 1:
+            return t
+        import warnings
+
+        from torch.distributed.nn.functional import all_gather  # what sentence-transformers' gather uses
+
+        with warnings.catch_warnings():  # torch 2.13 points to a private module instead; the public one works
+            warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
+            return torch.cat(all_gather(t), dim=0)
+
     def sum(self, values: Sequence[float]) -> list[float]:
         """Sum of host values over ranks (evaluation totals): reduced on the device, read back once."""
         t = torch.tensor(list(values), dtype=torch.float64, device=self.device)

@@ -12,7 +12,8 @@ from torch import nn
 
 from orchestrator.worker.dist import Dist
 
-DEFAULT_MAIN_METRIC = {"classify": "eval_accuracy", "ner": "eval_f1", "qa": "eval_f1"}
+DEFAULT_MAIN_METRIC = {"classify": "eval_accuracy", "ner": "eval_f1", "qa": "eval_f1", "embed": "eval_ndcg_at_10",
+                       "rerank": "eval_ndcg_at_10"}
 
 
 class FinetuneModel(nn.Module):
@@ -210,6 +211,9 @@ class FinetuneTask:
                "eval_first_window_exact": mf["exact"], "eval_first_window_f1": mf["f1"],
                "eval_windows_per_question": n / max(len(examples), 1)}
         res.update({f"eval_{k}": v for k, v in m.items() if k.startswith(("HasAns", "NoAns"))})
+        if t.version_2:  # the baseline every SQuAD 2.0 score sits beside: answer "no answer" to every question
+            m0 = ft.squad_metrics({ex.qid: "" for ex in examples}, examples, version_2=True)
+            res.update(eval_no_answer_baseline_exact=m0["exact"], eval_no_answer_baseline_f1=m0["f1"])
         return res
 
     def write_predictions(self, path: Path) -> None:

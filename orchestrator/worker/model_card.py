@@ -13,6 +13,8 @@ _LOADERS = {
     "classify": ("AutoModelForSequenceClassification", "text-classification"),
     "ner": ("AutoModelForTokenClassification", "token-classification"),
     "qa": ("AutoModelForQuestionAnswering", "question-answering"),
+    "embed": ("AutoModel", "sentence-similarity"),  # a sentence-transformers dir
+    "rerank": ("AutoModelForSequenceClassification", "text-ranking"),  # a cross-encoder (one score per pair)
 }
 
 

@@ -87,6 +87,10 @@ def make_task(plan: JobPlan, d: Dist) -> Task:
         from orchestrator.worker.pretrain_task import PretrainTask
 
         return PretrainTask(plan, d)
+    if plan.job.task.name in ("embed", "rerank"):
+        from orchestrator.worker.retrieval_task import RetrievalTask
+
+        return RetrievalTask(plan, d)
     from orchestrator.worker.finetune_task import FinetuneTask
 
     return FinetuneTask(plan, d)
