@@ -79,6 +79,7 @@ def app_help() -> str:
         "       bert-orch -m key=a,b ...                            a sweep: every member a Ray Job",
         "       bert-orch report RUN_DIR | PIPELINE_DIR | SWEEP_DIR  plots and an HTML page",
         "       bert-orch push RUN_DIR REPO_ID [--private]          the export to the Hugging Face Hub",
+        "       bert-orch export RUN_DIR [--no-int8] [--provider P]  ONNX fp32 + int8, parity and speed (serving.json)",
         "       bert-orch-submit, bert-orch-prepare, bert-orch-doctor (each has --help); --hydra-help: Hydra's flags",
         "",
         "groups (group=option):",
@@ -105,6 +106,10 @@ def main() -> None:
         from orchestrator.push import main as push_main
 
         return push_main(sys.argv[2:])
+    if sys.argv[1:2] == ["export"]:  # bert-orch export RUN_DIR [--int8/--no-int8] [--batch 32] [--repeats N]
+        from orchestrator.serve.onnx_export import main as export_main
+
+        return export_main(sys.argv[2:])
 
     register_resolvers()  # the default run_name, which Hydra resolves for hydra.run.dir before our code runs
     check_dir_args(sys.argv[1:])

@@ -96,7 +96,7 @@ def _classify(where: str, line: str) -> list[Command]:
         if module == "orchestrator":
             if rest == ["..."]:
                 continue  # `bert-orch ...`: "the same app as a console script", nothing to plan
-            if rest[:1] in (["report"], ["push"]):
+            if rest[:1] in (["report"], ["push"], ["export"]):
                 cmds.append(Command(where, rest[0], tuple(rest[1:])))
                 continue
             kind = "sweep" if ("-m" in rest or "--multirun" in rest) else "train"
@@ -129,7 +129,8 @@ def test_the_docs_yield_every_kind_of_command():
     """The extraction itself: nothing documented is silently skipped (a doc rewrite that hides commands from
     this test fails here)."""
     kinds = {c.kind for c in COMMANDS}
-    assert {"train", "sweep", "submit", "submit_control", "prepare", "doctor", "sbatch", "report", "push"} <= kinds, kinds
+    assert {"train", "sweep", "submit", "submit_control", "prepare", "doctor", "sbatch", "report", "push",
+            "export"} <= kinds, kinds
     where = {c.where.split(":")[0] for c in COMMANDS}
     assert set(CLUSTER_FILES) <= where and {"README.md", "cluster/README.md"} <= where, where
     readme_train = [c for c in COMMANDS if c.where.startswith("README.md") and c.kind in ("train", "sweep")]
@@ -158,6 +159,10 @@ def local(tmp_path_factory):
         "conll": write_synthetic_ner(root / "ner", 200, 20, seed=2),
         "json": write_synthetic_squad(root / "qa", 80, 5, seed=3, version_2=True),
     }
+    from orchestrator.data.retrieval import write_synthetic_retrieval
+
+    retrieval = write_synthetic_retrieval(root / "retrieval", 100, 20, seed=4)
+    files["jsonl"], files["beir"] = {"train": retrieval["train"]}, {"dev": retrieval["eval"]}
     prepared = root / "prepared"
     from orchestrator.prepare import run_prepare
 
@@ -196,7 +201,7 @@ def _substitute(args: tuple[str, ...], local: dict, run_dir: Path) -> list[str]:
         elif k == "train.init_from":
             out.append(f"{key}={local['bert']}")
         elif k in ("task.train_file", "task.eval_file"):
-            ext = val.rsplit(".", 1)[-1]
+            ext = "beir" if val.endswith("/") else val.rsplit(".", 1)[-1]  # a BEIR dir
             split = "train" if k == "task.train_file" else "dev"
             out.append(f"{key}={local['files'][ext][split]}")
         elif k in ("hydra.run.dir", "output_dir"):
@@ -283,6 +288,15 @@ def test_documented_command_plans(cmd, local, tmp_path):
         with mock.patch("orchestrator.push.push", return_value="url") as pushed:  # its arguments parse; no upload
             push_main(list(args))
         assert pushed.call_args.args[:2] == tuple(args[:2]), cmd
+    elif cmd.kind == "export":
+        from unittest import mock
+
+        from orchestrator.serve.onnx_export import main as export_main
+
+        with mock.patch("orchestrator.serve.onnx_export.export_run", return_value={"files": {}}) as exported, \
+                mock.patch("orchestrator.serve.onnx_export.table", return_value=""):
+            export_main(list(args))  # its arguments parse; the export itself is tests/test_onnx_export.py's
+        assert exported.call_args.args[0] == args[0], cmd
     elif cmd.kind == "report":
         from orchestrator.report import write_report
 

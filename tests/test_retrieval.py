@@ -234,3 +234,31 @@ def test_two_ray_workers_rank_against_both_workers_passages(ray_cluster, tmp_pat
     assert len(ray_curve) == len(one_curve) == 6
     for a, b in zip(ray_curve, one_curve):
         assert a == pytest.approx(b, rel=1e-4)
+
+
+# ---------------------------------------------------------------- bench/squad_real.py (needs ../shared/data)
+
+
+@pytest.mark.slow  # four CLI jobs
+def test_squad_bench_runs_every_stage_at_a_tiny_budget(tmp_path):
+    """The command bench/README.md documents, at a few steps a stage: both tables and every figure present."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    data = REPO.parent / "shared" / "data"
+    if not (data / "squad-v2-subset" / "dev-4articles.json").is_file():
+        pytest.skip("no ../shared/data/squad-v2-subset here")
+    out = tmp_path / "squad.json"
+    res = subprocess.run([sys.executable, "bench/squad_real.py", "--model", "tiny", "--pretrain-steps", "4",
+                          "--epochs", "0.1", "--qa-epochs", "0.05", "--out", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "BERT_ORCH_CACHE": str(tmp_path / "cache")})
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["data"]["corpus_docs"] == 148 and r["data"]["eval_queries"] > 50
+    for name in ("bm25", "embed", "bm25_top20_reranked"):
+        assert set(r["retrieval"][name]) == {"recall_at_1", "recall_at_5", "recall_at_10", "mrr_at_10", "ndcg_at_10"}
+    assert {"exact", "f1", "HasAns_f1", "NoAns_exact", "no_answer_baseline_f1"} <= r["qa"].keys()
+    assert "| bm25 |" in res.stdout and "| always no answer |" in res.stdout
