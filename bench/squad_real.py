@@ -65,19 +65,25 @@ def run(args) -> dict:
     files = prepare(Path(args.data), work)
     common = ["launcher=local", "compute=cpu1", f"compute.cpus_per_worker={args.threads}", "engine=torch",
               f"model={args.model}"]
-    pre = cli([*common, "experiment=quickstart_pretrain", "data=text", f"data.paths=[{files['corpus']}]",
-               "tokenizer.vocab_size=8000", "task.max_seq_length=128", f"train.max_steps={args.pretrain_steps}",
-               "train.global_batch_size=32", "train.micro_batch_size_per_gpu=32", "optim.lr=1e-3",
-               "train.eval_every_steps=100000", "train.checkpoint_every_steps=100000"], work / "pretrain")
-    init = f"train.init_from={work / 'pretrain'}"
+    if args.pretrained:  # an earlier run of this bench (or any BERT run dir on the same paragraphs)
+        pre = json.loads((Path(args.pretrained) / "summary.json").read_text())
+        pre["command_wall_time_s"] = 0.0
+        init = f"train.init_from={Path(args.pretrained).resolve()}"
+    else:
+        pre = cli([*common, "experiment=quickstart_pretrain", "data=text", f"data.paths=[{files['corpus']}]",
+                   "tokenizer.vocab_size=8000", "task.max_seq_length=128", f"train.max_steps={args.pretrain_steps}",
+                   "train.global_batch_size=32", "train.micro_batch_size_per_gpu=32", "optim.lr=1e-3",
+                   "train.eval_every_steps=100000", "train.checkpoint_every_steps=100000"], work / "pretrain")
+        init = f"train.init_from={work / 'pretrain'}"
     retr = ["experiment=none", f"task.train_file={files['pairs']}", f"task.eval_file={files['beir']}", init,
             "train.max_steps=null", "train.eval_every_steps=null", "train.checkpoint_every_steps=100000",
             "schedule.warmup_ratio=0.1", "train.log_every_steps=20"]
     embed = cli([*common, *retr, "task=embed", "task.hard_negatives=1", f"train.epochs={args.epochs}",
-                 "train.global_batch_size=32", "train.micro_batch_size_per_gpu=32", "optim.lr=1e-4",
+                 "train.global_batch_size=32", "train.micro_batch_size_per_gpu=32", f"optim.lr={args.lr}",
                  "task.max_seq_length=192"], work / "embed")
     rerank = cli([*common, *retr, "task=rerank", "task.hard_negatives=3", f"train.epochs={args.epochs}",
-                  "train.global_batch_size=16", "train.micro_batch_size_per_gpu=16", "optim.lr=5e-5"], work / "rerank")
+                  "train.global_batch_size=16", "train.micro_batch_size_per_gpu=16", f"optim.lr={args.lr}"],
+                 work / "rerank")
     qa = cli([*common, "experiment=none", "task=qa", "task.version_2=true", f"task.train_file={files['qa_train']}",
               f"task.eval_file={files['qa_eval']}", init, "task.max_seq_length=256", "task.doc_stride=64",
               "train.max_steps=null", f"train.epochs={args.qa_epochs}", "train.eval_every_steps=null",
@@ -88,7 +94,8 @@ def run(args) -> dict:
         "data": {k: v for k, v in files.items() if not isinstance(v, Path)},
         "model": args.model, "avx512_bf16": cpu_has_native_bf16(),
         "pretrain": {"steps": pre["steps"], "eval_mlm_acc": pre["final_eval"].get("eval_mlm_acc"),
-                     "wall_s": pre["command_wall_time_s"]},
+                     "most_frequent_token_acc": pre["final_eval"].get("eval_baseline_most_frequent_acc"),
+                     "wall_s": pre["command_wall_time_s"], "run_dir": init.split("=", 1)[1]},
         "retrieval": {"bm25": {k: e[f"eval_bm25_{k}"] for k in METRICS},
                       "embed": {k: e[f"eval_{k}"] for k in METRICS},
                       "bm25_top20_reranked": {k: r[f"eval_{k}"] for k in METRICS},
@@ -121,7 +128,9 @@ def main() -> None:
     ap.add_argument("--model", default="mini")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pretrain-steps", type=int, default=600)
-    ap.add_argument("--epochs", type=float, default=4)
+    ap.add_argument("--epochs", type=float, default=8, help="embed and rerank epochs")
+    ap.add_argument("--lr", type=float, default=5e-4, help="embed and rerank peak learning rate")
+    ap.add_argument("--pretrained", default=None, help="skip stage 1: start from this pretraining run dir")
     ap.add_argument("--qa-epochs", type=float, default=3)
     args = ap.parse_args()
     if not (Path(args.data) / "squad-v2-subset" / "dev-4articles.json").is_file():

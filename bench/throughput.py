@@ -256,7 +256,8 @@ def group_texts(tokenizer, lines: list[str], block: int) -> list[list[int]]:
 
 
 def baseline_worker(cfg: dict) -> None:
-    """(a), in a fresh process: HF BertForMaskedLM + DataCollatorForLanguageModeling + AdamW, fp32, dropout 0.1."""
+    """(a), in a fresh process: HF BertForMaskedLM + DataCollatorForLanguageModeling + AdamW, dropout 0.1; fp32, or
+    (abf) bf16 autocast over forward and loss, what `Trainer(bf16=True)` does on a CPU (weights and optimizer fp32)."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling
     from transformers import get_linear_schedule_with_warmup
@@ -299,7 +300,8 @@ def baseline_worker(cfg: dict) -> None:
         except StopIteration:
             it = iter(loader)
             batch = next(it)
-        out = model(**batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.get("bf16", False)):
+            out = model(**batch)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -332,15 +334,15 @@ def baseline_worker(cfg: dict) -> None:
         "final_train_loss": sum(losses[-5:]) / len(losses[-5:]),
         "attn_implementation": model.config._attn_implementation,
         "hidden_dropout_prob": config.hidden_dropout_prob,
-        "dtype": "float32",
+        "dtype": "bfloat16 autocast" if cfg.get("bf16") else "float32",
         "export": cfg["save_dir"],
     }
     Path(cfg["result"]).write_text(json.dumps(res))
 
 
-def run_baseline(cfg: dict, tmp: Path) -> dict:
-    cfg = {**cfg, "result": str(tmp / "baseline_result.json"), "save_dir": str(tmp / "baseline_model")}
-    cfg_path = tmp / "baseline_cfg.json"
+def run_baseline(cfg: dict, tmp: Path, name: str = "baseline") -> dict:
+    cfg = {**cfg, "result": str(tmp / f"{name}_result.json"), "save_dir": str(tmp / f"{name}_model")}
+    cfg_path = tmp / f"{name}_cfg.json"
     cfg_path.write_text(json.dumps(cfg))
     t0 = time.perf_counter()
     with Contention() as load:
@@ -369,7 +371,10 @@ def check_heldout(args, held: list[str], tokenizer_dir: str, eval_fraction: floa
 
 def heldout_mlm_accuracy(model_dirs: dict[str, str], tokenizer_dir: str, lines: list[str], seq: int,
                          draws: int, seed: int, batch: int = 32) -> dict:
-    """Every model on the same held-out blocks with the same 15% (80/10/10) masks: accuracy on masked tokens."""
+    """Every model on the same held-out blocks with the same 15% (80/10/10) masks: accuracy on the selected tokens
+    (mlm_acc: all of them, including the 10% left unchanged, which a model gets by copying its input) and on the
+    [MASK]-replaced ones only (mlm_acc_mask_only: the prediction the objective is about), each beside the
+    most-frequent-token rate of the same positions."""
     import torch
     from transformers import AutoTokenizer, BertForMaskedLM, DataCollatorForLanguageModeling
 
@@ -382,17 +387,23 @@ def heldout_mlm_accuracy(model_dirs: dict[str, str], tokenizer_dir: str, lines: 
         for i in range(0, len(blocks), batch):
             batches.append(collator([{"input_ids": b} for b in blocks[i : i + batch]]))
     counts = {}
-    freq = {}
+    freq: dict = {}
+    freq_mask: dict = {}
     for b in batches:
-        for t in b["labels"][b["labels"] != -100].tolist():
+        sel = b["labels"] != -100
+        for t in b["labels"][sel].tolist():
             freq[t] = freq.get(t, 0) + 1
-    total_masked = sum(freq.values())
+        for t in b["labels"][sel & (b["input_ids"] == tok.mask_token_id)].tolist():
+            freq_mask[t] = freq_mask.get(t, 0) + 1
+    total_masked, total_mask_only = sum(freq.values()), sum(freq_mask.values())
     out = {"heldout_blocks": len(blocks), "mask_draws": draws, "masked_tokens": total_masked,
-           "most_frequent_token_acc": max(freq.values()) / total_masked if total_masked else None}
+           "most_frequent_token_acc": max(freq.values()) / total_masked if total_masked else None,
+           "mask_replaced_tokens": total_mask_only,
+           "most_frequent_token_acc_mask_only": max(freq_mask.values()) / total_mask_only if total_mask_only else None}
     for name, d in model_dirs.items():
         model = BertForMaskedLM.from_pretrained(d, local_files_only=True)
         model.eval()
-        correct = n = 0
+        correct = n = correct_mask = n_mask = 0
         loss_sum = 0.0
         with torch.no_grad():
             for b in batches:
@@ -400,9 +411,12 @@ def heldout_mlm_accuracy(model_dirs: dict[str, str], tokenizer_dir: str, lines: 
                 sel = b["labels"] != -100
                 pred = logits[sel].argmax(-1)
                 correct += int((pred == b["labels"][sel]).sum())
+                masked = (b["input_ids"][sel] == tok.mask_token_id)
+                correct_mask += int(((pred == b["labels"][sel]) & masked).sum())
+                n_mask += int(masked.sum())
                 loss_sum += float(torch.nn.functional.cross_entropy(logits[sel].float(), b["labels"][sel], reduction="sum"))
                 n += int(sel.sum())
-        counts[name] = {"mlm_acc": correct / n, "mlm_loss": loss_sum / n}
+        counts[name] = {"mlm_acc": correct / n, "mlm_acc_mask_only": correct_mask / max(n_mask, 1), "mlm_loss": loss_sum / n}
     out["models"] = counts
     return out
 
@@ -422,7 +436,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of (a) and (b); (c) uses 2 workers x 1")
     ap.add_argument("--bf16", default="auto", help="auto | true | false for (b) and (c)")
     ap.add_argument("--loader-workers", type=int, default=0)
-    ap.add_argument("--phases", default="a,b,c", help="comma list of a (HF baseline), b (local), c (ray), b32 (ours, fp32)")
+    ap.add_argument("--phases", default="a,abf,b,c",
+                    help="comma list of a (HF baseline, fp32), abf (HF baseline, bf16 autocast; skipped without native"
+                         " bf16), b (local), c (ray), b32 (ours, fp32)")
     ap.add_argument("--eval-draws", type=int, default=4, help="mask draws over the held-out blocks")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--cache-dir", default=None, help="token cache (default: a fresh temp dir, so data prep is timed cold)")
@@ -503,18 +519,21 @@ def main() -> None:
                                                    f"compute.cpus_per_worker={args.threads}", "engine=torch",
                                                    f"train.micro_batch_size_per_gpu={args.global_batch}"],
                                            tmp / "b32", args.warmup_steps)
+        base_cfg = {
+            "threads": args.threads, "tokenizer_dir": tok_dir, "data_paths": [args.data],
+            "eval_fraction": job.data.eval_fraction, "seq": args.seq, "seed": args.seed,
+            "global_batch": args.global_batch, "steps": args.steps, "warmup_steps": warmup_lr_steps,
+            "warmup_steps_measure": args.warmup_steps, "log_every": args.log_every,
+            "model": {"hidden_size": m.hidden_size, "num_hidden_layers": m.num_hidden_layers,
+                      "num_attention_heads": m.num_attention_heads, "intermediate_size": m.intermediate_size,
+                      "max_position_embeddings": m.max_position_embeddings},
+            "optim": {"lr": job.optim.lr, "weight_decay": job.optim.weight_decay, "beta1": job.optim.beta1,
+                      "beta2": job.optim.beta2, "eps": job.optim.eps},
+        }
         if "a" in phases:
-            runs["a_hf_baseline"] = run_baseline({
-                "threads": args.threads, "tokenizer_dir": tok_dir, "data_paths": [args.data],
-                "eval_fraction": job.data.eval_fraction, "seq": args.seq, "seed": args.seed,
-                "global_batch": args.global_batch, "steps": args.steps, "warmup_steps": warmup_lr_steps,
-                "warmup_steps_measure": args.warmup_steps, "log_every": args.log_every,
-                "model": {"hidden_size": m.hidden_size, "num_hidden_layers": m.num_hidden_layers,
-                          "num_attention_heads": m.num_attention_heads, "intermediate_size": m.intermediate_size,
-                          "max_position_embeddings": m.max_position_embeddings},
-                "optim": {"lr": job.optim.lr, "weight_decay": job.optim.weight_decay, "beta1": job.optim.beta1,
-                          "beta2": job.optim.beta2, "eps": job.optim.eps},
-            }, tmp)
+            runs["a_hf_baseline"] = run_baseline(base_cfg, tmp)
+        if "abf" in phases and hardware.cpu_has_native_bf16():  # AVX2-only CPUs: fp32 rows only (bf16 is emulated)
+            runs["a_hf_bf16"] = run_baseline({**base_cfg, "bf16": True}, tmp, "baseline_bf16")
         if "c" in phases:
             half = max(1, args.global_batch // 2)
             runs["c_ray_zero2"] = run_cli("c", [*common, "launcher=ray", "compute=cpu2", "engine=zero2",
@@ -543,6 +562,9 @@ def main() -> None:
         if "a_hf_baseline" in runs:
             achieved = runs["a_hf_baseline"]["tokens_per_s"] * fpt_hf
             mfu["a_hf_baseline"] = {"achieved_flops": achieved, "peak_dtype": "float32", "mfu": achieved / peaks["float32"]["peak_flops"]}
+        if "a_hf_bf16" in runs and "bfloat16" in peaks:
+            achieved = runs["a_hf_bf16"]["tokens_per_s"] * fpt_hf
+            mfu["a_hf_bf16"] = {"achieved_flops": achieved, "peak_dtype": "bfloat16", "mfu": achieved / peaks["bfloat16"]["peak_flops"]}
         result["mfu"] = mfu
 
         ratios = {}
@@ -551,6 +573,8 @@ def main() -> None:
             ratios["b_over_a"] = tp["b_local"] / tp["a_hf_baseline"]
         if "a_hf_baseline" in tp and "b_local_fp32" in tp:
             ratios["b_fp32_over_a"] = tp["b_local_fp32"] / tp["a_hf_baseline"]
+        if "a_hf_bf16" in tp and "b_local" in tp:
+            ratios["b_over_a_bf16"] = tp["b_local"] / tp["a_hf_bf16"]
         if "b_local" in tp and "c_ray_zero2" in tp:
             ratios["c_over_b"] = tp["c_ray_zero2"] / tp["b_local"]
         result["ratios"] = ratios
@@ -564,8 +588,9 @@ def main() -> None:
 
         # -- held-out MLM accuracy of the saved models, one function, same masked blocks
         dirs = {}
-        if "a_hf_baseline" in runs:
-            dirs["a_hf_baseline"] = runs["a_hf_baseline"]["export"]
+        for k in ("a_hf_baseline", "a_hf_bf16"):
+            if k in runs:
+                dirs[k] = runs[k]["export"]
         for k in ("b_local", "b_local_fp32", "c_ray_zero2"):
             if k in runs:
                 dirs[k] = runs[k]["export"]

@@ -70,14 +70,21 @@ def test_throughput_bench_tiny_all_three_phases(tmp_path):
     """(a) HF baseline, (b) launcher=local and (c) launcher=ray (2 workers, ZeRO-2) in one bench run."""
     out = tmp_path / "tp.json"
     r = _run(["bench/throughput.py", "--model", "tiny", "--seq", "32", "--global-batch", "8", "--steps", "6",
-              "--warmup-steps", "2", "--log-every", "2", "--phases", "a,b,c", "--eval-draws", "1", "--vocab", "2000",
+              "--warmup-steps", "2", "--log-every", "2", "--phases", "a,abf,b,c", "--eval-draws", "1", "--vocab", "2000",
               "--data", str(_corpus(tmp_path)), "--out", str(out)], tmp_path)
     assert json.loads(out.read_text()) == r
     for key in ("runs", "ratios", "mfu", "matmul_peak", "flops_per_token", "heldout_eval", "data_prep",
                 "time_to_first_step_s", "tokens_per_s", "ours_bf16"):
         assert key in r, key
-    for run in ("a_hf_baseline", "b_local", "c_ray_zero2"):
+    from orchestrator.worker.hardware import cpu_has_native_bf16
+
+    expected = ("a_hf_baseline", "b_local", "c_ray_zero2", *(("a_hf_bf16",) if cpu_has_native_bf16() else ()))
+    for run in expected:
         assert r["runs"][run]["tokens_per_s"] > 0
+    assert set(r["heldout_eval"]["models"]) == set(expected)
+    for scores in r["heldout_eval"]["models"].values():  # [MASK]-replaced positions are a subset of the selected
+        assert 0.0 <= scores["mlm_acc_mask_only"] <= 1.0
+    assert r["heldout_eval"]["mask_replaced_tokens"] < r["heldout_eval"]["masked_tokens"]
         assert r["runs"][run]["time_to_first_step_s"] > 0
         assert 0.0 <= r["heldout_eval"]["models"][run]["mlm_acc"] <= 1.0
     assert r["runs"]["c_ray_zero2"]["world_size"] == 2

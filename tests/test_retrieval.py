@@ -176,7 +176,8 @@ def test_embedding_export_loads_with_sentence_transformers_and_embeds_like_the_r
     m = enc["attention_mask"].unsqueeze(-1).float()
     torch.testing.assert_close(ours, (hidden * m).sum(1) / m.sum(1), atol=1e-5, rtol=1e-4)
     card = (export / "README.md").read_text()
-    assert "pipeline_tag: sentence-similarity" in card
+    assert "pipeline_tag: sentence-similarity" in card and "library_name: sentence-transformers" in card
+    assert 'SentenceTransformer("path/to/export")' in card
 
 
 @pytest.mark.slow  # trains a real model

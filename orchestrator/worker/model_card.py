@@ -32,6 +32,21 @@ def _data(cfg: dict[str, Any]) -> str:
     return ", ".join(f"`{p}`" for p in data.get("paths", [])) or data["source"]
 
 
+def _use(task: str, auto: str, pipeline_tag: str) -> list[str]:
+    if task == "embed":
+        return ["from sentence_transformers import SentenceTransformer", "",
+                'model = SentenceTransformer("path/to/export")',
+                'embeddings = model.encode(["a query", "a passage"])  # cosine similarity ranks passages']
+    if task == "rerank":
+        return ["from sentence_transformers import CrossEncoder", "",
+                'model = CrossEncoder("path/to/export")',
+                'scores = model.predict([("a query", "a passage"), ("a query", "another passage")])']
+    return [f"from transformers import AutoTokenizer, {auto}, pipeline", "",
+            'tokenizer = AutoTokenizer.from_pretrained("path/to/export")',
+            f'model = {auto}.from_pretrained("path/to/export")',
+            f'pipe = pipeline("{pipeline_tag}", model="path/to/export")']
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
@@ -43,7 +58,8 @@ def model_card(plan: dict[str, Any], summary: dict[str, Any]) -> str:
     init = cfg["train"].get("init_from")
     tokens = summary["steps"] * plan.get("tokens_per_step", 0)
     lines = [
-        "---", "library_name: transformers", f"pipeline_tag: {pipeline_tag}", "tags:", "- bert", f"- {task}",
+        "---", f"library_name: {'sentence-transformers' if task in ('embed', 'rerank') else 'transformers'}",
+        f"pipeline_tag: {pipeline_tag}", "tags:", "- bert", f"- {task}",
         "- bert-orchestrator", "---", "",
         f"# {cfg['run_name']}", "",
         f"A BERT encoder ({m['num_hidden_layers']} layers x {m['hidden_size']} hidden, {m['num_attention_heads']} heads,"
@@ -55,12 +71,7 @@ def model_card(plan: dict[str, Any], summary: dict[str, Any]) -> str:
         "## Evaluation", "", "| metric | value |", "|---|---|",
     ]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(summary.get("final_eval", {}).items())]
-    lines += [
-        "", "## Use", "", "```python",
-        f"from transformers import AutoTokenizer, {auto}, pipeline", "",
-        'tokenizer = AutoTokenizer.from_pretrained("path/to/export")',
-        f'model = {auto}.from_pretrained("path/to/export")',
-        f'pipe = pipeline("{pipeline_tag}", model="path/to/export")', "```", "",
+    lines += ["", "## Use", "", "```python", *_use(task, auto, pipeline_tag), "```", "",
         "The run dir holds the full plan (`plan.json`), every logged step (`metrics.jsonl`) and the checkpoints;"
         " `bert-orch report <run dir>` plots them.", "",
     ]

@@ -1,8 +1,8 @@
 """Worker stage: the Trainer — task data -> model -> engine -> steps -> eval -> checkpoint -> metrics -> export.
 
 `Trainer.run` is the loop; each step it calls is a method below. The trainer is task-agnostic: a task
-(pretrain_task.PretrainTask, finetune_task.FinetuneTask) supplies the tokenizer, the model, the batches of
-each step, the training stats, the evaluation and the export.
+(pretrain_task.PretrainTask, finetune_task.FinetuneTask, retrieval_task.RetrievalTask) supplies the tokenizer,
+the model, the batches of each step, the training stats, the evaluation and the export.
 
 Host syncs: losses and stats accumulate on the engine's device; one all-reduce and one host read per
 optimizer step decide skip / stop (before the last micro batch's backward, so a bad step can still be
