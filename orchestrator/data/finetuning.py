@@ -182,6 +182,15 @@ def _table_records(path: Path, wanted, fmt: str):
         yield row, i
 
 
+def table_records(path: Path, wanted, fmt: str, header: bool = True):
+    """(record, line) pairs of a jsonl, tsv/csv, parquet or datasets file, with the `wanted` columns checked."""
+    if fmt == "jsonl":
+        return _jsonl_records(path, wanted)
+    if fmt in ("tsv", "csv"):
+        return _delimited_records(path, wanted, fmt, header)
+    return _table_records(path, wanted, fmt)
+
+
 def read_classification(
     path: str | Path,
     text_column: str,
@@ -205,12 +214,7 @@ def read_classification(
         raise DataError(path, "not a regular file")
     wanted = [("text", text_column)] + ([("text pair", text_pair_column)] if text_pair_column else [])
     wanted.append(("label", label_column))
-    if fmt == "jsonl":
-        records = _jsonl_records(path, wanted)
-    elif fmt in ("tsv", "csv"):
-        records = _delimited_records(path, wanted, fmt, header)
-    else:
-        records = _table_records(path, wanted, fmt)
+    records = table_records(path, wanted, fmt, header)
     examples: list[ClassificationExample] = []
     try:
         for record, line in records:

@@ -29,9 +29,9 @@ from orchestrator.data.finetuning import (
     _delimited_records,
     _infer_format,
     _jsonl_records,
-    _table_records,
     _text_value,
     read_squad,
+    table_records,
 )
 from orchestrator.data.synthetic_tasks import _COLORS
 from orchestrator.errors import DataError
@@ -79,12 +79,7 @@ def read_pairs(
         raise DataError(path, "file not found")
     fmt = _infer_format(path, file_format)
     wanted = [("query", query_column), ("positive", positive_column)]
-    if fmt == "jsonl":
-        records = _jsonl_records(path, wanted)
-    elif fmt in ("tsv", "csv"):
-        records = _delimited_records(path, wanted, fmt, header=True)
-    else:
-        records = _table_records(path, wanted, fmt)
+    records = table_records(path, wanted, fmt)
     pairs: list[PairExample] = []
     try:
         for record, line in records:
