@@ -81,12 +81,12 @@ def test_throughput_bench_tiny_all_three_phases(tmp_path):
     expected = ("a_hf_baseline", "b_local", "c_ray_zero2", *(("a_hf_bf16",) if cpu_has_native_bf16() else ()))
     for run in expected:
         assert r["runs"][run]["tokens_per_s"] > 0
+        assert r["runs"][run]["time_to_first_step_s"] > 0
+        assert 0.0 <= r["heldout_eval"]["models"][run]["mlm_acc"] <= 1.0
     assert set(r["heldout_eval"]["models"]) == set(expected)
     for scores in r["heldout_eval"]["models"].values():  # [MASK]-replaced positions are a subset of the selected
         assert 0.0 <= scores["mlm_acc_mask_only"] <= 1.0
     assert r["heldout_eval"]["mask_replaced_tokens"] < r["heldout_eval"]["masked_tokens"]
-        assert r["runs"][run]["time_to_first_step_s"] > 0
-        assert 0.0 <= r["heldout_eval"]["models"][run]["mlm_acc"] <= 1.0
     assert r["runs"]["c_ray_zero2"]["world_size"] == 2
     assert {"b_over_a", "c_over_b"} <= r["ratios"].keys()
     assert r["mfu"]["b_local"]["mfu"] > 0
