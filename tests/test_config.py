@@ -43,8 +43,9 @@ def test_every_config_composes_and_plans(group, option, tmp_path):
 
         train_wordpiece(["the cat sat on the mat ."] * 20, 64, 1, True).save_pretrained(str(tmp_path / "tok"))
         extra.append(f"tokenizer.path={tmp_path / 'tok'}")
-    if group == "task" and option in ("classify", "ner", "qa"):
-        extra.append("task.synthetic=" + {"classify": "category", "ner": "ner", "qa": "squad"}[option])
+    if group == "task" and option in ("classify", "ner", "qa", "embed", "rerank"):
+        extra.append("task.synthetic=" + {"classify": "category", "ner": "ner", "qa": "squad", "embed": "retrieval",
+                                          "rerank": "retrieval"}[option])
         extra.append("task.max_seq_length=256")
     if group == "optim" and option == "lamb":
         extra.append("engine=zero0")
