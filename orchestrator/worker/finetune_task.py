@@ -131,30 +131,33 @@ class FinetuneTask:
         return {k: batch[k].to(device, non_blocking=True) for k in self.model_keys if k in batch}
 
     # ------------------------------------------------------------------------------ evaluation
-    def _logits(self, engine) -> dict[int, Any]:
-        """Every eval feature's logits, computed in equal rounds over ranks and gathered on every rank."""
+    def eval_outputs(self, engine, take) -> dict[int, Any]:
+        """take(out, j, i) of every eval row i (row j of its batch), computed in equal rounds over ranks and gathered
+        on every rank."""
         mine: dict[int, Any] = {}
-        n = len(self.eval_rows)
-        micro = self.plan.micro_batch_size_per_gpu
-        for idx, weight in self.d.eval_rounds(n, micro):
+        for idx, weight in self.d.eval_rounds(len(self.eval_rows), self.plan.micro_batch_size_per_gpu):
             batch = self._eval.batch(idx, 0)
-            inputs = {k: v for k, v in self.model_inputs(batch, engine.device).items()
+            inputs = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()
                       if k in ("input_ids", "token_type_ids", "attention_mask")}
             out = engine.forward(**inputs)
-            if not weight:
-                continue
-            for j, i in enumerate(idx):
-                length = len(self.eval_rows[i]["input_ids"])
-                if self.name == "qa":
-                    mine[i] = (out["start_logits"][j, :length].float().cpu().numpy(),
-                               out["end_logits"][j, :length].float().cpu().numpy())
-                else:
-                    lg = out["logits"][j]
-                    mine[i] = lg.float().cpu().numpy() if self.name == "classify" else lg[:length].argmax(-1).cpu().numpy()
+            if weight:
+                mine.update((i, take(out, j, i)) for j, i in enumerate(idx))
         merged: dict[int, Any] = {}
         for part in self.d.gather(mine):
             merged.update(part)
         return merged
+
+    def _logits(self, engine) -> dict[int, Any]:
+        """Every eval feature's logits (QA: start and end; NER: the argmax tags) on every rank."""
+        def take(out, j: int, i: int):
+            length = len(self.eval_rows[i]["input_ids"])
+            if self.name == "qa":
+                return (out["start_logits"][j, :length].float().cpu().numpy(),
+                        out["end_logits"][j, :length].float().cpu().numpy())
+            lg = out["logits"][j]
+            return lg.float().cpu().numpy() if self.name == "classify" else lg[:length].argmax(-1).cpu().numpy()
+
+        return self.eval_outputs(engine, take)
 
     def evaluate(self, engine) -> dict[str, Any]:
         from orchestrator.data import finetune_metrics as fm

@@ -114,9 +114,7 @@ class _RerankGroups(_FeatureSource):
     def batch(self, idx, epoch: int) -> dict[str, torch.Tensor]:
         rows = [self.rows[int(i)] for i in idx]
         ids, mask = _pad([s for r in rows for s in r["input_ids"]], self.pad_id)
-        types = torch.zeros_like(ids)
-        for i, s in enumerate(s for r in rows for s in r["token_type_ids"]):
-            types[i, : len(s)] = torch.tensor(s)
+        types, _ = _pad([s for r in rows for s in r["token_type_ids"]], 0)
         return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask,
                 "grouped": torch.ones(1), "n_tokens": mask.sum()}
 
@@ -159,18 +157,8 @@ class RetrievalTask(FinetuneTask):
 
     def _scores(self, engine) -> np.ndarray:
         """Embeddings (embed) or pair scores (rerank) of every eval row, gathered on every rank."""
-        mine: dict[int, np.ndarray] = {}
-        for idx, weight in self.d.eval_rounds(len(self.eval_rows), self.plan.micro_batch_size_per_gpu):
-            batch = self._eval.batch(idx, 0)
-            inputs = {k: v.to(engine.device) for k, v in batch.items()
-                      if k in ("input_ids", "token_type_ids", "attention_mask")}
-            out = engine.forward(**inputs)
-            if weight:
-                values = out["embeddings" if self.name == "embed" else "logits"].float().cpu().numpy()
-                mine.update(zip(idx, values))
-        merged: dict[int, np.ndarray] = {}
-        for part in self.d.gather(mine):
-            merged.update(part)
+        key = "embeddings" if self.name == "embed" else "logits"
+        merged = self.eval_outputs(engine, lambda out, j, i: out[key][j].float().cpu().numpy())
         return np.stack([merged[i] for i in range(len(self.eval_rows))])
 
     def _rankings(self, values: np.ndarray) -> dict[str, list[str]]:
