@@ -53,6 +53,19 @@ def _session_cache(tmp_path_factory):
     yield cache
 
 
+# The suite runs on 2 pytest-xdist workers (pyproject addopts: `-n 2 --dist loadgroup`): one test waiting on a
+# process start, a Ray actor or a checkpoint leaves a core idle that a test on the other worker uses. Tests that
+# share a Ray instance stay together on one worker, in file order, so each instance is started once:
+_XDIST_GROUPS = {"ray_cluster": "ray_local", "ray_head": "ray_head"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = next((g for fx, g in _XDIST_GROUPS.items() if fx in item.fixturenames), None)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 def compose(overrides: list[str]):
     """Compose one job. The default experiment is the quickstart *pipeline*; tests of single jobs start
     from its pretraining stage unless they name an experiment themselves."""
@@ -119,11 +132,9 @@ def ray_cluster():
     """One local Ray instance (2 CPUs) shared by every Ray test: the launcher joins it, never restarts it."""
     import ray
 
-    if not ray.is_initialized():
-        from orchestrator.launch.ray_job import sync_ray_auth
+    from orchestrator.launch.ray_job import connect_ray
 
-        sync_ray_auth()
-        ray.init(address="local", num_cpus=2, log_to_driver=True)
+    connect_ray(address="local", num_cpus=2)
     yield ray
     ray.shutdown()
 

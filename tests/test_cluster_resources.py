@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from orchestrator.errors import OrchestratorError
 from orchestrator.launch import ray_job
 
 
@@ -99,3 +101,68 @@ def test_a_head_just_started_is_read_at_once_and_a_sweep_on_a_private_head_runs(
     rows = json.loads((sweep_dir / "sweep_summary.json").read_text())["members"]
     assert [r["status"] for r in rows] == ["succeeded"], rows
     assert "started a private Ray head" in out.stderr + out.stdout
+
+
+FAKE_RAY = r'''#!{python}
+"""A stand-in for `ray start --head --block`: the first start times out as Ray's raylet registration does on
+a busy machine; the next one serves its dashboard port and blocks."""
+import pathlib, socket, sys, time
+count = pathlib.Path({count!r})
+n = int(count.read_text()) + 1 if count.exists() else 1
+count.write_text(str(n))
+if n == 1 or pathlib.Path(str(count) + ".always").exists():
+    print("Exception: The current node timed out during startup. This could happen because some of the raylet "
+          "failed to startup or the GCS has become overloaded.", flush=True)
+    sys.exit(1)
+port = int(next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--dashboard-port=")))
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", port))
+s.listen()
+print("started; --block", flush=True)
+time.sleep(60)
+'''
+
+
+def test_a_head_whose_raylet_registers_too_late_is_started_again(tmp_path):
+    """Ray waits a fixed 30 s for its raylet; when a loaded machine misses that, the head is started again on
+    fresh ports instead of failing the sweep or the test session."""
+    import sys
+
+    fake = tmp_path / "ray"
+    fake.write_text(FAKE_RAY.format(python=sys.executable, count=str(tmp_path / "starts")))
+    fake.chmod(0o755)
+    head = ray_job.LocalHead(num_cpus=1, ray_bin=str(fake), temp_dir=str(tmp_path / "head"))
+    try:
+        head.start(timeout_s=30)
+        assert (tmp_path / "starts").read_text() == "2"
+        with socket.create_connection(("127.0.0.1", head.dashboard_port), timeout=2):
+            pass
+    finally:
+        head.stop()
+    (tmp_path / "starts.always").touch()  # every start from now on times out: the last failure is one line
+    with pytest.raises(OrchestratorError, match="did not register in Ray's 30 s, 2 times"):
+        ray_job.LocalHead(num_cpus=1, ray_bin=str(fake), temp_dir=str(tmp_path / "head2")).start(attempts=2)
+
+
+def test_a_local_ray_whose_raylet_registers_too_late_is_started_again(monkeypatch):
+    import ray
+
+    calls = []
+
+    def fake_init(address=None, **kw):
+        calls.append((address, kw.get("num_cpus")))
+        if len(calls) == 1:
+            raise Exception("The current node timed out during startup. This could happen because some of the "
+                            "raylet failed to startup or the GCS has become overloaded.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # "local" starts a local Ray whatever RAY_ADDRESS says
+    assert ray_job.connect_ray("local", num_cpus=2) is True
+    assert calls == [("local", 2), "shutdown", ("local", 2)]
+    calls.clear()
+    monkeypatch.setattr(ray, "init", lambda address=None, **kw: (_ for _ in ()).throw(ValueError("other")))
+    with pytest.raises(ValueError, match="other"):  # any other failure is not retried
+        ray_job.connect_ray("local", num_cpus=2)

@@ -274,7 +274,7 @@ def test_elastic_two_node_cluster_shrinks_and_grows(tmp_path, monkeypatch):
     env["BERT_ORCH_FAULT"] = "slow_step=0.7"
     args = [*SMALL, "launcher=ray", f"launcher.address={cluster.address}", "compute=cpu2", "engine=zero2",
             "compute.min_workers=1", "compute.max_workers=2", "compute.elastic_resize_interval_s=5",
-            "launcher.max_failures=4", "train.max_steps=null", "train.epochs=1", "train.checkpoint_every_steps=5",
+            "launcher.max_failures=6", "train.max_steps=null", "train.epochs=1", "train.checkpoint_every_steps=5",
             "train.eval_every_steps=1000", f"hydra.run.dir={run_dir}"]
     log = open(tmp_path / "driver.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *args], cwd=REPO, env=env, stdout=log,

@@ -85,10 +85,11 @@ def _submit(args: list[str], env_extra: dict | None = None, **kw) -> subprocess.
 @pytest.mark.slow
 def test_stopped_job_resumes_from_its_checkpoint_when_resubmitted(head, tmp_path):
     runs = tmp_path / "runs"
-    # enough steps that the stop (a CLI start, then the Jobs API) lands mid-run on a fast CPU too (~50 tiny steps/s)
+    # enough steps that the stop (a CLI start, then the Jobs API) lands mid-run on a fast CPU too (~100 steps/s of
+    # 8 rows); the smallest step (8 rows, no accumulation) and few checkpoints keep the slow CPUs' run short
     total = 600
-    overrides = [*SMOKE, f"train.max_steps={total}", "train.checkpoint_every_steps=20", "train.keep_last=3",
-                 "train.log_every_steps=10", f"train.eval_every_steps={total}"]
+    overrides = [*SMOKE, f"train.max_steps={total}", "train.global_batch_size=8", "train.checkpoint_every_steps=50",
+                 "train.keep_last=2", "train.log_every_steps=10", f"train.eval_every_steps={total}"]
     base = ["--address", head.dashboard_url, "--runs-root", str(runs)]
     secret = "wandb-key-that-must-not-leak-0123456789"
     first = _submit([*base, "--no-wait", *overrides], env_extra={"WANDB_API_KEY": secret}, timeout=120)
@@ -103,7 +104,7 @@ def test_stopped_job_resumes_from_its_checkpoint_when_resubmitted(head, tmp_path
     assert run_dir == runs / "quickstart_pretrain"
     ckpts = run_dir / "checkpoints"
     deadline = time.time() + 240
-    while not (ckpts / "step_00000020").is_dir():
+    while not (ckpts / "step_00000050").is_dir():
         assert time.time() < deadline, _submit([*base, "--status", job_id]).stdout
         time.sleep(0.2)
     stop = _submit([*base, "--stop", job_id], timeout=180)
@@ -119,7 +120,7 @@ def test_stopped_job_resumes_from_its_checkpoint_when_resubmitted(head, tmp_path
     manifest = json.loads((newest / "manifest.json").read_text())
     assert manifest, "the newest checkpoint is complete"
     stopped_at = int(done[-1].split("_")[1])
-    assert 20 <= stopped_at < total
+    assert 50 <= stopped_at < total
 
     again = _submit([*base, *overrides], timeout=300)  # same overrides -> same run dir -> resume
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]

@@ -53,40 +53,41 @@ def max_overlap(rows: list[dict]) -> int:
 
 
 def test_grid_runs_two_at_a_time_and_a_member_refused_by_the_plan_fails_alone(head, tmp_path):
-    """A 3 x 2 grid: four members run on the 2-CPU head, never more than two at a time, each in its own run dir;
-    the two the plan refuses (ZeRO stage 4) fail alone, before reaching the cluster, and the sweep exits non-zero."""
+    """A 3 x 2 grid: three members run on the 2-CPU head, never more than two at a time, each in its own run dir;
+    the three the plan refuses (ZeRO stage 4) fail alone, before reaching the cluster, and the sweep exits non-zero."""
     sweep_dir = tmp_path / "grid"
-    out = multirun(head, sweep_dir, [*SMOKE, "logger=wandb", "optim.lr=1e-3,3e-3", "engine.zero_stage=1,2,4"])
+    out = multirun(head, sweep_dir, [*SMOKE, "logger=wandb", "optim.lr=1e-3,2e-3,3e-3", "engine.zero_stage=2,4"])
     assert out.returncode != 0, "a failed member makes the sweep's exit status non-zero"
     rows = members(sweep_dir)
     ran = [r for r in rows if r["status"] == "succeeded"]
     refused = [r for r in rows if r["status"] != "succeeded"]
-    assert len(rows) == 6 and len(ran) == 4, rows
+    assert len(rows) == 6 and len(ran) == 3, rows
     for r in sorted(ran, key=lambda r: r["start_time"]):
         print(f"member {r['num']}: start {r['start_time']:.1f} end {r['end_time']:.1f} ({r['wall_s']:.0f}s) "
               f"{' '.join(r['overrides'][-2:])} eval_mlm_acc {r['metric']:.4f}")
     assert max_overlap(ran) == 2, "1-CPU members on a 2-CPU cluster: two at a time, never three"
     assert {tuple(sorted(o for o in r["overrides"] if o.startswith(("optim.lr", "engine.")))) for r in ran} == {
-        ("engine.zero_stage=1", "optim.lr=0.001"), ("engine.zero_stage=1", "optim.lr=0.003"),
-        ("engine.zero_stage=2", "optim.lr=0.001"), ("engine.zero_stage=2", "optim.lr=0.003")}  # Hydra normalises 1e-3
+        ("engine.zero_stage=2", "optim.lr=0.001"), ("engine.zero_stage=2", "optim.lr=0.002"),
+        ("engine.zero_stage=2", "optim.lr=0.003")}  # Hydra normalises 1e-3
     for r in ran:  # each its own run, in its own dir
         summary = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
         assert summary["steps"] == 20 and r["metric"] == pytest.approx(summary["final_eval"]["eval_mlm_acc"])
         plan = json.loads((Path(r["run_dir"]) / "plan.json").read_text())
         assert plan["config"]["logger"]["group"] == "sweep-grid", "logger=wandb members share a W&B group"
-    assert len({r["run_dir"] for r in ran}) == 4
+    assert len({r["run_dir"] for r in ran}) == 3
     for bad in refused:
         assert "engine.zero_stage=4" in bad["overrides"] and bad["status"] == "failed" and bad["job_id"] is None, bad
     with (sweep_dir / "sweep_summary.csv").open() as fh:
         table = list(csv.DictReader(fh))
-    assert [row["status"] for row in table] == ["succeeded"] * 4 + ["failed"] * 2
-    metrics = [float(row["final_eval.eval_mlm_acc"]) for row in table[:4]]
+    assert [row["status"] for row in table] == ["succeeded"] * 3 + ["failed"] * 3
+    metrics = [float(row["final_eval.eval_mlm_acc"]) for row in table[:3]]
     assert metrics == sorted(metrics, reverse=True), "best first"
-    assert all("config key 'engine.zero_stage': 4 is not one of 0, 1, 2, 3" in row["error"] for row in table[4:])
+    assert all("config key 'engine.zero_stage': 4 is not one of 0, 1, 2, 3" in row["error"] for row in table[3:])
     assert "sweep summary" in out.stdout
     page = sweep_dir / "report" / "index.html"
     assert f"report: {page}" in out.stdout, "the sweep ends by saying where its report is"
-    assert set(assert_page_links_valid_pngs(page)) == {"sweep_optim.lr.png", "sweep_engine.zero_stage.png"}
+    # one plot per parameter that differs between the members that ran (all of them ran ZeRO-2)
+    assert set(assert_page_links_valid_pngs(page)) == {"sweep_optim.lr.png"}
 
 
 def test_optuna_search_runs_trials_as_ray_jobs(head, tmp_path):

@@ -7,6 +7,7 @@ Nothing here imports torch; ray is imported lazily inside the functions that nee
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import signal
@@ -20,6 +21,8 @@ from typing import Any, Iterable, Mapping, Optional
 from urllib.parse import urlparse
 
 from orchestrator.errors import OrchestratorError
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
@@ -118,11 +121,19 @@ def connect_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None
     kw: dict[str, Any] = {"log_to_driver": log_to_driver}
     if runtime_env:
         kw["runtime_env"] = runtime_env
-    if address:
+    if address and address != "local":  # "local": a new local Ray even where RAY_ADDRESS names a cluster
         ray.init(address=address, **kw)
         return False
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard, **kw, **local)
-    return True
+    for attempt in range(1, 4):  # Ray gives a local raylet a fixed 30 s to register: a busy machine can miss it
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard, **kw, **local)
+            return True
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or attempt == 3:
+                raise
+            ray.shutdown()
+            log.warning("a local Ray: the raylet did not register in Ray's 30 s (busy machine?): starting again")
+    raise AssertionError("unreachable")
 
 
 def _host_port(address: str) -> tuple[str, int]:
@@ -350,6 +361,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class _RayletTimedOut(Exception):
+    """`ray start` gave up waiting for its raylet to register (a fixed 30 s in Ray)."""
+
+
 @dataclass
 class LocalHead:
     """`ray start --head --block` on loopback with its own ports and temp dir, stoppable on its own.
@@ -397,13 +412,28 @@ class LocalHead:
             f.write(secrets.token_hex(32))  # Ray's own token format (ray get-auth-token --generate)
         self.token_path = str(path)
 
-    def start(self, timeout_s: float = 90.0) -> "LocalHead":
+    def start(self, timeout_s: float = 90.0, attempts: int = 3) -> "LocalHead":
+        """Start the head. Ray gives its raylet a fixed 30 s to register with the GCS; on a machine busy with
+        other work that can pass, and `ray start` then exits saying so: that start is retried on fresh ports."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(timeout_s)
+            except _RayletTimedOut:
+                self.stop()
+                if attempt == attempts:
+                    raise OrchestratorError(f"ray start --head: the raylet did not register in Ray's 30 s, "
+                                            f"{attempts} times (is the machine overloaded?): see {self.log_path}") from None
+                log.warning("ray start --head: the raylet did not register in Ray's 30 s (busy machine?): "
+                            "starting again (%d of %d)", attempt + 1, attempts)
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout_s: float) -> "LocalHead":
         import tempfile
 
         # unix socket paths are limited to ~107 bytes: keep the temp dir short
         self.temp_dir = self.temp_dir or tempfile.mkdtemp(prefix="rh_", dir="/tmp")
         Path(self.temp_dir).mkdir(parents=True, exist_ok=True)
-        if self.auth:
+        if self.auth and self.token_path is None:
             self._choose_token()
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         ray_bin = self.ray_bin or str(Path(sys.executable).with_name("ray"))
@@ -428,6 +458,8 @@ class LocalHead:
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             if self.proc.poll() is not None:
+                if "timed out during startup" in self.log_path.read_text(errors="replace"):
+                    raise _RayletTimedOut()
                 raise OrchestratorError(f"ray start --head exited ({self.proc.returncode}): see {self.log_path}")
             try:
                 with socket.create_connection(("127.0.0.1", self.dashboard_port), timeout=1):
