@@ -23,6 +23,8 @@ from urllib.parse import urlparse
 from orchestrator.errors import OrchestratorError
 
 log = logging.getLogger(__name__)
+# What Ray raises when a new node's raylet misses its fixed 30 s to register with the GCS (a busy machine)
+_RAYLET_TIMEOUT = "timed out during startup"
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
@@ -129,7 +131,7 @@ def connect_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard, **kw, **local)
             return True
         except Exception as exc:
-            if "timed out during startup" not in str(exc) or attempt == 3:
+            if _RAYLET_TIMEOUT not in str(exc) or attempt == 3:
                 raise
             ray.shutdown()
             log.warning("a local Ray: the raylet did not register in Ray's 30 s (busy machine?): starting again")
@@ -458,7 +460,7 @@ class LocalHead:
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                if "timed out during startup" in self.log_path.read_text(errors="replace"):
+                if _RAYLET_TIMEOUT in self.log_path.read_text(errors="replace"):
                     raise _RayletTimedOut()
                 raise OrchestratorError(f"ray start --head exited ({self.proc.returncode}): see {self.log_path}")
             try:
