@@ -127,8 +127,6 @@ time.sleep(60)
 def test_a_head_whose_raylet_registers_too_late_is_started_again(tmp_path):
     """Ray waits a fixed 30 s for its raylet; when a loaded machine misses that, the head is started again on
     fresh ports instead of failing the sweep or the test session."""
-    import sys
-
     fake = tmp_path / "ray"
     fake.write_text(FAKE_RAY.format(python=sys.executable, count=str(tmp_path / "starts")))
     fake.chmod(0o755)

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 from urllib.parse import urlparse
 
 from orchestrator.errors import OrchestratorError
@@ -126,15 +126,24 @@ def connect_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None
     if address and address != "local":  # "local": a new local Ray even where RAY_ADDRESS names a cluster
         ray.init(address=address, **kw)
         return False
-    for attempt in range(1, 4):  # Ray gives a local raylet a fixed 30 s to register: a busy machine can miss it
+    _retry_raylet_timeout(
+        lambda: ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard, **kw, **local),
+        ray.shutdown, "a local Ray")
+    return True
+
+
+def _retry_raylet_timeout(start: Callable[[], Any], cleanup: Callable[[], None], what: str, attempts: int = 3) -> Any:
+    """start(), retried (after cleanup()) when it fails because Ray's raylet missed its fixed 30 s to register with
+    the GCS, which a machine busy with other work can make it do; any other failure, and the last one, is raised."""
+    for attempt in range(1, attempts + 1):
         try:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard, **kw, **local)
-            return True
+            return start()
         except Exception as exc:
-            if _RAYLET_TIMEOUT not in str(exc) or attempt == 3:
+            if _RAYLET_TIMEOUT not in str(exc) or attempt == attempts:
                 raise
-            ray.shutdown()
-            log.warning("a local Ray: the raylet did not register in Ray's 30 s (busy machine?): starting again")
+            cleanup()
+            log.warning("%s: the raylet did not register in Ray's 30 s (busy machine?): starting again (%d of %d)",
+                        what, attempt + 1, attempts)
     raise AssertionError("unreachable")
 
 
@@ -366,6 +375,9 @@ def free_port() -> int:
 class _RayletTimedOut(Exception):
     """`ray start` gave up waiting for its raylet to register (a fixed 30 s in Ray)."""
 
+    def __init__(self) -> None:
+        super().__init__(f"ray start --head: the node {_RAYLET_TIMEOUT}")
+
 
 @dataclass
 class LocalHead:
@@ -417,17 +429,12 @@ class LocalHead:
     def start(self, timeout_s: float = 90.0, attempts: int = 3) -> "LocalHead":
         """Start the head. Ray gives its raylet a fixed 30 s to register with the GCS; on a machine busy with
         other work that can pass, and `ray start` then exits saying so: that start is retried on fresh ports."""
-        for attempt in range(1, attempts + 1):
-            try:
-                return self._start_once(timeout_s)
-            except _RayletTimedOut:
-                self.stop()
-                if attempt == attempts:
-                    raise OrchestratorError(f"ray start --head: the raylet did not register in Ray's 30 s, "
-                                            f"{attempts} times (is the machine overloaded?): see {self.log_path}") from None
-                log.warning("ray start --head: the raylet did not register in Ray's 30 s (busy machine?): "
-                            "starting again (%d of %d)", attempt + 1, attempts)
-        raise AssertionError("unreachable")
+        try:
+            return _retry_raylet_timeout(lambda: self._start_once(timeout_s), self.stop, "ray start --head", attempts)
+        except _RayletTimedOut:
+            self.stop()
+            raise OrchestratorError(f"ray start --head: the raylet did not register in Ray's 30 s, {attempts} times "
+                                    f"(is the machine overloaded?): see {self.log_path}") from None
 
     def _start_once(self, timeout_s: float) -> "LocalHead":
         import tempfile
