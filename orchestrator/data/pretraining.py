@@ -66,6 +66,53 @@ def _tokenize_split(tokenizer, docs: Iterator[Document], batch_docs: int = 512):
 
 
 # ------------------------------------------------------------------------------------- building samples
+def _target_length(rng, max_tokens: int, short_seq_prob: float) -> int:
+    """A chunk's token target: max_tokens, or (short_seq_prob of the time) a random shorter one, as BERT does."""
+    return int(rng.integers(2, max_tokens + 1)) if rng.random() < short_seq_prob else max_tokens
+
+
+def _doc_sentence_samples(t0: int, t1: int, max_tokens: int) -> list[tuple[int, int, int, int, int]]:
+    """Tokens [t0, t1) of consecutive sentences as samples of at most max_tokens: the first cut at max_tokens, and
+    a very long sentence's remainder kept as further samples."""
+    return [(a, min(t1, a + max_tokens), -1, -1, 0) for a in range(t0, max(t1, t0 + 1), max_tokens)]
+
+
+def _random_next_segment(rng, d: int, n_docs: int, target_b: int, sent_offsets, doc_offsets) -> tuple[int, int]:
+    """Segment B of a "random next" pair: sentences from a random point of another document, up to target_b tokens."""
+    other = int(rng.integers(0, n_docs - 1))
+    other = other + 1 if other >= d else other
+    o_begin, o_end = int(doc_offsets[other]), int(doc_offsets[other + 1])
+    o_s = o_e = int(rng.integers(o_begin, o_end))
+    blen = 0
+    while o_e < o_end and blen < target_b:
+        blen += int(sent_offsets[o_e + 1] - sent_offsets[o_e])
+        o_e += 1
+    return int(sent_offsets[o_s]), int(sent_offsets[o_e])
+
+
+def _nsp_pair(rng, c0: int, c1: int, d: int, n_docs: int, target: int, max_tokens: int, sent_offsets,
+              doc_offsets) -> tuple[Optional[tuple[int, int, int, int, int]], int]:
+    """The NSP pair of sentences [c0, c1) of document d, and the last sentence it used: A is a random-length head of
+    the chunk; B is the rest (label 0) or, half of the time, text of another document (label 1, and the chunk's
+    unused sentences go back into the pool, as BERT does). Pairs are cut from the longer segment until they fit."""
+    n_in_chunk = c1 - c0
+    a_end = c0 + (int(rng.integers(1, n_in_chunk)) if n_in_chunk >= 2 else 1)
+    a0, a1 = int(sent_offsets[c0]), int(sent_offsets[a_end])
+    last_used = c1 - 1
+    if (n_in_chunk == 1 or rng.random() < 0.5) and n_docs > 1:
+        b0, b1 = _random_next_segment(rng, d, n_docs, max(1, target - (a1 - a0)), sent_offsets, doc_offsets)
+        label, last_used = 1, a_end - 1
+    else:
+        b0, b1 = (int(sent_offsets[a_end]), int(sent_offsets[c1])) if a_end < c1 else (a1, a1)
+        label = 0
+    while (a1 - a0) + (b1 - b0) > max_tokens:
+        if (a1 - a0) >= (b1 - b0):
+            a1 -= 1
+        else:
+            b1 -= 1
+    return ((a0, a1, b0, b1, label) if a1 > a0 and b1 > b0 else None), last_used
+
+
 def build_samples(
     sent_offsets: np.ndarray,
     doc_offsets: np.ndarray,
@@ -85,69 +132,21 @@ def build_samples(
     n_docs = len(doc_offsets) - 1
     out: list[tuple[int, int, int, int, int]] = []
     max_tokens = max_seq_length - (3 if nsp else 2)
-
-    def sent_range(s0: int, s1: int) -> tuple[int, int]:
-        return int(sent_offsets[s0]), int(sent_offsets[s1])
-
     for d in range(n_docs):
         s_begin, s_end = int(doc_offsets[d]), int(doc_offsets[d + 1])
-        target = max_tokens
-        if rng.random() < short_seq_prob:
-            target = int(rng.integers(2, max_tokens + 1))
-        chunk_start = s_begin
-        s = s_begin
-        length = 0
-        while s < s_end:
-            slen = int(sent_offsets[s + 1] - sent_offsets[s])
-            length += slen
-            last = s == s_end - 1
-            if length >= target or last:
-                c0, c1 = chunk_start, s + 1  # sentences [c0, c1)
+        target = _target_length(rng, max_tokens, short_seq_prob)
+        chunk_start, s, length = s_begin, s_begin, 0
+        while s < s_end:  # sentences accumulate into a chunk until it reaches its target or the document ends
+            length += int(sent_offsets[s + 1] - sent_offsets[s])
+            if length >= target or s == s_end - 1:
                 if not nsp:
-                    a0, a1 = sent_range(c0, c1)
-                    a1 = min(a1, a0 + max_tokens)
-                    out.append((a0, a1, -1, -1, 0))
-                    # a very long sentence: keep its remainder as further samples
-                    rest0 = a1
-                    while rest0 < int(sent_offsets[c1]):
-                        r1 = min(int(sent_offsets[c1]), rest0 + max_tokens)
-                        out.append((rest0, r1, -1, -1, 0))
-                        rest0 = r1
+                    out.extend(_doc_sentence_samples(int(sent_offsets[chunk_start]), int(sent_offsets[s + 1]), max_tokens))
                 else:
-                    n_in_chunk = c1 - c0
-                    a_end = c0 + (int(rng.integers(1, n_in_chunk)) if n_in_chunk >= 2 else 1)
-                    a0, a1 = sent_range(c0, a_end)
-                    random_next = n_in_chunk == 1 or rng.random() < 0.5
-                    if random_next and n_docs > 1:
-                        target_b = max(1, target - (a1 - a0))
-                        other = int(rng.integers(0, n_docs - 1))
-                        other = other + 1 if other >= d else other
-                        o_begin, o_end = int(doc_offsets[other]), int(doc_offsets[other + 1])
-                        o_s = int(rng.integers(o_begin, o_end))
-                        o_e = o_s
-                        blen = 0
-                        while o_e < o_end and blen < target_b:
-                            blen += int(sent_offsets[o_e + 1] - sent_offsets[o_e])
-                            o_e += 1
-                        b0, b1 = sent_range(o_s, o_e)
-                        label = 1
-                        # the unused sentences of this chunk go back into the pool, as BERT does
-                        s = a_end - 1
-                    else:
-                        b0, b1 = sent_range(a_end, c1) if a_end < c1 else (a1, a1)
-                        label = 0
-                    while (a1 - a0) + (b1 - b0) > max_tokens:
-                        if (a1 - a0) >= (b1 - b0):
-                            a1 -= 1
-                        else:
-                            b1 -= 1
-                    if a1 > a0 and b1 > b0:
-                        out.append((a0, a1, b0, b1, label))
-                chunk_start = s + 1
-                length = 0
-                target = max_tokens
-                if rng.random() < short_seq_prob:
-                    target = int(rng.integers(2, max_tokens + 1))
+                    pair, s = _nsp_pair(rng, chunk_start, s + 1, d, n_docs, target, max_tokens, sent_offsets, doc_offsets)
+                    if pair is not None:
+                        out.append(pair)
+                chunk_start, length = s + 1, 0
+                target = _target_length(rng, max_tokens, short_seq_prob)
             s += 1
     return np.asarray(out, dtype=np.int64).reshape(-1, 5)
 
