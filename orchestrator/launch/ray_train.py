@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from orchestrator.plan.job_plan import JobPlan
 
@@ -95,6 +95,43 @@ def trainer_configs(plan: JobPlan) -> tuple[Any, Any]:
     return scaling, run_config
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def prune_ray_snapshot(run_dir: Path) -> list[str]:
+    """Ray Train keeps every checkpoint a run reported in the run dir's checkpoint_manager_snapshot.json and,
+    when a run is started again in that dir (the same command, a resubmitted Ray Job), refuses to start if one of
+    them no longer exists. The trainer rotates its checkpoints itself (train.keep_last) and resumes from its own
+    scan of checkpoints/, so before a fit the entries of checkpoints that are gone are dropped (one atomic write;
+    the run dir's lock is held). Returns the dropped dir names."""
+    from orchestrator.io import write_text_atomic
+
+    path = run_dir / RAY_SNAPSHOT
+    if not path.is_file():
+        return []
+    state = json.loads(path.read_text())
+
+    def exists(result: Optional[dict]) -> bool:
+        return result is not None and (run_dir / result["checkpoint_dir_name"]).is_dir()
+
+    results, indices = state.get("checkpoint_results", []), state.get("checkpoint_report_indices", [])
+    dropped = [r["checkpoint_dir_name"] for r in results if not exists(r)]
+    if not dropped:
+        return []
+    kept = [(r, i) for r, i in zip(results, indices) if exists(r)]
+    state["checkpoint_results"], state["checkpoint_report_indices"] = [r for r, _ in kept], [i for _, i in kept]
+    if not exists(state.get("latest_checkpoint_result")):
+        state["latest_checkpoint_result"] = kept[-1][0] if kept else None
+    pending = [(r, v) for r, v in zip(state.get("pending_training_results", []),
+                                      state.get("pending_validation_specs", [])) if exists(r)]
+    state["pending_training_results"], state["pending_validation_specs"] = [r for r, _ in pending], [v for _, v in pending]
+    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                "failed_validation_checkpoint_dir_names"):
+        state[key] = [n for n in state.get(key, []) if (run_dir / n).is_dir()]
+    write_text_atomic(path, json.dumps(state))
+    return dropped
+
+
 def launch_ray(plan: JobPlan) -> dict[str, Any]:
     import ray
     from ray.train.torch import TorchTrainer
@@ -107,6 +144,9 @@ def launch_ray(plan: JobPlan) -> dict[str, Any]:
     # no actor process per job and no ERROR line per job about its constructor arguments; set
     # RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=1 to have it anyway. (Read by the controller from this process's env.)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    dropped = prune_ray_snapshot(Path(plan.run_dir).resolve())
+    if dropped:
+        log.info("Ray's checkpoint list: %d rotated-away checkpoint(s) dropped (%s)", len(dropped), ", ".join(dropped))
     started = connect(plan)
     try:
         scaling, run_config = trainer_configs(plan)

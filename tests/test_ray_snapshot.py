@@ -1,0 +1,76 @@
+"""Ray Train's list of a run's checkpoints (checkpoint_manager_snapshot.json) against the trainer's own rotation
+(train.keep_last): a run started again in its dir must not be refused for a checkpoint the rotation removed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from orchestrator.launch.ray_train import RAY_SNAPSHOT, prune_ray_snapshot
+
+
+def _result(step: int) -> dict:
+    return {"version": 0, "checkpoint_dir_name": f"checkpoints/step_{step:08d}", "metrics": {"step": step}}
+
+
+def _run_dir(tmp_path: Path, steps=(50, 100, 150)) -> Path:
+    """What Ray wrote after three reported checkpoints (the format of Ray 2.60's snapshot)."""
+    import ray
+
+    run_dir = tmp_path / "run"
+    for s in steps:
+        (run_dir / "checkpoints" / f"step_{s:08d}").mkdir(parents=True)
+    state = {
+        "ray_version": ray.__version__, "checkpoint_results": [_result(s) for s in steps],
+        "checkpoint_report_indices": list(range(len(steps))), "latest_checkpoint_result": _result(steps[-1]),
+        "pending_training_results": [], "pending_validation_specs": [], "current_report_index": len(steps),
+        "validated_checkpoint_dir_names": [f"checkpoints/step_{steps[0]:08d}"],
+        "timed_out_validation_checkpoint_dir_names": [], "failed_validation_checkpoint_dir_names": [],
+    }
+    (run_dir / RAY_SNAPSHOT).write_text(json.dumps(state))
+    return run_dir
+
+
+def _ray_loads(run_dir: Path):
+    """Ray Train's own checkpoint manager, as the controller of a new fit in this run dir builds it."""
+    from ray.train import CheckpointConfig
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
+    from ray.train.v2._internal.execution.context import StorageContext
+
+    storage = StorageContext(storage_path=str(run_dir.parent), experiment_dir_name=run_dir.name)
+    return CheckpointManager(checkpoint_config=CheckpointConfig(), storage_context=storage)
+
+
+def test_a_rotated_away_checkpoint_is_dropped_from_rays_list_and_ray_then_starts(tmp_path):
+    from ray.train.v2._internal.exceptions import CheckpointManagerInitializationError
+
+    run_dir = _run_dir(tmp_path)
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000050")  # keep_last=2 after the third checkpoint
+    with pytest.raises(CheckpointManagerInitializationError, match="does not exist anymore"):
+        _ray_loads(run_dir)  # what a resubmitted job met before
+    assert prune_ray_snapshot(run_dir) == ["checkpoints/step_00000050"]
+    manager = _ray_loads(run_dir)
+    assert manager.latest_checkpoint_result.checkpoint.path.endswith("checkpoints/step_00000150")
+    state = json.loads((run_dir / RAY_SNAPSHOT).read_text())
+    assert [r["checkpoint_dir_name"] for r in state["checkpoint_results"]] == [
+        "checkpoints/step_00000100", "checkpoints/step_00000150"]
+    assert state["checkpoint_report_indices"] == [1, 2] and state["validated_checkpoint_dir_names"] == []
+    assert prune_ray_snapshot(run_dir) == [], "nothing more to drop: the file is left alone"
+
+
+def test_when_the_newest_listed_checkpoint_is_gone_the_newest_left_is_ray_s_latest(tmp_path):
+    run_dir = _run_dir(tmp_path)
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000150")
+    assert prune_ray_snapshot(run_dir) == ["checkpoints/step_00000150"]
+    assert _ray_loads(run_dir).latest_checkpoint_result.checkpoint.path.endswith("checkpoints/step_00000100")
+    for s in (50, 100):
+        shutil.rmtree(run_dir / "checkpoints" / f"step_{s:08d}")
+    prune_ray_snapshot(run_dir)
+    assert _ray_loads(run_dir).latest_checkpoint_result is None
+
+
+def test_a_run_dir_without_a_snapshot_is_left_alone(tmp_path):
+    assert prune_ray_snapshot(tmp_path) == [] and not (tmp_path / RAY_SNAPSHOT).exists()
