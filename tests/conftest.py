@@ -53,33 +53,10 @@ def _session_cache(tmp_path_factory):
     yield cache
 
 
-# The suite runs on 2 pytest-xdist workers (pyproject addopts: `-n 2 --dist loadgroup`): one test waiting on a
-# process start, a Ray actor or a checkpoint leaves a core idle that a test on the other worker uses. Tests that
-# share something costly run as one xdist group, in file order, so that it is made once:
-# - a Ray instance: started once per group and stopped when its group is done (an idle Ray still costs ~0.1 core:
-#   GCS, raylet, dashboard, agents). The local Ray's tests are two groups of about equal time (~11 and ~10 min of
-#   test time on a slow 2-core draw), so that neither is the suite's critical path;
-# - a module-scoped fixture (trained runs, token caches): without a group, each worker that draws one of the
-#   module's tests would build it again.
-def _xdist_group(item) -> str | None:
-    if "ray_head" in item.fixturenames:
-        return "ray_head"
-    if "ray_cluster" in item.fixturenames:
-        return "ray_local_pipeline" if item.path.name == "test_ray_train.py" else "ray_local"
-    if any(defs[-1].scope == "module" for defs in item._fixtureinfo.name2fixturedefs.values()):
-        return f"module_{item.path.stem}"
-    return None
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the marks into the scheduling groups
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        group = _xdist_group(item)
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
-    # each group's tests next to each other, also with `-n 0` (one start per instance); the rest keep their order
-    order = {g: i for i, g in enumerate(dict.fromkeys(g for g in map(_xdist_group, items) if g))}
-    items.sort(key=lambda it: order.get(_xdist_group(it), -1))
+# The suite runs on 2 pytest-xdist workers (pyproject addopts: `-n 2`): one test waiting on a process start, a Ray
+# actor or a checkpoint leaves a core idle that a test on the other worker uses. Each worker starts the shared Ray
+# instances below once, for the first of its tests that asks. (xdist_group marks are not used: with pytest 9.2,
+# whose Node.nodeid no longer reads `_nodeid`, pytest-xdist 3.8's `--dist loadgroup` ignores them.)
 
 
 def compose(overrides: list[str]):
@@ -143,89 +120,16 @@ def _ray_auth_follows_the_environment():
     sync_ray_auth()
 
 
-class _Shared:
-    """A Ray instance tests share on this xdist worker: started before the first test that asks for it (by fixture
-    name), stopped after the last one in a row, started again if a later test asks for it."""
-
-    def __init__(self, start, stop):
-        self._start, self._stop, self.handle = start, stop, None
-
-    def acquire(self):
-        if self.handle is None:
-            self.handle = self._start()
-        return self.handle
-
-    def release(self) -> None:
-        handle, self.handle = self.handle, None
-        if handle is not None:
-            self._stop(handle)
-
-
-def _start_local_ray():
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance (2 CPUs) shared by every Ray test: the launcher joins it, never restarts it."""
     import ray
 
     from orchestrator.launch.ray_job import connect_ray
 
     connect_ray(address="local", num_cpus=2)
-    return ray
-
-
-def _start_head():
-    """One private 2-CPU `ray start --head` (loopback, own ports and temp dir, token auth with the session's
-    token), the same `LocalHead` each time it is started; only its own processes are stopped."""
-    from orchestrator.launch import ray_job
-
-    global _HEAD
-    _HEAD = _HEAD or ray_job.LocalHead(num_cpus=2, auth=True)
-    with pytest.MonkeyPatch.context() as mp:
-        for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
-            mp.delenv(k, raising=False)
-        _HEAD.start()
-    assert _HEAD.client_env()["RAY_AUTH_TOKEN_PATH"] == os.environ["RAY_AUTH_TOKEN_PATH"]
-    return _HEAD
-
-
-_HEAD = None
-
-
-def _stop_head(h) -> None:
-    h.stop()
-    assert not h.session_pids(), "the head's processes are gone"
-
-
-_SHARED = {"ray_cluster": _Shared(_start_local_ray, lambda ray: ray.shutdown()),
-           "ray_head": _Shared(_start_head, _stop_head)}
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item):
-    for name, shared in _SHARED.items():
-        if name in item.fixturenames:
-            shared.acquire()
-
-
-@pytest.hookimpl(trylast=True)  # after the test's fixtures (a module's fixture may use the instance) are torn down
-def pytest_runtest_teardown(item, nextitem):
-    for name, shared in _SHARED.items():
-        if name in item.fixturenames and (nextitem is None or name not in nextitem.fixturenames):
-            shared.release()
-
-
-def pytest_sessionfinish(session):
-    for shared in _SHARED.values():
-        shared.release()
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """The local Ray instance (2 CPUs) shared by the Ray tests in a row: the launcher joins it, never restarts it."""
-    return _SHARED["ray_cluster"].acquire()
-
-
-@pytest.fixture(scope="session")
-def ray_head():
-    """The private head shared by the Ray Jobs and sweep tests in a row (a `LocalHead`)."""
-    return _SHARED["ray_head"].acquire()
+    yield ray
+    ray.shutdown()
 
 
 def run_cli(args: list[str], cwd: Path = REPO, timeout: float = 900, env_extra: dict | None = None):
@@ -267,3 +171,23 @@ def train_in_one_worker_group(jobs: list) -> list[dict]:
     if result.error is not None:
         raise result.error
     return [json.loads((Path(p.run_dir) / "summary.json").read_text()) for p in plans]
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """One private 2-CPU `ray start --head` (loopback, own ports and temp dir, token auth with its own token)
+    shared by the Ray Jobs and sweep tests (with the session's token); only its own processes are stopped."""
+    from orchestrator.launch import ray_job
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+            mp.delenv(k, raising=False)
+        h = ray_job.LocalHead(num_cpus=2, auth=True)
+        h.start()
+        assert h.client_env()["RAY_AUTH_TOKEN_PATH"] == os.environ["RAY_AUTH_TOKEN_PATH"]
+        try:
+            yield h
+        finally:
+            h.stop()
+            assert not h.session_pids(), "the head's processes are gone"
+
