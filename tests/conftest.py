@@ -53,10 +53,11 @@ def _session_cache(tmp_path_factory):
     yield cache
 
 
-# The suite runs on 2 pytest-xdist workers (pyproject addopts: `-n 2`): one test waiting on a process start, a Ray
-# actor or a checkpoint leaves a core idle that a test on the other worker uses. Each worker starts the shared Ray
-# instances below once, for the first of its tests that asks. (xdist_group marks are not used: with pytest 9.2,
-# whose Node.nodeid no longer reads `_nodeid`, pytest-xdist 3.8's `--dist loadgroup` ignores them.)
+# The suite runs on 2 pytest-xdist workers (pyproject addopts: `-n 2 --dist loadgroup`, which hands out one test at a
+# time to whichever worker is free): one test waiting on a process start, a Ray actor or a checkpoint leaves a core
+# idle that a test on the other worker uses. Each worker starts the shared Ray instances below once, for the first
+# of its tests that asks. (xdist_group marks are not used: with pytest 9.2, whose Node.nodeid no longer reads
+# `_nodeid`, pytest-xdist 3.8's loadgroup ignores them.)
 
 
 def compose(overrides: list[str]):
