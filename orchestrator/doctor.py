@@ -217,7 +217,8 @@ def run_doctor(
     """Start (or connect to) Ray, run ``doctor_worker`` on ``num_workers`` Ray Train workers, return rank 0's summary."""
     import ray
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+
+    from orchestrator.launch.ray_train import torch_trainer
 
     sizes = sizes or parse_sizes(DEFAULT_SIZES)
     # NCCL INFO logging is how we see the transport; on GPU always on, written to per-process files.
@@ -237,7 +238,7 @@ def run_doctor(
                                include_dashboard=False, log_to_driver=debug)
     storage = storage_path or tempfile.mkdtemp(prefix="doctor-")
     try:
-        trainer = TorchTrainer(
+        trainer = torch_trainer(
             doctor_worker,
             train_loop_config={"sizes": sizes, "iters": iters, "warmup": warmup,
                                "nccl_log_dir": nccl_log_dir, "json_out": json_out},

@@ -53,11 +53,56 @@ def _session_cache(tmp_path_factory):
     yield cache
 
 
-# The suite runs on 2 pytest-xdist workers (pyproject addopts: `-n 2 --dist loadgroup`, which hands out one test at a
-# time to whichever worker is free): one test waiting on a process start, a Ray actor or a checkpoint leaves a core
-# idle that a test on the other worker uses. Each worker starts the shared Ray instances below once, for the first
-# of its tests that asks. (xdist_group marks are not used: with pytest 9.2, whose Node.nodeid no longer reads
-# `_nodeid`, pytest-xdist 3.8's loadgroup ignores them.)
+# The suite runs on 2 pytest-xdist workers (pyproject addopts: `-n 2 --dist loadgroup`). Tests that share something
+# costly run as one xdist group, on one worker, one after another, so that it is made once:
+# - a Ray instance (`ray_cluster`, `ray_head`): started for the group's first test and stopped after its last (an
+#   idle Ray still costs 0.07-0.10 core: GCS, raylet, dashboard, agents). The local Ray's tests are two groups
+#   (test_ray_train.py's two long jobs, and the rest), so that neither is the suite's critical path;
+# - a module-scoped fixture of the integration tier (`slow`: trained runs): on both workers, it would be built
+#   twice. (The unit tier's module fixtures are cheap; its tests spread over both workers.)
+# A test that shares two of these joins both into one group. Groups and `slow` tests are handed out first (the
+# longest work first, the short unit tests fill the gaps at the end). pytest is pinned below 9.2 (constraints.txt):
+# 9.2's Node.nodeid no longer reads `_nodeid`, where pytest-xdist 3.8 writes the group (pytest-xdist#1386).
+_RAY_GROUPS = {"ray_head": "ray_head", "ray_cluster": "ray_local"}
+
+
+def _share_keys(item) -> list[str]:
+    keys = []
+    for fx, group in _RAY_GROUPS.items():
+        if fx in item.fixturenames:
+            keys.append("ray_local_pipeline" if group == "ray_local" and item.path.name == "test_ray_train.py" else group)
+    if item.get_closest_marker("slow"):  # the unit tier's module fixtures are cheap: its tests spread freely
+        for name, defs in item._fixtureinfo.name2fixturedefs.items():
+            if defs and defs[-1].scope == "module":
+                keys.append(f"module_{item.path.stem}")
+    return keys
+
+
+def _xdist_groups(items) -> dict:
+    """item -> group name: the tests that share a key (union-find over the keys), named by their first key."""
+    parent: dict[str, str] = {}
+
+    def find(k: str) -> str:
+        while parent.setdefault(k, k) != k:
+            k = parent[k]
+        return k
+
+    keys = {item: _share_keys(item) for item in items}
+    for ks in keys.values():
+        for k in ks[1:]:
+            parent[find(k)] = find(ks[0])
+    return {item: find(ks[0]) for item, ks in keys.items() if ks}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the marks into the scheduling groups
+def pytest_collection_modifyitems(config, items):
+    groups = _xdist_groups(items)
+    for item, group in groups.items():
+        item.add_marker(pytest.mark.xdist_group(group))
+    # each group's tests next to each other (also with `-n 0`: one start per Ray instance); groups, then `slow`
+    # tests, then the rest, each in file order (xdist then hands out groups with more tests first)
+    first = {g: i for i, g in enumerate(dict.fromkeys(groups[it] for it in items if it in groups))}
+    items.sort(key=lambda it: (0, first[groups[it]]) if it in groups else (1 if it.get_closest_marker("slow") else 2, 0))
 
 
 def compose(overrides: list[str]):
@@ -121,16 +166,89 @@ def _ray_auth_follows_the_environment():
     sync_ray_auth()
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray instance (2 CPUs) shared by every Ray test: the launcher joins it, never restarts it."""
+class _Shared:
+    """A Ray instance the tests of a group share on this xdist worker: started before the first test that asks for
+    it (by fixture name), stopped after the last one in a row, started again if a later test asks for it."""
+
+    def __init__(self, start, stop):
+        self._start, self._stop, self.handle = start, stop, None
+
+    def acquire(self):
+        if self.handle is None:
+            self.handle = self._start()
+        return self.handle
+
+    def release(self) -> None:
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            self._stop(handle)
+
+
+def _start_local_ray():
     import ray
 
     from orchestrator.launch.ray_job import connect_ray
 
     connect_ray(address="local", num_cpus=2)
-    yield ray
-    ray.shutdown()
+    return ray
+
+
+_HEAD = None
+
+
+def _start_head():
+    """One private 2-CPU `ray start --head` (loopback, own ports and temp dir, token auth with the session's
+    token), the same `LocalHead` each time it is started; only its own processes are stopped."""
+    from orchestrator.launch import ray_job
+
+    global _HEAD
+    _HEAD = _HEAD or ray_job.LocalHead(num_cpus=2, auth=True)
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+            mp.delenv(k, raising=False)
+        _HEAD.start()
+    assert _HEAD.client_env()["RAY_AUTH_TOKEN_PATH"] == os.environ["RAY_AUTH_TOKEN_PATH"]
+    return _HEAD
+
+
+def _stop_head(h) -> None:
+    h.stop()
+    assert not h.session_pids(), "the head's processes are gone"
+
+
+_SHARED = {"ray_cluster": _Shared(_start_local_ray, lambda ray: ray.shutdown()),
+           "ray_head": _Shared(_start_head, _stop_head)}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    for name, shared in _SHARED.items():
+        if name in item.fixturenames:
+            shared.acquire()
+
+
+@pytest.hookimpl(trylast=True)  # after the test's fixtures (a module's fixture may use the instance) are torn down
+def pytest_runtest_teardown(item, nextitem):
+    for name, shared in _SHARED.items():
+        if name in item.fixturenames and (nextitem is None or name not in nextitem.fixturenames):
+            shared.release()
+
+
+def pytest_sessionfinish(session):
+    for shared in _SHARED.values():
+        shared.release()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The local Ray instance (2 CPUs) shared by the Ray tests in a row: the launcher joins it, never restarts it."""
+    return _SHARED["ray_cluster"].acquire()
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """The private head shared by the Ray Jobs and sweep tests in a row (a `LocalHead`)."""
+    return _SHARED["ray_head"].acquire()
 
 
 def run_cli(args: list[str], cwd: Path = REPO, timeout: float = 900, env_extra: dict | None = None):
@@ -156,10 +274,9 @@ def train_in_one_worker_group(jobs: list) -> list[dict]:
     start instead of one per job), for tests whose assertion is about the training math, not the launcher.
     Returns each job's summary.json."""
     from ray import cloudpickle
-    from ray.train.torch import TorchTrainer
 
     from orchestrator.driver import make_plan
-    from orchestrator.launch.ray_train import trainer_configs
+    from orchestrator.launch.ray_train import torch_trainer, trainer_configs
 
     plans = [make_plan(cfg, run_dir=str(run_dir))[0] for cfg, run_dir in jobs]
     assert len({p.world_size for p in plans}) == 1, "one worker group: one world size"
@@ -167,28 +284,8 @@ def train_in_one_worker_group(jobs: list) -> list[dict]:
         p.write(p.run_dir)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/conftest.py
     scaling, run_config = trainer_configs(plans[0])
-    result = TorchTrainer(_train_plans, train_loop_config={"plans": [p.to_dict() for p in plans]},
-                          scaling_config=scaling, run_config=run_config).fit()
+    result = torch_trainer(_train_plans, train_loop_config={"plans": [p.to_dict() for p in plans]},
+                           scaling_config=scaling, run_config=run_config).fit()
     if result.error is not None:
         raise result.error
     return [json.loads((Path(p.run_dir) / "summary.json").read_text()) for p in plans]
-
-
-@pytest.fixture(scope="session")
-def ray_head():
-    """One private 2-CPU `ray start --head` (loopback, own ports and temp dir, token auth with its own token)
-    shared by the Ray Jobs and sweep tests (with the session's token); only its own processes are stopped."""
-    from orchestrator.launch import ray_job
-
-    with pytest.MonkeyPatch.context() as mp:
-        for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
-            mp.delenv(k, raising=False)
-        h = ray_job.LocalHead(num_cpus=2, auth=True)
-        h.start()
-        assert h.client_env()["RAY_AUTH_TOKEN_PATH"] == os.environ["RAY_AUTH_TOKEN_PATH"]
-        try:
-            yield h
-        finally:
-            h.stop()
-            assert not h.session_pids(), "the head's processes are gone"
-

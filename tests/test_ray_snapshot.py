@@ -74,3 +74,24 @@ def test_when_the_newest_listed_checkpoint_is_gone_the_newest_left_is_ray_s_late
 
 def test_a_run_dir_without_a_snapshot_is_left_alone(tmp_path):
     assert prune_ray_snapshot(tmp_path) == [] and not (tmp_path / RAY_SNAPSHOT).exists()
+
+
+def test_a_fit_without_datasets_starts_no_ray_data_actor_and_one_with_datasets_keeps_it():
+    """`torch_trainer` is Ray's TorchTrainer minus the DatasetManager actor (Ray Data) that Ray 2.60 starts for
+    every fit: left out when no `datasets=` are passed (all our jobs), kept when some are."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+
+    from orchestrator.launch.ray_train import torch_trainer
+
+    def names(trainer) -> list[str]:
+        return [type(c).__name__ for c in trainer._create_default_callbacks()]
+
+    scaling = ScalingConfig(num_workers=2)
+    stock = names(TorchTrainer(lambda c: None, scaling_config=scaling))
+    ours = names(torch_trainer(lambda c: None, scaling_config=scaling))
+    assert DatasetsCallback.__name__ in stock
+    assert ours == [n for n in stock if n != DatasetsCallback.__name__]
+    with_data = torch_trainer(lambda c: None, scaling_config=scaling, datasets={"train": lambda: None})
+    assert isinstance(with_data, TorchTrainer) and names(with_data) == stock
