@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import compose, read_jsonl, train_in_one_worker_group
+from conftest import compose, read_jsonl, run_cli, train_in_one_worker_group
 from orchestrator.driver import train
 
 RUN = [
@@ -53,6 +53,49 @@ def _max_rel_diff(ref: dict[int, float | None], other: dict[int, float | None]) 
 
 def _zero_offload(run_dir: Path) -> dict:
     return json.loads((run_dir / "plan.json").read_text())["deepspeed_config"]["zero_optimization"]
+
+
+@pytest.mark.slow  # a DeepSpeed job in a subprocess (its imports are what is checked)
+def test_a_zero2_job_imports_deepspeeds_muon_kernels_but_not_torchinductor(tmp_path):
+    """ZeRO's partitioning code imports DeepSpeed's Muon module, whose torch.compile decorators would import
+    TorchInductor (1.7 CPU-s per worker) in a job that compiles nothing: the engine defers them to their first
+    call. The same job's import log shows the Muon module and no Inductor."""
+    out = run_cli(["experiment=quickstart_pretrain", "launcher=local", "compute=cpu1", "engine=zero2",
+                   "train.max_steps=2", "train.eval_every_steps=2", "train.checkpoint_every_steps=2",
+                   "data.synthetic_documents=100", "task.max_seq_length=32", f"hydra.run.dir={tmp_path / 'z2'}"],
+                  env_extra={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "deepspeed.runtime.zero.muon.original_muon" in imported and "deepspeed.runtime.zero.stage_1_and_2" in imported
+    assert not {m for m in imported if m.startswith("torch._inductor.compile_fx")}
+
+
+def test_deferred_compile_compiles_once_on_the_first_call(monkeypatch):
+    """What DeepSpeed's `compiler.compile()` returns after `defer_deepspeed_compile`: torch.compile is applied to
+    the function at its first call, once, and the call goes to the compiled function."""
+    from deepspeed.runtime import compiler
+
+    from orchestrator.worker.engine import defer_deepspeed_compile
+
+    monkeypatch.setattr(compiler, "compile", compiler.compile)  # restored after the test
+    calls = []
+
+    def fake_torch_compile(fn):
+        calls.append(fn)
+        return lambda *a, **k: ("compiled", fn(*a, **k))
+
+    monkeypatch.setattr(torch, "compile", fake_torch_compile)
+    defer_deepspeed_compile()
+    defer_deepspeed_compile()  # idempotent
+
+    @compiler.compile()
+    def double(x):
+        """doubles"""
+        return 2 * x
+
+    assert calls == [] and double.__doc__ == "doubles" and double.__name__ == "double"
+    assert double(3) == ("compiled", 6) and double(4) == ("compiled", 8)
+    assert len(calls) == 1
 
 
 # ---------------------------------------------------------------- the optimizer itself (one process)

@@ -222,6 +222,7 @@ class DeepSpeedEngine(Engine):
 
         if device.type == "cpu":
             skip_inference_shm_op()
+        defer_deepspeed_compile()
         job = plan.job
         ds_config = dict(ds_config or plan.deepspeed_config)
         if job.engine.bf16 is None:  # auto: decided by this worker's hardware
@@ -307,6 +308,40 @@ def skip_inference_shm_op() -> None:
 
     # the module itself: `import deepspeed.comm.torch as m` binds torch, which deepspeed.comm re-exports as .torch
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def defer_deepspeed_compile() -> None:
+    """No TorchInductor import in a worker that compiles nothing. DeepSpeed decorates its Muon kernels with
+    `torch.compile` at import (`deepspeed.runtime.compiler.compile()`), and ZeRO's partitioning code imports that
+    module in every ZeRO-1/2/3 job, Muon or not; building the decorator imports TorchInductor: 1.7 CPU-s per
+    worker process on a 2-core CPU, before its first step. Here the decorator compiles on the first call
+    instead, so the same kernels are compiled when Muon runs and nothing is imported when it does not."""
+    import functools
+
+    from deepspeed.runtime import compiler
+
+    if getattr(compiler.compile, "deferred", False):
+        return
+    eager_compile = compiler.compile
+
+    def compile():
+        decorate = eager_compile()
+
+        def deferred(fn):
+            compiled = []
+
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                if not compiled:
+                    compiled.append(decorate(fn))
+                return compiled[0](*args, **kwargs)
+
+            return call
+
+        return deferred
+
+    compile.deferred = True
+    compiler.compile = compile
 
 
 def build_engine(model: nn.Module, plan, device: torch.device, ds_config: Optional[dict[str, Any]] = None) -> Engine:
