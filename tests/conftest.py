@@ -63,18 +63,16 @@ def _session_cache(tmp_path_factory):
 # A test that shares two of these joins both into one group. Groups and `slow` tests are handed out first (the
 # longest work first, the short unit tests fill the gaps at the end). pytest is pinned below 9.2 (constraints.txt):
 # 9.2's Node.nodeid no longer reads `_nodeid`, where pytest-xdist 3.8 writes the group (pytest-xdist#1386).
-_RAY_GROUPS = {"ray_head": "ray_head", "ray_cluster": "ray_local"}
-
-
 def _share_keys(item) -> list[str]:
     keys = []
-    for fx, group in _RAY_GROUPS.items():
-        if fx in item.fixturenames:
-            keys.append("ray_local_pipeline" if group == "ray_local" and item.path.name == "test_ray_train.py" else group)
-    if item.get_closest_marker("slow"):  # the unit tier's module fixtures are cheap: its tests spread freely
-        for name, defs in item._fixtureinfo.name2fixturedefs.items():
-            if defs and defs[-1].scope == "module":
-                keys.append(f"module_{item.path.stem}")
+    if "ray_head" in item.fixturenames:
+        keys.append("ray_head")
+    if "ray_cluster" in item.fixturenames:
+        keys.append("ray_local_pipeline" if item.path.name == "test_ray_train.py" else "ray_local")
+    # the unit tier's module fixtures are cheap: its tests spread freely
+    if item.get_closest_marker("slow") and any(
+            defs and defs[-1].scope == "module" for defs in item._fixtureinfo.name2fixturedefs.values()):
+        keys.append(f"module_{item.path.stem}")
     return keys
 
 
