@@ -173,3 +173,39 @@ def test_step_order_covers_each_row_once_per_epoch_any_world(world_size, micro, 
     # the global sample stream does not depend on how it is split across ranks
     ref = StepOrder(100, world_size * micro * accum, 7)
     assert np.array_equal(order.global_rows(3), ref.global_rows(3))
+
+
+# sentences on which tokenizers 0.23's own WordPiece training gave 20 different vocabularies in 20 tries
+WORDPIECE_TEXTS = ["the cat sat on the mat", "a dog ran in the park", "stocks fell sharply today",
+                   "rain is expected tomorrow", "the chef cooked pasta", "a pilot flew the plane",
+                   "markets rallied after the news", "snow covered the hills", "the nurse helped a patient",
+                   "a farmer sold apples", "the train left the station", "clouds hid the sun"] * 3
+
+
+def test_wordpiece_training_gives_the_same_vocabulary_every_time():
+    from orchestrator.data.tokenizer import train_wordpiece
+
+    vocabs = [train_wordpiece(WORDPIECE_TEXTS, 150, 1, True).get_vocab() for _ in range(8)]
+    assert len(vocabs[0]) == 150 and all(v == vocabs[0] for v in vocabs[1:])
+    # a one-shot iterator and a function giving fresh iterables train the same vocabulary
+    assert train_wordpiece(iter(WORDPIECE_TEXTS), 150, 1, True).get_vocab() == vocabs[0]
+    assert train_wordpiece(lambda: (t for t in WORDPIECE_TEXTS), 150, 1, True).get_vocab() == vocabs[0]
+
+
+@pytest.mark.parametrize("lowercase", [True, False])
+def test_wordpiece_continuation_pieces_are_the_trainers_own(lowercase):
+    """The "##c" pieces registered before training are exactly those the trainer makes itself: every character
+    after the first of a word, as its normalizer and pre-tokenizer cut the words (accents, CJK, punctuation,
+    control and zero-width characters, ligatures, tabs, ideographic spaces)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    from orchestrator.data.tokenizer import _continuations
+
+    texts = ["Ünïcödé café — naïve résumé", "東京は日本の首都です。", "emoji 🤗 test😀x", "tab\tsep\u3000ideo",
+             "a\u200bb zero-width", "ﬁnance ligature", "x--y...z", "C'était l'été", "\x1cctrl\x1dchars",
+             "hy-phen_under_score", "ÀÉÎ İstanbul ΣΊΣΥΦΟΣ", *WORDPIECE_TEXTS]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=None if lowercase else False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words = [w for t in texts for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(t))]
+    assert _continuations(tok, texts) == ["##" + c for c in sorted({c for w in words for c in w[1:]})]

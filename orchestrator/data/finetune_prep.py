@@ -99,7 +99,7 @@ def _tokenizer_for(job, train_texts: list[str], cache_dir: Path):
     out = cache_dir / "tokenizers" / key
     if (out / "tokenizer.json").is_file():
         return open_tokenizer(out), out, None
-    tok = train_wordpiece(iter(train_texts), job.tokenizer.vocab_size, job.tokenizer.min_frequency, job.tokenizer.lowercase)
+    tok = train_wordpiece(train_texts, job.tokenizer.vocab_size, job.tokenizer.min_frequency, job.tokenizer.lowercase)
     atomic_save_dir(lambda d: tok.save_pretrained(str(d)), out)
     return tok, out, None
 

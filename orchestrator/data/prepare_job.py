@@ -157,7 +157,7 @@ def ensure_tokenizer(cfg, blocks: list[Block], ctx: dict) -> Path:
                         break
                     yield from doc
 
-        tok = train_wordpiece(sample(), t.vocab_size, t.min_frequency, t.lowercase)
+        tok = train_wordpiece(sample, t.vocab_size, t.min_frequency, t.lowercase)
     atomic_save_dir(lambda d: tok.save_pretrained(str(d)), tok_out)
     return tok_out
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
-from typing import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Union
 
 from orchestrator.io import atomic_save_dir
 
@@ -21,18 +23,61 @@ def _hf_tokenizer_from_vocab(vocab: dict[str, int], lowercase: bool):
     return BertTokenizer(vocab=vocab, do_lower_case=lowercase, strip_accents=None if lowercase else False)
 
 
-def train_wordpiece(sentences: Iterable[str], vocab_size: int, min_frequency: int, lowercase: bool):
-    """Train a BERT WordPiece vocabulary and return a transformers BertTokenizer built on it."""
+# sentences to train on: a list, or a function giving a fresh iterable each call
+Sentences = Union[Sequence[str], Callable[[], Iterable[str]], Iterator[str]]
+
+
+def train_wordpiece(sentences: Sentences, vocab_size: int, min_frequency: int, lowercase: bool):
+    """Train a BERT WordPiece vocabulary and return a transformers BertTokenizer built on it.
+
+    `sentences` is read twice: give a list, or a function returning a fresh iterable (a one-shot iterator is
+    read into a list). The same sentences always give the same vocabulary: `tokenizers` (0.23) gives the
+    "##c" continuation pieces ids in hash-map order, and merges of equal count are ordered by id, so the
+    vocabulary changed from one training to the next (huggingface/tokenizers#1794, fix PR #2066 open). The
+    continuation pieces are registered up front, sorted, so their ids, and with them the merges, are fixed."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
+    read = _rereadable(sentences)
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=None if lowercase else False)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS, show_progress=False
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS + _continuations(tok, read()),
+        show_progress=False,
     )
-    tok.train_from_iterator(_batched(sentences), trainer=trainer)
+    tok.train_from_iterator(_batched(read()), trainer=trainer)
     return _hf_tokenizer_from_vocab(tok.get_vocab(), lowercase)
+
+
+def _rereadable(sentences: Sentences) -> Callable[[], Iterable[str]]:
+    if callable(sentences):
+        return sentences
+    if isinstance(sentences, Iterator):
+        sentences = list(sentences)
+    return lambda: sentences
+
+
+def _continuations(tok, sentences: Iterable[str]) -> list[str]:
+    """"##c" for every character that comes after the first in some word, as the trainer cuts words: the
+    normalizer, then the pre-tokenizer (whitespace and each punctuation mark end a word).
+
+    BertNormalizer works one character at a time (clean-up, CJK spacing, NFD + accent removal, lowercase), so
+    each distinct character is normalized once and a translation table does the rest at C speed: characters
+    that cut words become spaces, each word's first character is blanked, and what is left are the
+    continuation characters. (normalize_str on the whole text cost ~0.3 s per MB, as much as training.)"""
+    table: dict[int, str] = {}
+    found: set[str] = set()
+    for batch in _batched(sentences):
+        text = " ".join(batch)
+        for c in set(text).difference(map(chr, table)):
+            table[ord(c)] = "".join(" " if len(tok.pre_tokenizer.pre_tokenize_str(f"a{n}a")) != 1 else n
+                                    for n in tok.normalizer.normalize_str(c))
+        found.update(_WORD_START.sub(" ", text.translate(table)))
+    found.discard(" ")
+    return ["##" + c for c in sorted(found)]
+
+
+_WORD_START = re.compile(r"(?<![^ ])[^ ]")
 
 
 def _batched(sentences: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
@@ -120,7 +165,7 @@ def get_tokenizer(tok_cfg, corpus, cache_dir: Path) -> tuple[object, Path]:
     if (out / "tokenizer.json").is_file():
         return open_tokenizer(out), out
     # the vocabulary trains on all documents, held-out ones included (as BERT's did)
-    sentences = (s for doc in corpus.documents() for s in doc)
+    sentences = lambda: (s for doc in corpus.documents() for s in doc)  # noqa: E731 (read twice)
     tok = train_wordpiece(sentences, tok_cfg.vocab_size, tok_cfg.min_frequency, tok_cfg.lowercase)
     atomic_save_dir(lambda d: tok.save_pretrained(str(d)), out)
     return tok, out
