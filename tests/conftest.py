@@ -28,12 +28,15 @@ def _session_ray_token() -> None:
     """Every Ray the tests start (the shared local instance, heads, test clusters, CLI subprocesses) uses token
     auth with one token: Ray caches the auth mode and token per process, and a process that talks to a cluster
     with another setting afterwards is refused (InvalidAuthToken), even from its background threads."""
+    import atexit
     import secrets
+    import shutil
     import tempfile
 
     if os.environ.get("RAY_AUTH_MODE") == "token" and os.path.isfile(os.environ.get("RAY_AUTH_TOKEN_PATH", "")):
         return
     d = tempfile.mkdtemp(prefix="bert_orch_test_token_")
+    atexit.register(shutil.rmtree, d, True)  # the process that made it (pytest's controller) removes it at exit
     path = os.path.join(d, "auth_token")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
