@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -209,3 +214,31 @@ def test_wordpiece_continuation_pieces_are_the_trainers_own(lowercase):
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     words = [w for t in texts for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(t))]
     assert _continuations(tok, texts) == ["##" + c for c in sorted({c for w in words for c in w[1:]})]
+
+
+def test_planning_a_job_with_cached_tokens_does_not_load_the_tokenizer(tmp_path):
+    """The driver plans a job whose vocabulary and token arrays are cached without loading the tokenizer, which
+    would import transformers and torch (3.5 s of every command's start); a job that needs new token arrays from a
+    cached vocabulary loads it then. Fresh processes, so nothing was imported before."""
+    from conftest import REPO
+
+    script = """if True:
+        import json, sys
+        from orchestrator.driver import compose_config, make_plan
+        plan, prep = make_plan(compose_config(["experiment=quickstart_pretrain", *sys.argv[2:]]), run_dir=sys.argv[1])
+        print(json.dumps({"transformers": "transformers" in sys.modules, "torch": "torch" in sys.modules,
+                          "data_dir": prep.data_dir, "vocab": prep.vocab_size}))"""
+    env = {**os.environ, "BERT_ORCH_CACHE": str(tmp_path / "cache")}
+
+    def plan(name: str, *overrides: str) -> dict:
+        res = subprocess.run([sys.executable, "-c", script, str(tmp_path / name), "data.synthetic_documents=120",
+                              *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    first = plan("a")  # trains the vocabulary and builds the token arrays
+    cached = plan("b")
+    assert (cached["transformers"], cached["torch"]) == (False, False)
+    assert cached["data_dir"] == first["data_dir"] and cached["vocab"] == first["vocab"]
+    other = plan("c", "task.max_seq_length=32")  # new token arrays from the cached vocabulary
+    assert other["transformers"] and other["data_dir"] != first["data_dir"] and other["vocab"] == first["vocab"]

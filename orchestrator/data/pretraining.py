@@ -18,7 +18,7 @@ import numpy as np
 from orchestrator.data.corpus import Document, corpus_spec, is_eval_document
 from orchestrator.data.rows import MaskingSpec, PreparedData, PretrainingRows, continuation_mask, sample_lengths
 from orchestrator.data.sharded import ShardedRows, is_prepared_dir, prepared_data
-from orchestrator.data.tokenizer import get_tokenizer, tokenizer_hash
+from orchestrator.data.tokenizer import get_tokenizer, open_tokenizer, tokenizer_hash
 from orchestrator.io import atomic_save_dir
 from orchestrator.errors import DataError
 
@@ -200,7 +200,7 @@ def prepare_pretraining_data(job) -> PreparedData:
     t0 = time.perf_counter()
     cache_dir = Path(os.path.expanduser(job.data.cache_dir)).resolve()
     corpus = corpus_spec(job.data)
-    tokenizer, tok_dir = get_tokenizer(job.tokenizer, corpus, cache_dir)
+    loaded, tok_dir = get_tokenizer(job.tokenizer, corpus, cache_dir)
     tok_key = tokenizer_hash(tok_dir)
     t = job.task
     key_src = json.dumps(
@@ -223,6 +223,7 @@ def prepare_pretraining_data(job) -> PreparedData:
     if not cached:
 
         def build(tmp: Path) -> None:
+            tokenizer = loaded if loaded is not None else open_tokenizer(tok_dir)
             for split, want_eval in (("train", False), ("eval", True)):
                 toks, sent_off, doc_off = _tokenize_split(tokenizer, _split_docs(corpus, job.data.eval_fraction, want_eval))
                 samples = build_samples(sent_off, doc_off, t.max_seq_length, t.nsp, t.short_seq_prob, job.train.seed)

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Union
+from typing import Optional, Union
 
 from orchestrator.io import atomic_save_dir
 
@@ -155,15 +155,17 @@ def tokenizer_hash(tokenizer_dir: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
-def get_tokenizer(tok_cfg, corpus, cache_dir: Path) -> tuple[object, Path]:
-    """Return (tokenizer, saved dir): a cached trained vocabulary, or the configured directory."""
+def get_tokenizer(tok_cfg, corpus, cache_dir: Path) -> tuple[Optional[object], Path]:
+    """Return (tokenizer, saved dir): the configured directory (loaded, which checks its special tokens), a
+    vocabulary trained now, or a cached trained one, returned unloaded (None): a job whose token arrays are
+    cached never needs it, and loading it imports transformers and torch (3.5 s of the driver's start)."""
     if tok_cfg.source == "dir":
         tok = load_tokenizer_dir(tok_cfg.path)
         return tok, Path(os.path.expanduser(tok_cfg.path)).resolve()
     key = tokenizer_cache_key(corpus.fingerprint(), tok_cfg.vocab_size, tok_cfg.min_frequency, tok_cfg.lowercase)
     out = cache_dir / "tokenizers" / key
     if (out / "tokenizer.json").is_file():
-        return open_tokenizer(out), out
+        return None, out
     # the vocabulary trains on all documents, held-out ones included (as BERT's did)
     sentences = lambda: (s for doc in corpus.documents() for s in doc)  # noqa: E731 (read twice)
     tok = train_wordpiece(sentences, tok_cfg.vocab_size, tok_cfg.min_frequency, tok_cfg.lowercase)

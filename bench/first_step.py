@@ -1,0 +1,88 @@
+"""Bench: time to first step of a Ray job from the command line, this tree against another (`--baseline-tree`, e.g.
+a `git worktree` of an older commit), alternating run by run so both see the same machine.
+
+    .venv/bin/python bench/first_step.py [--baseline-tree DIR] [--runs 3] [--out bench/results/first_step.json]
+
+A run is `python -m orchestrator experiment=quickstart_pretrain train.max_steps=2 train.log_every_steps=1` in a new
+run dir, starting its own local Ray as README command 1 does; the token cache is warm (one unmeasured run of each
+tree first). Timed from the command's start to rank 0's first progress line ("step 1/2"), and to its exit, with
+the whole machine's busy CPU-s (/proc/stat) over the run. Prints one JSON object: every run, medians, and the ratio
+this tree / baseline of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+FIRST_STEP = re.compile(r"\] step 1/\d+ ")
+JOB = ["experiment=quickstart_pretrain", "train.max_steps=2", "train.log_every_steps=1"]
+
+
+def busy_cpu_s() -> float:
+    with open("/proc/stat") as fh:
+        v = [int(x) for x in fh.readline().split()[1:]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def one_run(tree: Path, run_dir: Path, env: dict) -> dict:
+    c0, t0 = busy_cpu_s(), time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *JOB, f"hydra.run.dir={run_dir}"], cwd=tree,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first, tail = None, []
+    for line in proc.stdout:
+        if first is None and FIRST_STEP.search(line):
+            first = time.perf_counter() - t0
+        tail = (tail + [line])[-20:]
+    if proc.wait() != 0 or first is None:
+        raise SystemExit(f"error: run in {tree} failed (exit {proc.returncode}):\n" + "".join(tail))
+    return {"first_step_s": round(first, 2), "exit_s": round(time.perf_counter() - t0, 2),
+            "cpu_s": round(busy_cpu_s() - c0, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--baseline-tree", default=None, help="another checkout of this project, run the same way")
+    ap.add_argument("--runs", type=int, default=3, help="measured runs per tree (alternating)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    from orchestrator.serve.measure import cpu_info
+
+    trees = {"this": REPO, **({"baseline": Path(args.baseline_tree).resolve()} if args.baseline_tree else {})}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    work = Path(tempfile.mkdtemp(prefix="first_step_bench_"))
+    try:
+        rows: dict[str, list] = {name: [] for name in trees}
+        for name, tree in trees.items():  # warm-up: token cache, page cache, DeepSpeed's op cache
+            one_run(tree, work / f"warm_{name}", env)
+        for i in range(args.runs):
+            for name, tree in trees.items():
+                rows[name].append(one_run(tree, work / f"{name}_{i}", env))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in rows.items()}
+    out = {"bench": "first_step", "job": JOB, "runs": rows, "median": med,
+           "cpu": cpu_info(), "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+    if "baseline" in med:
+        out["ratio_this_over_baseline"] = {k: round(med["this"][k] / med["baseline"][k], 3) for k in med["this"]}
+    text = json.dumps(out, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
