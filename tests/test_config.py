@@ -97,7 +97,8 @@ def test_bad_config_refused_naming_key(overrides, key, tmp_path):
 
 
 def test_lamb_with_offload_refused_naming_offload_key(tmp_path):
-    """ZeRO-Offload steps with DeepSpeedCPUAdam, an AdamW: lamb is refused at plan time; adamw plans."""
+    """ZeRO-Offload steps AdamW on the host: lamb is refused at plan time; adamw plans, with a DeepSpeed config that
+    lets DeepSpeed take torch's fused AdamW there."""
     for overrides, key in ((["engine=zero2", "engine.offload_optimizer=true"], "engine.offload_optimizer"),
                            (["engine=zero3", "engine.offload_param=true"], "engine.offload_param")):
         with pytest.raises(ConfigError) as ei:
@@ -106,6 +107,8 @@ def test_lamb_with_offload_refused_naming_offload_key(tmp_path):
         assert key in msg and "optim=adamw" in msg and "\n" not in msg, msg
     plan = _plan(["optim=adamw", "engine=zero2", "engine.offload_optimizer=true"], tmp_path)
     assert plan.deepspeed_config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert plan.deepspeed_config["zero_force_ds_cpu_optimizer"] is False
+    assert "zero_force_ds_cpu_optimizer" not in _plan(["optim=adamw", "engine=zero2"], tmp_path).deepspeed_config
 
 
 def test_unknown_model_names_the_option():

@@ -1,13 +1,13 @@
 """ZeRO stages 0-3 follow one loss curve; ZeRO-Offload for real: optimizer (ZeRO-2) and parameter + optimizer (ZeRO-3)
-offload train on 2 CPU workers with DeepSpeedCPUAdam, follow the same curve as the job without offload, skip a NaN
+offload train on 2 CPU workers with torch's fused AdamW on the host, follow the same curve as the job without offload, skip a NaN
 step and resume after a kill.
 
 The jobs without a kill (ZeRO 0-3, ZeRO-2 + offload) train one after another in ONE Ray Train worker group (one
 group start, not five), each with a NaN loss at step 3; the killed ZeRO-3 offload job runs alone (Ray restarts
 its group) and is compared with that group's ZeRO-3 curve.
 
-The first use of DeepSpeedCPUAdam JIT-builds its C++ op with g++ (cached in ~/.cache/torch_extensions), which
-takes minutes once on a 2-core machine."""
+No job builds a C++ op: offload steps with torch's fused AdamW, not DeepSpeedCPUAdam (a g++ JIT build of 80-240 s
+on 2 cores, which these tests used to wait for)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ RUN = [
 NAN_AT = 3
 GROUP = {"zero0": ["engine=zero0"], "zero1": ["engine=zero1"], "zero2": ["engine=zero2"], "zero3": ["engine=zero3"],
          "zero2_offload": ["engine=zero2", "engine.offload_optimizer=true"]}
-# Offload changes where the optimizer runs (DeepSpeedCPUAdam on the host instead of torch's AdamW), not the math.
+# Offload changes where the optimizer runs (fused AdamW on the host instead of foreach AdamW), not the math.
 # Measured max relative loss difference, offload vs not, over the 12 steps: 7.0e-8 (ZeRO-2, 1.3e-7 with the NaN
 # step) and 6.4e-8 (ZeRO-3, across the kill and resume): float32 rounding. 1e-5 leaves a margin of ~75x.
 REL_TOL = 1e-5
@@ -101,30 +101,28 @@ def test_deferred_compile_compiles_once_on_the_first_call(monkeypatch):
 # ---------------------------------------------------------------- the optimizer itself (one process)
 
 
-@pytest.mark.slow  # JIT-builds DeepSpeed's cpu_adam op on a fresh machine (1-4 min)
-def test_cpu_adam_is_chosen_for_offload_and_steps_like_torch_adamw():
-    """The offload optimizer keeps the BERT param groups (no decay on biases/LayerNorm) and lr/betas/eps, and its
-    update is torch's AdamW (decoupled weight decay), not Adam with an L2 term."""
+def test_the_host_optimizer_of_offload_is_torchs_fused_adamw_with_the_same_groups_and_update():
+    """The offload optimizer is torch's fused AdamW (no C++ op to build), keeps the BERT param groups (no decay on
+    biases/LayerNorm) and lr/betas/eps, and its update is AdamW's (decoupled weight decay), not Adam with an L2
+    term; the plan's DeepSpeed config lets DeepSpeed take it."""
     from types import SimpleNamespace
 
-    from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-    from orchestrator.worker.engine import build_optimizer, uses_cpu_adam
+    from orchestrator.worker.engine import build_optimizer, steps_on_host
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     eng = lambda o, p: SimpleNamespace(offload_optimizer=o, offload_param=p)  # noqa: E731
-    assert uses_cpu_adam(eng(True, False), cpu) and uses_cpu_adam(eng(True, False), cuda)
-    assert uses_cpu_adam(eng(True, True), cuda) and uses_cpu_adam(eng(False, True), cpu)
-    assert not uses_cpu_adam(eng(False, True), cuda), "param offload alone keeps the fp32 master on the GPU"
-    assert not uses_cpu_adam(eng(False, False), cpu)
+    assert steps_on_host(eng(True, False), cpu) and steps_on_host(eng(True, False), cuda)
+    assert steps_on_host(eng(True, True), cuda) and steps_on_host(eng(False, True), cpu)
+    assert not steps_on_host(eng(False, True), cuda), "param offload alone keeps the fp32 master on the GPU"
+    assert not steps_on_host(eng(False, False), cpu)
 
     # big lr and weight decay, so that a lost decay or an L2-style decay shows far above float rounding
     optim = SimpleNamespace(name="adamw", lr=1e-2, weight_decay=0.1, beta1=0.9, beta2=0.98, eps=1e-6)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
     twin = copy.deepcopy(model)
-    ours, ref = build_optimizer(model, optim, cpu_adam=True), build_optimizer(twin, optim)
-    assert isinstance(ours, DeepSpeedCPUAdam) and ours.adam_w_mode and not isinstance(ref, DeepSpeedCPUAdam)
+    ours, ref = build_optimizer(model, optim, on_host=True), build_optimizer(twin, optim)
+    assert type(ours) is torch.optim.AdamW and ours.defaults["fused"] and not ref.defaults["fused"]
     for g, rg in zip(ours.param_groups, ref.param_groups, strict=True):
         assert [p.shape for p in g["params"]] == [p.shape for p in rg["params"]]
         assert (g["lr"], g["betas"], g["eps"], g["weight_decay"]) == (1e-2, (0.9, 0.98), 1e-6, rg["weight_decay"])
@@ -149,9 +147,12 @@ def test_cpu_adam_is_chosen_for_offload_and_steps_like_torch_adamw():
 def group_runs(ray_cluster, tmp_path_factory):
     """The five jobs without a kill, each with a NaN loss at step 3, trained in one worker group."""
     root = tmp_path_factory.mktemp("zero")
+    ops = root / "torch_extensions"  # the workers' C++ op cache: offload builds none
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BERT_ORCH_FAULT", f"nan_loss_at={NAN_AT}")
+        mp.setenv("TORCH_EXTENSIONS_DIR", str(ops))
         summaries = train_in_one_worker_group([(compose([*RUN, *extra]), root / name) for name, extra in GROUP.items()])
+    assert not ops.exists() or not any(ops.iterdir()), f"a ZeRO job JIT-built {sorted(p.name for p in ops.iterdir())}"
     return {name: (root / name, summary) for name, summary in zip(GROUP, summaries)}
 
 

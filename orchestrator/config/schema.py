@@ -360,9 +360,10 @@ class EngineConfig:
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError("engine.offload_optimizer", "optimizer offload needs ZeRO stage 1-3")
         if job.optim.name == "lamb" and self.backend == "deepspeed" and (self.offload_optimizer or self.offload_param):
-            # ZeRO-Offload steps on the host with DeepSpeedCPUAdam (DeepSpeed refuses other client optimizers there)
+            # ZeRO-Offload steps on flat ZeRO partitions on the host: no whole tensors for a per-layer trust ratio
             raise ConfigError("engine.offload_optimizer" if self.offload_optimizer else "engine.offload_param",
-                              "ZeRO-Offload steps with DeepSpeedCPUAdam, which has no LAMB: use optim=adamw")
+                              "ZeRO-Offload steps AdamW on flat ZeRO partitions, where LAMB's per-layer trust ratio"
+                              " has no whole tensors: use optim=adamw")
         if job.optim.name == "lamb" and self.backend == "deepspeed" and self.zero_stage > 0:
             # ZeRO flattens and partitions parameters, so a per-tensor trust ratio would be computed on slices.
             raise ConfigError("optim.name", "LAMB's per-layer trust ratio needs whole tensors: use engine=zero0 with lamb")

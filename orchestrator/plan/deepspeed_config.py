@@ -28,6 +28,8 @@ def render_deepspeed_config(engine: EngineConfig, batch: BatchPlan, use_gpu: boo
         )
     if engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+    # the host optimizer is torch's fused AdamW (worker/engine.py: build_optimizer), which DeepSpeed takes only so
+    force = {"zero_force_ds_cpu_optimizer": False} if engine.offload_optimizer else {}
     if engine.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
     return {
@@ -36,6 +38,7 @@ def render_deepspeed_config(engine: EngineConfig, batch: BatchPlan, use_gpu: boo
         "gradient_accumulation_steps": batch.grad_accum_steps,
         "gradient_clipping": float(engine.gradient_clipping),
         "zero_optimization": zero,
+        **force,
         # bf16=null (auto) is resolved on the worker's own hardware (worker/hardware.py)
         "bf16": {"enabled": bool(engine.bf16)},
         "fp16": {"enabled": bool(engine.fp16), "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000},
