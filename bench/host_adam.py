@@ -2,7 +2,8 @@
 `DeepSpeedCPUAdam` (a C++ op JIT-built with g++ on first use; this bench builds it if it is not cached) and torch's
 foreach AdamW, alternating, on one flat fp32 parameter of BERT-base's size.
 
-    .venv/bin/python bench/host_adam.py [--params 110000000] [--steps 5] [--rounds 3] [--out bench/results/host_adam.json]
+    .venv/bin/python bench/host_adam.py [--params 110000000] [--steps 5] [--rounds 3]
+                                        [--out bench/results/host_adam.json]
 
 Seconds per optimizer step (median over rounds of the mean over --steps steps, after one warm-up step), with
 torch's threads as set (default: every core). Prints one JSON object with the ratios against DeepSpeedCPUAdam.

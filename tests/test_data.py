@@ -218,7 +218,7 @@ def test_wordpiece_continuation_pieces_are_the_trainers_own(lowercase):
 
 def test_planning_a_job_with_cached_tokens_does_not_load_the_tokenizer(tmp_path):
     """The driver plans a job whose vocabulary and token arrays are cached without loading the tokenizer, which
-    would import transformers and torch (3.5 s of every command's start); a job that needs new token arrays from a
+    would import transformers and torch (~4 s of every command's start); a job that needs new token arrays from a
     cached vocabulary loads it then. Fresh processes, so nothing was imported before."""
     from conftest import REPO
 

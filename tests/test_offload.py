@@ -1,6 +1,6 @@
 """ZeRO stages 0-3 follow one loss curve; ZeRO-Offload for real: optimizer (ZeRO-2) and parameter + optimizer (ZeRO-3)
-offload train on 2 CPU workers with torch's fused AdamW on the host, follow the same curve as the job without offload, skip a NaN
-step and resume after a kill.
+offload train on 2 CPU workers with torch's fused AdamW on the host, follow the same curve as the job without
+offload, skip a NaN step and resume after a kill.
 
 The jobs without a kill (ZeRO 0-3, ZeRO-2 + offload) train one after another in ONE Ray Train worker group (one
 group start, not five), each with a NaN loss at step 3; the killed ZeRO-3 offload job runs alone (Ray restarts

@@ -28,7 +28,8 @@ def render_deepspeed_config(engine: EngineConfig, batch: BatchPlan, use_gpu: boo
         )
     if engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
-    # the host optimizer is torch's fused AdamW (worker/engine.py: build_optimizer), which DeepSpeed takes only so
+    # the host optimizer is torch's fused AdamW (worker/engine.py: build_optimizer); DeepSpeed refuses any client
+    # optimizer but its own DeepSpeedCPUAdam under offload unless this is off
     force = {"zero_force_ds_cpu_optimizer": False} if engine.offload_optimizer else {}
     if engine.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
