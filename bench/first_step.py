@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,11 +43,11 @@ def one_run(tree: Path, run_dir: Path, env: dict) -> dict:
     c0, t0 = busy_cpu_s(), time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *JOB, f"hydra.run.dir={run_dir}"], cwd=tree,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    first, tail = None, []
+    first, tail = None, deque(maxlen=20)  # the last lines, for an error
     for line in proc.stdout:
         if first is None and FIRST_STEP.search(line):
             first = time.perf_counter() - t0
-        tail = (tail + [line])[-20:]
+        tail.append(line)
     if proc.wait() != 0 or first is None:
         raise SystemExit(f"error: run in {tree} failed (exit {proc.returncode}):\n" + "".join(tail))
     return {"first_step_s": round(first, 2), "exit_s": round(time.perf_counter() - t0, 2),
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="measured runs per tree (alternating)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    from orchestrator.io import write_text_atomic
     from orchestrator.serve.measure import cpu_info
 
     trees = {"this": REPO, **({"baseline": Path(args.baseline_tree).resolve()} if args.baseline_tree else {})}
@@ -80,7 +82,7 @@ def main() -> None:
         out["ratio_this_over_baseline"] = {k: round(med["this"][k] / med["baseline"][k], 3) for k in med["this"]}
     text = json.dumps(out, indent=2)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        write_text_atomic(args.out, text + "\n")
     print(text)
 
 

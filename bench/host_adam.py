@@ -32,6 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    from orchestrator.io import write_text_atomic
     from orchestrator.serve.measure import cpu_info
 
     t0 = time.perf_counter()
@@ -66,7 +67,7 @@ def main() -> None:
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
     text = json.dumps(out, indent=2)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        write_text_atomic(args.out, text + "\n")
     print(text)
 
 

@@ -44,6 +44,7 @@ def main() -> None:
     from ray.train.torch import TorchTrainer
 
     from orchestrator.launch.ray_train import torch_trainer
+    from orchestrator.io import write_text_atomic
     from orchestrator.serve.measure import cpu_info
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -70,7 +71,7 @@ def main() -> None:
     text = json.dumps(out, indent=1)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        write_text_atomic(args.out, text + "\n")
 
 
 if __name__ == "__main__":
