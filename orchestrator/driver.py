@@ -147,24 +147,16 @@ def run_pipeline(job, run_dir: str, passed: list[str], interactive: bool) -> dic
     from rich.table import Table
 
     from orchestrator.io import write_json_atomic
+    from orchestrator.launch.ray_train import shared_local_ray
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     keep = pass_through(passed)
     if not any(o.lstrip("+").startswith("logger.group=") for o in keep):  # W&B: a pipeline's stages in one group
         keep.append(f"logger.group=pipeline-{Path(run_dir).resolve().name}")
     stages: dict[str, Any] = {}
-    for st in job.pipeline.stages:
-        overrides = [o.replace("{pipeline_dir}", str(Path(run_dir).resolve())) for o in st.overrides] + keep
-        console().rule(f"[bold]pipeline stage {st.name}: {' '.join(overrides)}")
-        if job.plan_only:
-            if any("{pipeline_dir}" in o for o in st.overrides):
-                console().print(f"  (stage {st.name} builds on earlier stages: planned when they have run)")
-                continue
-            train(compose_config([*overrides, "plan_only=true"]), run_dir=str(Path(run_dir) / st.name))
-            continue
-        result = train(compose_config(overrides), run_dir=str(Path(run_dir) / st.name), interactive=interactive)
-        stages[st.name] = {k: result.get(k) for k in ("status", "final_eval", "main_metric", "best_metric", "run_dir")}
-        stages[st.name]["overrides"] = overrides
+    with shared_local_ray():  # one local Ray for all the stages, not a start per stage
+        for st in job.pipeline.stages:
+            _run_stage(st, run_dir, keep, job.plan_only, interactive, stages)
     if job.plan_only:
         return {"status": "planned", "pipeline": True, "run_dir": run_dir}
     summary: dict[str, Any] = {"status": "completed", "pipeline": True, "stages": stages, "run_dir": run_dir}
@@ -181,6 +173,20 @@ def run_pipeline(job, run_dir: str, passed: list[str], interactive: bool) -> dic
         summary["compare"] = {n: stages[n]["final_eval"] for n in job.pipeline.compare}
     write_json_atomic(Path(run_dir) / "summary.json", summary)
     return summary
+
+
+def _run_stage(st, run_dir: str, keep: list[str], plan_only: bool, interactive: bool, stages: dict[str, Any]) -> None:
+    overrides = [o.replace("{pipeline_dir}", str(Path(run_dir).resolve())) for o in st.overrides] + keep
+    console().rule(f"[bold]pipeline stage {st.name}: {' '.join(overrides)}")
+    if plan_only:
+        if any("{pipeline_dir}" in o for o in st.overrides):
+            console().print(f"  (stage {st.name} builds on earlier stages: planned when they have run)")
+            return
+        train(compose_config([*overrides, "plan_only=true"]), run_dir=str(Path(run_dir) / st.name))
+        return
+    result = train(compose_config(overrides), run_dir=str(Path(run_dir) / st.name), interactive=interactive)
+    stages[st.name] = {k: result.get(k) for k in ("status", "final_eval", "main_metric", "best_metric", "run_dir")}
+    stages[st.name]["overrides"] = overrides
 
 
 def refuse_job_overrides_on_pipeline(passed: list[str]) -> None:
