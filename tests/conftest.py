@@ -59,8 +59,8 @@ def _session_cache(tmp_path_factory):
 # The suite runs on 2 pytest-xdist workers (pyproject addopts: `-n 2 --dist loadgroup`). Tests that share something
 # costly run as one xdist group, on one worker, one after another, so that it is made once:
 # - a Ray instance (`ray_cluster`, `ray_head`): started for the group's first test and stopped after its last (an
-#   idle Ray still costs 0.07-0.10 core: GCS, raylet, dashboard, agents). The local Ray's tests are two groups
-#   (test_ray_train.py's two long jobs, and the rest), so that neither is the suite's critical path;
+#   idle Ray still costs 0.07-0.10 core: GCS, raylet, dashboard, agents). (test_ray_train.py's two long jobs start
+#   their own local Ray, as README command 1 does: they are plain `slow` tests, free to run beside the group.)
 # - a module-scoped fixture of the integration tier (`slow`: trained runs): on both workers, it would be built
 #   twice. (The unit tier's module fixtures are cheap; its tests spread over both workers.)
 # A test that shares two of these joins both into one group. Groups and `slow` tests are handed out first (the
@@ -71,7 +71,7 @@ def _share_keys(item) -> list[str]:
     if "ray_head" in item.fixturenames:
         keys.append("ray_head")
     if "ray_cluster" in item.fixturenames:
-        keys.append("ray_local_pipeline" if item.path.name == "test_ray_train.py" else "ray_local")
+        keys.append("ray_local")
     # the unit tier's module fixtures are cheap: its tests spread freely
     if item.get_closest_marker("slow") and any(
             defs and defs[-1].scope == "module" for defs in item._fixtureinfo.name2fixturedefs.values()):
@@ -190,7 +190,9 @@ def _start_local_ray():
 
     from orchestrator.launch.ray_job import connect_ray
 
-    connect_ray(address="local", num_cpus=2)
+    # no dashboard: the tests' fits on it need no state API (the placement-group cleaner that polls it is left out on
+    # a Ray this process started), and its head modules are ~10 more processes; the CLI's local Ray keeps its own
+    connect_ray(address="local", num_cpus=2, include_dashboard=False)
     return ray
 
 

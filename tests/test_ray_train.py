@@ -27,12 +27,14 @@ def test_default_pipeline_pretrains_then_finetunes(tmp_path, capfd, monkeypatch)
     from orchestrator.launch import ray_job
 
     assert not ray.is_initialized(), "this test starts the local Ray itself, as README command 1 does"
-    starts = []
-    connect_ray = ray_job.connect_ray
+    starts, own = [], []
+    connect_ray, in_own_local_ray = ray_job.connect_ray, ray_job.in_own_local_ray
     monkeypatch.setattr(ray_job, "connect_ray", lambda *a, **kw: starts.append(connect_ray(*a, **kw)) or starts[-1])
+    monkeypatch.setattr(ray_job, "in_own_local_ray", lambda: own.append(in_own_local_ray()) or own[-1])
     run_dir = tmp_path / "default"
     summary = train(compose(["experiment=quickstart"]), run_dir=str(run_dir), interactive=False)
     assert starts == [True, False, False] and not ray.is_initialized(), "one local Ray for 3 stages, then down"
+    assert own == [True] * 3, "its own local Ray: no placement-group cleaner actor per fit"
     out = capfd.readouterr().out  # this process's output, Ray's forwarded worker lines included
     # one progress line per log step of the pretraining stage, and none of the libraries' routine lines (the
     # fine-tune from the pretrained encoder is where transformers printed its UNEXPECTED load report)

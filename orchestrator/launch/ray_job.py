@@ -129,7 +129,19 @@ def connect_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None
     _retry_raylet_timeout(
         lambda: ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard, **kw, **local),
         ray.shutdown, "a local Ray")
+    _STARTED_HERE["gcs"] = ray.get_runtime_context().gcs_address
     return True
+
+
+_STARTED_HERE: dict[str, Optional[str]] = {"gcs": None}  # the GCS address of the local Ray connect_ray started
+
+
+def in_own_local_ray() -> bool:
+    """True when this process is connected to a local Ray it started itself (connect_ray): a Ray that dies with this
+    process, and whose jobs are all this process's."""
+    import ray
+
+    return ray.is_initialized() and _STARTED_HERE["gcs"] == ray.get_runtime_context().gcs_address
 
 
 def _retry_raylet_timeout(start: Callable[[], Any], cleanup: Callable[[], None], what: str, attempts: int = 3) -> Any:

@@ -99,26 +99,35 @@ def trainer_configs(plan: JobPlan) -> tuple[Any, Any]:
 
 
 def torch_trainer(train_fn, **kwargs):
-    """Ray Train's `TorchTrainer`, minus the Ray Data actor of a job that passes no Ray Datasets.
+    """Ray Train's `TorchTrainer`, minus the helper actors a job here does not need. Each is one more Python process
+    per fit, started while the workers start (measured on a 2-core CPU):
 
-    Ray Train V2 (2.60) starts a `DatasetManager` actor for every fit, datasets or not: one more Python process
-    that imports Ray Data (pandas, pyarrow, fsspec) while the workers start: per fit, 31.6 -> 26.7 CPU-s and
-    18.0 -> 15.2 s on a 2-core CPU (medians, bench/results/ray_fit_overhead.json). Our workers read their token
-    shards themselves, so no job here passes `datasets=`: the callback that starts it is left out then. With
-    datasets, or if this Ray has no such callback, this is exactly `TorchTrainer`."""
+    - the `DatasetManager` (Ray Data: pandas, pyarrow, fsspec), started for every fit, datasets or not. Our
+      workers read their token shards themselves, so no job here passes `datasets=`: left out then. Per fit,
+      31.6 -> 26.7 CPU-s and 18.0 -> 15.2 s (medians, bench/results/ray_fit_overhead.json).
+    - the detached `PlacementGroupCleaner`, which polls the state API every second to remove the worker group's
+      placement group if the controller dies while its driver lives on (4.6 CPU-s per fit in the test suite). On a
+      local Ray this process started, a controller's death fails the fit, and the driver shuts that Ray down with
+      its placement groups (a pipeline's shared Ray at the pipeline's end): left out there, kept on any cluster
+      joined by address.
+
+    With datasets, on a joined cluster, or with a Ray lacking these callbacks, the same as `TorchTrainer`."""
     from ray.train.torch import TorchTrainer
+
+    from orchestrator.launch.ray_job import in_own_local_ray
 
     try:
         from ray.train.v2._internal.callbacks import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     except ImportError:  # another Ray: its own defaults
         return TorchTrainer(train_fn, **kwargs)
+    own_ray = in_own_local_ray()
 
     class _Trainer(TorchTrainer):
         def _create_default_callbacks(self):
             callbacks = super()._create_default_callbacks()
-            if self.datasets:
-                return callbacks
-            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+            drop = (() if self.datasets else (DatasetsCallback,)) + ((PlacementGroupCleanerCallback,) if own_ray else ())
+            return [c for c in callbacks if not isinstance(c, drop)]
 
     return _Trainer(train_fn, **kwargs)
 
