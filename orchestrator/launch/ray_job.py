@@ -129,7 +129,7 @@ def connect_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None
     _retry_raylet_timeout(
         lambda: ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard, **kw, **local),
         ray.shutdown, "a local Ray")
-    _STARTED_HERE["gcs"] = ray.get_runtime_context().gcs_address
+    _STARTED_HERE["gcs"] = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
     return True
 
 
