@@ -122,7 +122,7 @@ def compose(overrides: list[str]):
 
 # Library lines a run does not print unless verbose=true (orchestrator/logs.py)
 LIBRARY_NOISE = ("Setting accelerator to CPU", "Reporting training result", "UNEXPECTED", "Writing model shards",
-                 "FutureWarning", "PreemptionWatcher")
+                 "FutureWarning", "PreemptionWatcher", "Token authentication is")
 
 
 def progress_steps(output: str, total: int) -> list[int]:

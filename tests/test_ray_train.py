@@ -67,7 +67,9 @@ KILL_RUN = [
 
 
 def _cli(run_dir: Path, stdout=subprocess.PIPE, fault: str = ""):
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "BERT_ORCH_FAULT")}
+    # as in a user's shell: no RAY_AUTH_MODE (the session's token file stays named), so the local Ray's token auth
+    # is the default the command chooses, without Ray's warning line
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "BERT_ORCH_FAULT", "RAY_AUTH_MODE")}
     if fault:
         env["BERT_ORCH_FAULT"] = fault
     return subprocess.Popen(

@@ -118,8 +118,12 @@ def connect_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None
 
     if ray.is_initialized():
         return False
-    sync_ray_auth()  # this process may have talked to a cluster with other auth settings before
     address = address or os.environ.get("RAY_ADDRESS")
+    if not address or address == "local":
+        # Ray 2.60 turns token auth on for a new local Ray when RAY_AUTH_MODE is unset, and prints a WARNING saying
+        # so at every start; choosing it here keeps that default and the console quiet (RAY_AUTH_MODE=disabled opts out)
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    sync_ray_auth()  # this process may have talked to a cluster with other auth settings before
     kw: dict[str, Any] = {"log_to_driver": log_to_driver}
     if runtime_env:
         kw["runtime_env"] = runtime_env
