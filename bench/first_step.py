@@ -13,9 +13,7 @@ this tree / baseline of the medians.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -60,8 +58,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="measured runs per tree (alternating)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from orchestrator.io import write_text_atomic
-    from orchestrator.serve.measure import cpu_info
+    from orchestrator.serve.measure import emit_bench_result
 
     trees = {"this": REPO, **({"baseline": Path(args.baseline_tree).resolve()} if args.baseline_tree else {})}
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -76,14 +73,10 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in rows.items()}
-    out = {"bench": "first_step", "job": JOB, "runs": rows, "median": med,
-           "cpu": cpu_info(), "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+    out = {"bench": "first_step", "job": JOB, "runs": rows, "median": med}
     if "baseline" in med:
         out["ratio_this_over_baseline"] = {k: round(med["this"][k] / med["baseline"][k], 3) for k in med["this"]}
-    text = json.dumps(out, indent=2)
-    if args.out:
-        write_text_atomic(args.out, text + "\n")
-    print(text)
+    emit_bench_result(out, args.out)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import platform
 import statistics
 import sys
 import time
@@ -32,8 +30,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from orchestrator.io import write_text_atomic
-    from orchestrator.serve.measure import cpu_info
+    from orchestrator.serve.measure import emit_bench_result
 
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's accelerator and op-build lines: stdout is the JSON
@@ -63,12 +60,8 @@ def main() -> None:
     out = {"bench": "host_adam", "params": args.params, "threads": torch.get_num_threads(),
            "s_per_step": med, "rounds": {k: [round(x, 4) for x in v] for k, v in times.items()},
            "ratio_over_deepspeed_cpu_adam": {k: round(v / med["deepspeed_cpu_adam"], 3) for k, v in med.items()},
-           "deepspeed_op_load_s": round(load_s, 1), "cpu": cpu_info(), "torch": torch.__version__,
-           "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
-    text = json.dumps(out, indent=2)
-    if args.out:
-        write_text_atomic(args.out, text + "\n")
-    print(text)
+           "deepspeed_op_load_s": round(load_s, 1), "torch": torch.__version__}
+    emit_bench_result(out, args.out)
 
 
 if __name__ == "__main__":

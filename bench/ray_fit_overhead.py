@@ -12,7 +12,6 @@ included. Prints one JSON object (medians and the ratio ours/stock).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -44,8 +43,7 @@ def main() -> None:
     from ray.train.torch import TorchTrainer
 
     from orchestrator.launch.ray_train import torch_trainer
-    from orchestrator.io import write_text_atomic
-    from orchestrator.serve.measure import cpu_info
+    from orchestrator.serve.measure import cpu_info, emit_bench_result
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="ray_fit_bench_")
@@ -68,10 +66,7 @@ def main() -> None:
         "fits_per_contender": args.fits, "median": med, "fits": rows,
         "ratio_ours_over_stock": {m: round(med["ours"][m] / med["stock"][m], 3) for m in ("wall_s", "cpu_s")},
     }
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        write_text_atomic(args.out, text + "\n")
+    emit_bench_result(out, args.out, indent=1)
 
 
 if __name__ == "__main__":

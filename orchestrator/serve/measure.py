@@ -8,7 +8,7 @@ from __future__ import annotations
 import platform
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -123,3 +123,19 @@ def cpu_info() -> dict:
     except OSError:
         pass
     return {"model": model, "flags": {f: f in flags for f in CPU_FLAGS}}
+
+
+def emit_bench_result(out: dict, path: Optional[str], indent: int = 2) -> None:
+    """A bench's JSON record: stamped with the CPU (model and the flags that decide its speed), the Python version
+    and the date where the record does not give them; printed, and written to `path` (atomically) when given."""
+    import json
+
+    from orchestrator.io import write_text_atomic
+
+    out.setdefault("cpu", cpu_info())
+    out.setdefault("python", platform.python_version())
+    out.setdefault("date", time.strftime("%Y-%m-%d"))
+    text = json.dumps(out, indent=indent)
+    if path:
+        write_text_atomic(path, text + "\n")
+    print(text)
