@@ -183,12 +183,12 @@ def shared_local_ray():
     try:
         yield
     finally:
-        _SHARED["on"] = False
-        if _SHARED.pop("started", None) is not None:
+        started = _SHARED["started"]
+        _SHARED.update(on=False, started=None)
+        if started is not None:
             import ray
 
             ray.shutdown()
-        _SHARED["started"] = None
 
 
 def launch_ray(plan: JobPlan) -> dict[str, Any]:

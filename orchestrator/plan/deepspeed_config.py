@@ -26,11 +26,12 @@ def render_deepspeed_config(engine: EngineConfig, batch: BatchPlan, use_gpu: boo
             stage3_param_persistence_threshold=10 * hidden_size,
             stage3_gather_16bit_weights_on_model_save=True,
         )
+    force = {}
     if engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
-    # the host optimizer is torch's fused AdamW (worker/engine.py: build_optimizer); DeepSpeed refuses any client
-    # optimizer but its own DeepSpeedCPUAdam under offload unless this is off
-    force = {"zero_force_ds_cpu_optimizer": False} if engine.offload_optimizer else {}
+        # the host optimizer is torch's fused AdamW (worker/engine.py: build_optimizer); DeepSpeed refuses any
+        # client optimizer but its own DeepSpeedCPUAdam under offload unless this is off
+        force["zero_force_ds_cpu_optimizer"] = False
     if engine.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
     return {
