@@ -36,6 +36,12 @@ def rule(default: Any, *, choices: Optional[Choices] = None, ge: Optional[float]
     return field(default=default, metadata={"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "why": why})
 
 
+def _families() -> tuple:
+    from orchestrator.model.families import FAMILIES
+
+    return FAMILIES
+
+
 def _network_profiles() -> tuple:
     from orchestrator.cluster.network import NETWORK_PROFILES
 
@@ -104,6 +110,11 @@ def check_job(job: "JobConfig") -> None:
 class ModelConfig:
     name: str = "tiny"
     """Preset name (tiny, mini, small, base, large); informational, the sizes below rule."""
+    family: str = rule("bert", choices=_families)
+    """Architecture, through its Hugging Face classes: bert | roberta | albert | deberta_v2 (DeBERTa-v3 shape) |
+    modernbert | electra; the sizes below apply to any of them."""
+    embedding_size: Optional[int] = rule(None, ge=1)
+    """albert, electra: factorised embedding width (null = 128 for albert, hidden_size for electra)."""
     hidden_size: int = rule(128, ge=1)
     """Width of every transformer layer."""
     num_hidden_layers: int = rule(2, ge=1)
@@ -131,6 +142,13 @@ class ModelConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError("model.num_attention_heads",
                               f"{self.num_attention_heads} does not divide hidden_size {self.hidden_size}")
+        if self.embedding_size is not None and self.family not in ("albert", "electra"):
+            raise ConfigError("model.embedding_size", f"only albert and electra factorise embeddings, not {self.family}")
+        if job.task.nsp and self.family != "bert":
+            why = {"roberta": "RoBERTa dropped next-sentence prediction",
+                   "albert": "ALBERT replaced it by sentence-order prediction"}.get(self.family, f"{self.family} has no"
+                                                                                         " next-sentence head")
+            raise ConfigError("task.nsp", f"next-sentence prediction is BERT's; {why} (model.family={self.family})")
 
 
 @dataclass

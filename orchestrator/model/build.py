@@ -1,62 +1,52 @@
-"""Model stage: Hugging Face BERT classes with SDPA attention; the MLM decoder runs only on masked positions."""
+"""Model stage: a family's Hugging Face classes (families.py); the MLM decoder runs only on masked positions."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
 
 
+def special_ids(tokenizer) -> dict[str, int]:
+    """The token ids a family's config records (padding; [CLS]/<s> and [SEP]/</s> for RoBERTa and ModernBERT)."""
+    return {k: getattr(tokenizer, k) for k in ("pad_token_id", "cls_token_id", "sep_token_id")
+            if getattr(tokenizer, k, None) is not None}
+
+
 def bert_config(model_cfg, vocab_size: int, pad_token_id: int = 0):
-    from transformers import BertConfig
+    """The transformers config of the job's model (any family; the name is kept for BERT, the first of them)."""
+    from orchestrator.model.families import hf_config
 
-    return BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=model_cfg.hidden_size,
-        num_hidden_layers=model_cfg.num_hidden_layers,
-        num_attention_heads=model_cfg.num_attention_heads,
-        intermediate_size=model_cfg.intermediate_size,
-        max_position_embeddings=model_cfg.max_position_embeddings,
-        type_vocab_size=model_cfg.type_vocab_size,
-        hidden_dropout_prob=model_cfg.hidden_dropout_prob,
-        attention_probs_dropout_prob=model_cfg.attention_probs_dropout_prob,
-        hidden_act=model_cfg.hidden_act,
-        layer_norm_eps=model_cfg.layer_norm_eps,
-        initializer_range=model_cfg.initializer_range,
-        pad_token_id=pad_token_id,
-    )
+    return hf_config(model_cfg, vocab_size, {"pad_token_id": pad_token_id})
 
 
-class BertPretrainingModel(nn.Module):
-    """`transformers.BertForPreTraining` driven so that only masked positions reach the vocabulary decoder.
+class PretrainingModel(nn.Module):
+    """A family's Hugging Face pretraining class driven so that only masked positions reach the vocabulary decoder.
 
     Packed rows carry several samples: `position_ids` restart per sample, `attention_mask` is a
     block-diagonal boolean mask [B, 1, T, T], and NSP reads each sample's own [CLS] (`cls_positions`).
-    The wrapped HF model is what gets exported (`save_pretrained`), so the export loads with
-    `BertForPreTraining` / `BertForMaskedLM` / `BertModel.from_pretrained`.
+    The wrapped HF model is what gets exported (`save_pretrained`): BERT as `BertForPreTraining` (its NSP head
+    included), every other family as its `...ForMaskedLM`, so the export loads with `AutoModelForMaskedLM`.
     """
 
     def __init__(self, config, nsp: bool):
         super().__init__()
-        from transformers import BertForPreTraining
+        from orchestrator.model.families import family_of_config, set_attention
 
-        config._attn_implementation = "sdpa"
-        self.hf = BertForPreTraining(config)
+        self.family = family_of_config(config)
+        set_attention(config, self.family)
+        self.hf = self.family.hf_class("ForPreTraining" if self.family.next_sentence else "ForMaskedLM")(config)
         self.nsp = nsp
 
     def forward(self, input_ids, token_type_ids, position_ids, attention_mask, mlm_labels, cls_index=None, nsp_labels=None):
-        bert = self.hf.bert
-        out = bert(
-            input_ids=input_ids,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            return_dict=True,
-        )
-        hidden = out.last_hidden_state  # [B, T, H]
+        from orchestrator.model.families import backbone, encode, mlm_head
+
+        hidden = encode(self.family, backbone(self.hf), input_ids, attention_mask, token_type_ids, position_ids)
         flat_labels = mlm_labels.reshape(-1)
         masked = (flat_labels != -100).nonzero(as_tuple=True)[0]
         masked_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, masked)
-        logits = self.hf.cls.predictions(masked_hidden)  # [M, V]: the sparse MLM head
+        logits = mlm_head(self.family, self.hf)(masked_hidden)  # [M, V]: the sparse MLM head
         targets = flat_labels.index_select(0, masked)
         logits = logits.float()  # the loss in fp32 under bf16; argmax on this copy too (bf16 argmax is ~2x slower on CPU)
         mlm_loss = nn.functional.cross_entropy(logits, targets)
@@ -70,6 +60,7 @@ class BertPretrainingModel(nn.Module):
         }
         if self.nsp and nsp_labels is not None:
             # cls_index: flat indices (b * T + position) of every packed sample's [CLS]
+            bert = self.hf.bert
             cls_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, cls_index)
             pooled = bert.pooler.activation(bert.pooler.dense(cls_hidden))
             nsp_logits = self.hf.cls.seq_relationship(pooled)
@@ -82,26 +73,35 @@ class BertPretrainingModel(nn.Module):
         return result
 
 
-def build_pretraining_model(model_cfg, vocab_size: int, pad_token_id: int, nsp: bool, seed: int) -> BertPretrainingModel:
+BertPretrainingModel = PretrainingModel  # the name of the BERT-only days
+
+
+def build_pretraining_model(model_cfg, vocab_size: int, pad_token_id: int, nsp: bool, seed: int,
+                            special: Optional[dict[str, int]] = None) -> PretrainingModel:
+    from orchestrator.model.families import hf_config
+
     torch.manual_seed(seed)  # identical initial weights on every rank and every run
-    model = BertPretrainingModel(bert_config(model_cfg, vocab_size, pad_token_id), nsp=nsp)
-    return model
+    ids = {"pad_token_id": pad_token_id, **(special or {})}
+    return PretrainingModel(hf_config(model_cfg, vocab_size, ids), nsp=nsp)
 
 
 def load_encoder_weights(hf_model, init_from: str, keep_heads: bool) -> None:
     """Copy the encoder (and, for pretraining, the MLM/NSP heads) from init_from into hf_model.
 
-    Refuses a checkpoint whose vocabulary or shape differs from the job's model.
+    Refuses a checkpoint of another family, or whose vocabulary or shape differs from the job's model.
     """
-    from transformers import BertModel
+    from transformers import AutoConfig
 
     from orchestrator.errors import ConfigError
-
+    from orchestrator.model.families import backbone, family_of_config
     from orchestrator.plan.inputs import resolve_init_dir
 
     src = resolve_init_dir(init_from)
-    loaded_cfg = type(hf_model.config).from_pretrained(str(src), local_files_only=True)
+    loaded_cfg = AutoConfig.from_pretrained(str(src), local_files_only=True)
     mine = hf_model.config
+    fam, theirs = family_of_config(mine), family_of_config(loaded_cfg)
+    if fam != theirs:
+        raise ConfigError("model.family", f"'{src}' holds a {theirs.name} model but the job's model.family is {fam.name}")
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
         if getattr(loaded_cfg, key) != getattr(mine, key):
             raise ConfigError(
@@ -109,21 +109,18 @@ def load_encoder_weights(hf_model, init_from: str, keep_heads: bool) -> None:
                 f"'{src}' has {key}={getattr(loaded_cfg, key)} but the job's model has {getattr(mine, key)}",
             )
     if keep_heads:
-        from transformers import BertForPreTraining
-
-        loaded = BertForPreTraining.from_pretrained(str(src), local_files_only=True)
+        loaded = type(hf_model).from_pretrained(str(src), local_files_only=True)
         hf_model.load_state_dict(loaded.state_dict(), strict=False)
     else:
-        encoder, info = BertModel.from_pretrained(str(src), local_files_only=True, add_pooling_layer=True,
-                                                  output_loading_info=True)
+        encoder, info = fam.hf_class("Model").from_pretrained(str(src), local_files_only=True, output_loading_info=True)
         # transformers fills weights absent from the files with random ones and only warns: refuse instead
-        absent = [k for k in info.get("missing_keys", []) if not k.startswith("pooler.")]
+        absent = [k for k in info.get("missing_keys", []) if not k.startswith("pooler")]
         if absent:
             raise ConfigError("train.init_from", f"'{src}' lacks {len(absent)} encoder weights, e.g. {sorted(absent)[:3]}")
         state = encoder.state_dict()
-        target = getattr(hf_model, "bert", hf_model)  # a head model's encoder, or a bare BertModel (embed)
+        target = backbone(hf_model)  # a head model's encoder, or a bare encoder (embed)
         if getattr(target, "pooler", None) is None:  # token classification / QA heads have no pooler
-            state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
+            state = {k: v for k, v in state.items() if not k.startswith("pooler")}
         missing, unexpected = target.load_state_dict(state, strict=False)
         if unexpected:
             raise ConfigError("train.init_from", f"'{src}' has weights the encoder does not: {unexpected[:3]}")

@@ -29,6 +29,9 @@ EXCLUDED = {
     "data": ("cache_dir", "num_proc", "loader_workers", "eval_max_samples"),  # where and how fast, not what
 }
 
+# keys added after runs existed, left out at these values: an older run's name and checkpoint still match its job
+ADDED_AT_DEFAULT = {"model.family": "bert", "model.embedding_size": None}
+
 
 def job_identity(config: Mapping[str, Any]) -> dict[str, Any]:
     """{dotted key: value} of the result-affecting keys of a job config (a plan's `config` dict), JSON-normal."""
@@ -36,8 +39,11 @@ def job_identity(config: Mapping[str, Any]) -> dict[str, Any]:
     for group, keys in RESULT_KEYS.items():
         values = config.get(group) or {}
         for key in sorted(values):
+            dotted = f"{group}.{key}"
+            if dotted in ADDED_AT_DEFAULT and values[key] == ADDED_AT_DEFAULT[dotted]:
+                continue
             if (keys is None and key not in EXCLUDED.get(group, ())) or (keys is not None and key in keys):
-                out[f"{group}.{key}"] = values[key]
+                out[dotted] = values[key]
     return json.loads(json.dumps(out))
 
 

@@ -61,6 +61,21 @@ def resolve_init_dir(init_from: str) -> Path:
     return src
 
 
+def _check_init_family(src: Path, family: str) -> None:
+    import json
+
+    from orchestrator.model.families import BY_MODEL_TYPE
+
+    try:
+        model_type = json.loads((src / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError) as exc:
+        raise DataError(str(src / "config.json"), f"cannot read: {type(exc).__name__}")
+    fam = BY_MODEL_TYPE.get(model_type)
+    if fam is None or fam.name != family:
+        raise ConfigError("model.family", f"is {family} but train.init_from '{src}' holds a"
+                                          f" {fam.name if fam else repr(model_type)} model")
+
+
 def check_inputs(job) -> None:
     """The optional packages the job needs, then init_from and the fine-tuning files: present and readable (their
     contents are checked when prepared)."""
@@ -69,7 +84,9 @@ def check_inputs(job) -> None:
     check_extras(job)
     resolve_hub_ids(job)
     if job.train.init_from:
-        resolve_init_dir(job.train.init_from)
+        src = resolve_init_dir(job.train.init_from)
+        if job.task.name == "pretrain":  # fine-tuning takes the checkpoint's family and shape (driver)
+            _check_init_family(src, job.model.family)
     t = job.task
     if t.name in FINETUNE_TASKS and t.synthetic is None:
         for key in ("train_file", "eval_file"):

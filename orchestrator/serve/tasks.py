@@ -83,7 +83,11 @@ def run_task(run_dir: Path, export: Path, override: Optional[str] = None) -> str
         plan = read_json(run_dir / "plan.json") if (run_dir / "plan.json").is_file() else {}
         recorded = summary.get("task") or (((plan.get("config") or {}).get("task") or {}).get("name"))
         task = recorded if recorded in TASKS else infer_task(export)
-    arch = (read_json(export / "config.json").get("architectures") or [""])[0]
+    cfg = read_json(export / "config.json")
+    if cfg.get("model_type", "bert") != "bert":
+        raise DataError(str(export / "config.json"), f"is a {cfg['model_type']} model: the ONNX export covers the bert"
+                                                     " family (the others export as Hugging Face dirs only)")
+    arch = (cfg.get("architectures") or [""])[0]
     if task != "embed" and arch != HEADS[task][0]:
         raise DataError(str(export / "config.json"), f"task {task} needs a {HEADS[task][0]}, the export is a {arch!r}")
     if task == "embed" and not (export / "modules.json").is_file():

@@ -17,15 +17,21 @@ DEFAULT_MAIN_METRIC = {"classify": "eval_accuracy", "ner": "eval_f1", "qa": "eva
 
 
 class FinetuneModel(nn.Module):
-    """An HF BERT head model (sequence / token classification, QA) whose forward returns loss and stats."""
+    """An HF head model of the job's family (sequence / token classification, QA) whose forward returns loss and
+    stats."""
 
     def __init__(self, hf, task: str):
         super().__init__()
+        from orchestrator.model.families import family_of_config
+
         self.hf = hf
         self.task = task
+        self.token_types = family_of_config(hf.config).token_types
 
     def forward(self, input_ids, token_type_ids, attention_mask, labels=None, start_positions=None, end_positions=None):
-        kw: dict[str, Any] = dict(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask)
+        kw: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask)
+        if self.token_types:  # RoBERTa, DeBERTa-v3 and ModernBERT have no segment embeddings
+            kw["token_type_ids"] = token_type_ids
         if self.task == "qa":
             out = self.hf(**kw, start_positions=start_positions, end_positions=end_positions, return_dict=True)
             res = {"start_logits": out.start_logits, "end_logits": out.end_logits}
@@ -46,19 +52,29 @@ class FinetuneModel(nn.Module):
 
 def build_head_model(task: str, model_cfg, vocab_size: int, labels: Optional[list], pad_id: int, seed: int,
                      config_dir: Optional[str]):
-    from transformers import BertConfig, BertForQuestionAnswering, BertForSequenceClassification, BertForTokenClassification
-
-    from orchestrator.model.build import bert_config
+    from orchestrator.model.families import family_of_config, set_attention
 
     torch.manual_seed(seed)
-    config = BertConfig.from_pretrained(config_dir, local_files_only=True) if config_dir else bert_config(model_cfg, vocab_size, pad_id)
-    config._attn_implementation = "sdpa"
+    config = encoder_config(model_cfg, vocab_size, pad_id, config_dir)
+    fam = family_of_config(config)
+    set_attention(config, fam)
     if labels is not None:
         config.num_labels = len(labels)
         config.id2label = {i: str(l) for i, l in enumerate(labels)}
         config.label2id = {str(l): i for i, l in enumerate(labels)}
-    cls = {"classify": BertForSequenceClassification, "ner": BertForTokenClassification, "qa": BertForQuestionAnswering}[task]
-    return FinetuneModel(cls(config), task)
+    suffix = {"classify": "ForSequenceClassification", "ner": "ForTokenClassification", "qa": "ForQuestionAnswering"}[task]
+    return FinetuneModel(fam.hf_class(suffix)(config), task)
+
+
+def encoder_config(model_cfg, vocab_size: int, pad_id: int, config_dir: Optional[str]):
+    """The checkpoint's config (its family and shape), else the job's `model=` of `model.family`."""
+    from transformers import AutoConfig
+
+    from orchestrator.model.build import bert_config
+
+    if config_dir:
+        return AutoConfig.from_pretrained(config_dir, local_files_only=True)
+    return bert_config(model_cfg, vocab_size, pad_id)
 
 
 class _FeatureSource:

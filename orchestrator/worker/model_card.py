@@ -51,18 +51,23 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+FAMILY_NAMES = {"bert": "BERT", "roberta": "RoBERTa", "albert": "ALBERT", "deberta_v2": "DeBERTa-v3-style (deberta-v2)",
+                "modernbert": "ModernBERT", "electra": "ELECTRA"}
+
+
 def model_card(plan: dict[str, Any], summary: dict[str, Any]) -> str:
     cfg = plan["config"]
     m, task = cfg["model"], cfg["task"]["name"]
+    family = m.get("family", "bert")
     auto, pipeline_tag = _LOADERS.get(task, ("AutoModel", "feature-extraction"))
     init = cfg["train"].get("init_from")
     tokens = summary["steps"] * plan.get("tokens_per_step", 0)
     lines = [
         "---", f"library_name: {'sentence-transformers' if task in ('embed', 'rerank') else 'transformers'}",
-        f"pipeline_tag: {pipeline_tag}", "tags:", "- bert", f"- {task}",
+        f"pipeline_tag: {pipeline_tag}", "tags:", f"- {family}", f"- {task}",
         "- bert-orchestrator", "---", "",
         f"# {cfg['run_name']}", "",
-        f"A BERT encoder ({m['num_hidden_layers']} layers x {m['hidden_size']} hidden, {m['num_attention_heads']} heads,"
+        f"A {FAMILY_NAMES.get(family, family)} encoder ({m['num_hidden_layers']} layers x {m['hidden_size']} hidden, {m['num_attention_heads']} heads,"
         f" vocabulary {(plan.get('dataset') or {}).get('vocab_size', m.get('vocab_size'))}) trained by bert-orchestrator for"
         f" the `{task}` task: {summary['steps']} optimizer steps at global batch {plan['global_batch_size']}"
         f" (up to {tokens:,} tokens) on {summary['world_size']} worker(s), from "

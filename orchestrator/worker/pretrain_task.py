@@ -93,9 +93,10 @@ class PretrainTask:
         self._eval_rows = open_split(self.dataset["data_dir"], "eval", self.job, self.tokenizer)
 
     def build_model(self):
-        from orchestrator.model.build import build_pretraining_model
+        from orchestrator.model.build import build_pretraining_model, special_ids
 
-        return build_pretraining_model(self.job.model, self.dataset["vocab_size"], self.pad_id, self.nsp, self.job.train.seed)
+        return build_pretraining_model(self.job.model, self.dataset["vocab_size"], self.pad_id, self.nsp, self.job.train.seed,
+                                       special_ids(self.tokenizer))
 
     def init_weights(self, model, init_from: str) -> None:
         from orchestrator.model.build import load_encoder_weights

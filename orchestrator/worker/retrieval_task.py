@@ -38,7 +38,7 @@ def ranking_loss(q: torch.Tensor, d: torch.Tensor, scale: float, offset: int) ->
 
 
 class EmbedModel(nn.Module):
-    """A BertModel and a pooling; forward(q_*, d_*) is the ranking loss, forward(input_ids, ...) embeds."""
+    """An encoder (BertModel, RobertaModel, ...) and a pooling; forward(q_*, d_*) is the ranking loss, forward(input_ids, ...) embeds."""
 
     def __init__(self, hf, pooling: str, scale: float, gather: Optional[Callable] = None, rank: int = 0):
         super().__init__()
@@ -64,15 +64,18 @@ class EmbedModel(nn.Module):
 
 
 class RerankModel(nn.Module):
-    """A one-label BertForSequenceClassification; rows come in groups (positive first, then its negatives)."""
+    """A one-label ...ForSequenceClassification; rows come in groups (positive first, then its negatives)."""
 
     def __init__(self, hf, group: int, loss: str):
         super().__init__()
+        from orchestrator.model.families import family_of_config
+
         self.hf, self.group, self.loss_kind = hf, group, loss
+        self.token_types = family_of_config(hf.config).token_types
 
     def forward(self, input_ids, token_type_ids, attention_mask, grouped: Optional[torch.Tensor] = None):
-        scores = self.hf(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
-                         return_dict=True).logits.squeeze(-1)
+        types = {"token_type_ids": token_type_ids} if self.token_types else {}
+        scores = self.hf(input_ids=input_ids, attention_mask=attention_mask, **types, return_dict=True).logits.squeeze(-1)
         if grouped is None:
             return {"logits": scores}
         s = scores.float().view(-1, self.group)
@@ -134,20 +137,23 @@ class RetrievalTask(FinetuneTask):
         self.group = 1 + t.hard_negatives
 
     def build_model(self):
-        from transformers import BertConfig, BertForSequenceClassification, BertModel
+        import inspect
 
-        from orchestrator.model.build import bert_config
+        from orchestrator.model.families import family_of_config, set_attention
+        from orchestrator.worker.finetune_task import encoder_config
 
-        t, cfg_dir = self.job.task, self.dataset.get("model_config_dir")
+        t = self.job.task
         torch.manual_seed(self.job.train.seed)
-        config = (BertConfig.from_pretrained(cfg_dir, local_files_only=True) if cfg_dir
-                  else bert_config(self.job.model, self.dataset["vocab_size"], self.pad_id))
-        config._attn_implementation = "sdpa"
+        config = encoder_config(self.job.model, self.dataset["vocab_size"], self.pad_id, self.dataset.get("model_config_dir"))
+        fam = family_of_config(config)
+        set_attention(config, fam)
         if self.name == "rerank":
             config.num_labels = 1
-            return RerankModel(BertForSequenceClassification(config), self.group, t.rerank_loss)
+            return RerankModel(fam.hf_class("ForSequenceClassification")(config), self.group, t.rerank_loss)
         gather = self.d.all_gather_grad if (t.gather_negatives and self.d.world_size > 1) else None
-        return EmbedModel(BertModel(config, add_pooling_layer=False), t.pooling, t.similarity_scale, gather, self.d.rank)
+        cls = fam.hf_class("Model")
+        no_pooler = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(cls.__init__).parameters else {}
+        return EmbedModel(cls(config, **no_pooler), t.pooling, t.similarity_scale, gather, self.d.rank)
 
     def enable_activation_checkpointing(self, model) -> None:
         model.hf.gradient_checkpointing_enable()

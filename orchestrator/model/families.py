@@ -1,0 +1,157 @@
+"""Model families: BERT and its successors, each through its own Hugging Face classes (no encoder layer is written
+here). A family says how to build its config from a `model=` preset, how to run its encoder on our batches (packed
+rows: restarted positions and a block-diagonal mask) and how its MLM head reads only the masked positions.
+
+| family     | HF classes          | token types | positions                    | attention kernel |
+|------------|---------------------|-------------|------------------------------|------------------|
+| bert       | Bert*               | 2           | learned absolute             | SDPA             |
+| roberta    | Roberta*            | none        | learned, offset by pad id + 1| SDPA             |
+| albert     | Albert* (1 shared layer group, factorised embeddings)  | 2 | learned absolute | SDPA |
+| deberta_v2 | DebertaV2* in its v3 shape (relative c2p/p2c attention) | none | relative (buckets) | eager: transformers has no SDPA path |
+| modernbert | ModernBert* (RoPE, GeGLU, alternating local/global attention) | none | rotary | SDPA |
+| electra    | Electra* (factorised embeddings; the RTD recipe is a job of its own) | 2 | learned absolute | SDPA |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:  # planning imports this module for FAMILIES: no torch there
+    import torch
+
+FAMILIES = ("bert", "roberta", "albert", "deberta_v2", "modernbert", "electra")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    prefix: str  # transformers class-name prefix: f"{prefix}ForMaskedLM"
+    model_type: str  # config.json "model_type"
+    token_types: bool  # segment embeddings exist (sentence A/B)
+    sdpa: bool  # transformers offers the SDPA attention path
+    next_sentence: bool = False  # has a next-sentence head (BertForPreTraining)
+    position_offset: bool = False  # RoBERTa: positions start at padding_idx + 1
+
+    def hf_class(self, suffix: str):
+        import transformers
+
+        return getattr(transformers, f"{self.prefix}{suffix}")
+
+
+SPECS = {
+    "bert": Family("bert", "Bert", "bert", token_types=True, sdpa=True, next_sentence=True),
+    "roberta": Family("roberta", "Roberta", "roberta", token_types=False, sdpa=True, position_offset=True),
+    "albert": Family("albert", "Albert", "albert", token_types=True, sdpa=True),
+    "deberta_v2": Family("deberta_v2", "DebertaV2", "deberta-v2", token_types=False, sdpa=False),
+    "modernbert": Family("modernbert", "ModernBert", "modernbert", token_types=False, sdpa=True),
+    "electra": Family("electra", "Electra", "electra", token_types=True, sdpa=True),
+}
+BY_MODEL_TYPE = {f.model_type: f for f in SPECS.values()}
+
+
+def family_of(name: str) -> Family:
+    return SPECS[name]
+
+
+def family_of_config(config) -> Family:
+    """The family of a transformers config (a checkpoint's), or a one-line refusal."""
+    from orchestrator.errors import ConfigError
+
+    fam = BY_MODEL_TYPE.get(getattr(config, "model_type", None))
+    if fam is None:
+        raise ConfigError("train.init_from", f"model_type {getattr(config, 'model_type', None)!r} is not a family"
+                                             f" this tool trains ({', '.join(FAMILIES)})")
+    return fam
+
+
+def hf_config(model_cfg, vocab_size: int, special_ids: Optional[dict[str, int]] = None):
+    """The transformers config of `model_cfg` (a `model=` preset plus `model.family`)."""
+    special_ids = special_ids or {}
+    pad = special_ids.get("pad_token_id", 0)
+    fam = family_of(model_cfg.family)
+    m = model_cfg
+    common = dict(vocab_size=vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_hidden_layers,
+                  num_attention_heads=m.num_attention_heads, intermediate_size=m.intermediate_size,
+                  initializer_range=m.initializer_range, pad_token_id=pad)
+    bertlike = dict(max_position_embeddings=m.max_position_embeddings, hidden_dropout_prob=m.hidden_dropout_prob,
+                    attention_probs_dropout_prob=m.attention_probs_dropout_prob, hidden_act=m.hidden_act,
+                    layer_norm_eps=m.layer_norm_eps)
+    cls = fam.hf_class("Config")
+    if fam.name == "bert":
+        config = cls(**common, **bertlike, type_vocab_size=m.type_vocab_size)
+    elif fam.name == "roberta":
+        bertlike["max_position_embeddings"] = m.max_position_embeddings + pad + 1  # RoBERTa's 514 for 512
+        config = cls(**common, **bertlike, type_vocab_size=1, bos_token_id=special_ids.get("cls_token_id", 0),
+                     eos_token_id=special_ids.get("sep_token_id", 2))
+    elif fam.name in ("albert", "electra"):
+        config = cls(**common, **bertlike, type_vocab_size=m.type_vocab_size,
+                     embedding_size=m.embedding_size or (128 if fam.name == "albert" else m.hidden_size))
+    elif fam.name == "deberta_v2":  # DeBERTa-v3's shape (microsoft/deberta-v3-*/config.json)
+        config = cls(**common, **bertlike, type_vocab_size=0, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                     position_biased_input=False, max_relative_positions=-1, position_buckets=256,
+                     norm_rel_ebd="layer_norm", share_att_key=True)
+        config.layer_norm_eps = 1e-7
+    else:  # modernbert
+        config = cls(**common, max_position_embeddings=m.max_position_embeddings,
+                     hidden_activation="gelu", attention_dropout=m.attention_probs_dropout_prob,
+                     embedding_dropout=m.hidden_dropout_prob, mlp_dropout=m.hidden_dropout_prob,
+                     norm_eps=1e-5, cls_token_id=special_ids.get("cls_token_id", 0),
+                     sep_token_id=special_ids.get("sep_token_id", 0), bos_token_id=special_ids.get("cls_token_id", 0),
+                     eos_token_id=special_ids.get("sep_token_id", 0))
+    return config
+
+
+def set_attention(config, fam: Family) -> None:
+    config._attn_implementation = "sdpa" if fam.sdpa else "eager"
+
+
+def backbone(hf_model):
+    """The encoder inside a head model (model.bert, model.roberta, model.model, ...), or the model itself."""
+    return getattr(hf_model, hf_model.base_model_prefix, hf_model)
+
+
+def encode(fam: Family, encoder, input_ids, attention_mask, token_type_ids=None, position_ids=None) -> torch.Tensor:
+    """Last hidden states [B, T, H] of `encoder` on one of our batches.
+
+    attention_mask is [B, T] (padding) or [B, 1, T, T] boolean (packed rows: block-diagonal); position_ids restart
+    per packed sample. Families without segment embeddings get no token_type_ids.
+    """
+    kw: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if fam.token_types and token_type_ids is not None:
+        kw["token_type_ids"] = token_type_ids
+    if fam.name == "deberta_v2":
+        return _deberta_encode(encoder, input_ids, attention_mask, kw.get("token_type_ids"))
+    if position_ids is not None:
+        kw["position_ids"] = position_ids + (encoder.config.pad_token_id + 1 if fam.position_offset else 0)
+    return encoder(**kw, return_dict=True).last_hidden_state
+
+
+def _deberta_encode(encoder, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
+    """DeBERTa's embeddings take the [B, T] padding mask and its encoder a [B, T, T] one; relative positions make
+    the packed samples' restarted position ids unnecessary (i - j is the same inside any sample)."""
+    if attention_mask.dim() == 4:
+        pair = attention_mask[:, 0]
+        pad = (input_ids != encoder.config.pad_token_id).long()  # padding rows attend to themselves in `pair`
+    else:
+        pair, pad = attention_mask, attention_mask
+    emb = encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, mask=pad)
+    return encoder.encoder(emb, pair, output_hidden_states=False, return_dict=True).last_hidden_state
+
+
+def mlm_head(fam: Family, hf_model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden [M, H] -> vocabulary logits [M, V] through the family's own (tied) MLM head."""
+    n = fam.name
+    if n == "bert":
+        return hf_model.cls.predictions  # BertForPreTraining and BertForMaskedLM both
+    if n == "roberta":
+        return hf_model.lm_head
+    if n == "albert":
+        return hf_model.predictions
+    if n == "electra":
+        return lambda h: hf_model.generator_lm_head(hf_model.generator_predictions(h))
+    if n == "modernbert":
+        return lambda h: hf_model.decoder(hf_model.head(h))
+    if getattr(hf_model, "legacy", True):  # deberta_v2
+        return hf_model.cls
+    return lambda h: hf_model.lm_predictions(h, hf_model.deberta.embeddings.word_embeddings)

@@ -1,0 +1,188 @@
+"""Model families (issue 17): every family's own HF classes, driven by our batches (packed rows, sparse MLM head),
+exported so that the Auto classes reload them, fine-tuned by the same tasks, and refused where a pairing cannot work."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import compose, read_jsonl
+from orchestrator.config.schema import ModelConfig
+from orchestrator.model.families import FAMILIES, SPECS
+
+V = 64  # vocabulary of the unit tests
+SPECIAL = {"pad_token_id": 0, "cls_token_id": 2, "sep_token_id": 3}
+
+
+def _tiny(family: str) -> ModelConfig:
+    return ModelConfig(family=family, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def _model(family: str, seed: int = 0):
+    from orchestrator.model.build import build_pretraining_model
+
+    return build_pretraining_model(_tiny(family), V, 0, nsp=False, seed=seed, special=SPECIAL).eval()
+
+
+def _sample(n: int, gen: torch.Generator):
+    ids = torch.randint(5, V, (n,), generator=gen)
+    ids[0], ids[-1] = SPECIAL["cls_token_id"], SPECIAL["sep_token_id"]
+    labels = torch.full((n,), -100)
+    labels[[2, n - 3]] = ids[[2, n - 3]]
+    return ids, labels
+
+
+def _rows(samples, T: int):
+    """One row per sample list: samples packed back to back, block-diagonal mask, positions restarting."""
+    B = len(samples)
+    ids = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.full((B, T), -100)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    seq = torch.zeros((B, T), dtype=torch.long)
+    for b, row in enumerate(samples):
+        at = 0
+        for k, (s, lab) in enumerate(row):
+            n = len(s)
+            ids[b, at:at + n], labels[b, at:at + n], pos[b, at:at + n] = s, lab, torch.arange(n)
+            seq[b, at:at + n] = k + 1
+            at += n
+    same = (seq[:, :, None] == seq[:, None, :]) & (seq > 0)[:, :, None]
+    mask = (same | torch.eye(T, dtype=torch.bool)[None])[:, None]
+    return dict(input_ids=ids, token_type_ids=torch.zeros_like(ids), position_ids=pos, attention_mask=mask,
+                mlm_labels=labels)
+
+
+def _sparse_logits(model, batch) -> torch.Tensor:
+    from orchestrator.model.families import backbone, encode, mlm_head
+
+    h = encode(model.family, backbone(model.hf), batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+               batch["position_ids"])
+    flat = batch["mlm_labels"].reshape(-1)
+    return mlm_head(model.family, model.hf)(h.reshape(-1, h.shape[-1])[flat != -100])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_row_scores_each_sample_as_if_alone(family):
+    """Packing is exact in every family: two samples in one row (block-diagonal attention, positions restarting;
+    DeBERTa's relative positions, RoBERTa's offset ones, ModernBERT's rotary ones) give the MLM logits each gets in
+    a row of its own."""
+    gen = torch.Generator().manual_seed(1)
+    a, b = _sample(9, gen), _sample(12, gen)
+    model = _model(family)
+    with torch.no_grad():
+        packed = _sparse_logits(model, _rows([[a, b]], 24))
+        alone = torch.cat([_sparse_logits(model, _rows([[a]], 16)), _sparse_logits(model, _rows([[b]], 16))])
+        other = _sparse_logits(model, _rows([[b, a]], 24))
+    assert packed.shape == (4, V)
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(packed, other[[2, 3, 0, 1]] + 1e-3), "the comparison can fail"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_reloads_with_auto_class_and_gives_the_same_logits(family, tmp_path):
+    """A few optimizer steps on a fixed batch lower the loss; the exported HF dir reloads with
+    AutoModelForMaskedLM as the family's own class, whose full-sequence logits at the masked positions are the
+    training model's sparse-head logits."""
+    from transformers import AutoModelForMaskedLM
+
+    gen = torch.Generator().manual_seed(2)
+    batch = _rows([[_sample(10, gen), _sample(14, gen)], [_sample(20, gen)]], 24)
+    model = _model(family).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = model(**batch)["loss"]
+        losses.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < 0.7 * losses[0], losses
+    model.eval()
+    model.hf.save_pretrained(str(tmp_path), safe_serialization=True)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == SPECS[family].model_type
+    loaded = AutoModelForMaskedLM.from_pretrained(str(tmp_path), local_files_only=True).eval()
+    assert type(loaded).__name__ == f"{SPECS[family].prefix}ForMaskedLM"
+    gen = torch.Generator().manual_seed(3)
+    ids, labels = _sample(16, gen)
+    one = _rows([[(ids, labels)]], 16)
+    with torch.no_grad():
+        ours = _sparse_logits(model, one)
+        theirs = loaded(input_ids=ids[None], attention_mask=torch.ones(1, 16, dtype=torch.long)).logits[0][labels != -100]
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("task", ["classify", "ner", "qa"])
+def test_every_finetuning_head_of_every_family_trains(family, task):
+    """Each fine-tuning task builds the family's own head class and backpropagates a finite loss (RoBERTa,
+    DeBERTa-v3 and ModernBERT get no segment ids: they have no segment embeddings)."""
+    from orchestrator.worker.finetune_task import build_head_model
+
+    model = build_head_model(task, _tiny(family), V, [0, 1, 2] if task != "qa" else None, 0, 0, None)
+    assert type(model.hf).__name__.startswith(SPECS[family].prefix)
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(5, V, (2, 12), generator=gen)
+    types = torch.cat([torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6, dtype=torch.long)], 1)
+    kw = dict(input_ids=ids, token_type_ids=types, attention_mask=torch.ones_like(ids))
+    if task == "classify":
+        kw["labels"] = torch.tensor([0, 2])
+    elif task == "ner":
+        kw["labels"] = torch.randint(0, 3, (2, 12), generator=gen)
+    else:
+        kw["start_positions"], kw["end_positions"] = torch.tensor([3, 4]), torch.tensor([5, 4])
+    out = model(**kw)
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert sum(g is not None and bool(g.abs().sum() > 0) for g in grads) > len(grads) // 2
+
+
+# ---------------------------------------------------------------- bad input: one line naming the key
+
+
+@pytest.mark.parametrize("overrides, key, says", [
+    (["model.family=gpt2"], "model.family", "'gpt2' is not one of bert, roberta"),
+    (["model.family=roberta", "task=pretrain_nsp"], "task.nsp", "RoBERTa dropped next-sentence prediction"),
+    (["model.family=albert", "task=pretrain_nsp"], "task.nsp", "sentence-order prediction"),
+    (["model.family=bert", "model.embedding_size=64"], "model.embedding_size", "only albert and electra"),
+])
+def test_a_family_pairing_that_cannot_work_is_refused_naming_the_key(overrides, key, says):
+    from orchestrator.config.schema import check_job, to_job_config
+    from orchestrator.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        check_job(to_job_config(compose(["experiment=none", *overrides])))
+    assert err.value.key == key and says in str(err.value), str(err.value)
+
+
+def test_pretraining_from_another_familys_checkpoint_is_refused_at_plan_time(tmp_path):
+    """train.init_from of a RoBERTa export into a BERT pretraining job: refused before any data or worker, naming
+    model.family."""
+    from orchestrator.errors import ConfigError
+    from orchestrator.plan.inputs import check_inputs
+    from orchestrator.config.schema import to_job_config
+
+    _model("roberta").hf.save_pretrained(str(tmp_path / "rob"), safe_serialization=True)
+    job = to_job_config(compose(["experiment=none", f"train.init_from={tmp_path / 'rob'}"]))
+    with pytest.raises(ConfigError) as err:
+        check_inputs(job)
+    assert err.value.key == "model.family" and "holds a roberta model" in str(err.value)
+    job.model.family = "roberta"
+    check_inputs(job)  # the matching family passes
+
+
+def test_identity_of_a_bert_job_is_unchanged_by_the_family_keys():
+    """Runs made before model.family existed keep their run name and resume: the new keys at their defaults are
+    not part of the identity; another family is."""
+    from orchestrator.config.schema import to_job_config
+    from orchestrator.plan.identity import job_identity
+    from dataclasses import asdict
+
+    bert = job_identity(asdict(to_job_config(compose(["experiment=none"]))))
+    assert not any(k.startswith(("model.family", "model.embedding_size")) for k in bert)
+    rob = job_identity(asdict(to_job_config(compose(["experiment=none", "model.family=roberta"]))))
+    assert rob["model.family"] == "roberta"
