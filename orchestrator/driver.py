@@ -45,7 +45,7 @@ def _prepare_finetune(job):
         job.model.family = fam.name
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                     "max_position_embeddings", "type_vocab_size", "embedding_size"):
-            if key in src and hasattr(job.model, key):
+            if key in src and (key != "type_vocab_size" or fam.token_types):  # DeBERTa-v3 records 0 segment types
                 setattr(job.model, key, src[key])
         if fam.position_offset:  # RoBERTa counts padding_idx + 1 extra positions
             job.model.max_position_embeddings -= src.get("pad_token_id", 1) + 1
