@@ -243,3 +243,19 @@ def test_batch_arithmetic_is_refused_before_any_data_work(tmp_path, monkeypatch)
     assert not touched, "no data work before the batch arithmetic is checked"
     assert "train.global_batch_size" in str(err.value)
     assert "set train.micro_batch_size_per_gpu=8 or train.global_batch_size=1024" in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["experiment=bert_base_pretrain_phase2", "data.paths=[README.md]"], "train.init_from"),
+    (["experiment=bert_large_pretrain_phase2", "data.paths=[README.md]"], "train.init_from"),
+    (["experiment=none", "task=distill"], "task.distill_from"),
+    (["experiment=none", "data=text"], "data.paths"),
+])
+def test_a_value_the_chosen_group_requires_is_refused_when_absent(overrides, key):
+    """A phase-2 experiment without its phase-1 weights, a distillation without its teacher: refused naming the
+    key, not silently run from a random start (OmegaConf keeps an earlier default when `???` is merged over it)."""
+    from orchestrator.config.schema import to_job_config
+
+    with pytest.raises(ConfigError) as err:
+        to_job_config(compose(overrides))
+    assert err.value.key == key and "has no value" in str(err.value), str(err.value)

@@ -175,6 +175,19 @@ class TaskConfig:
     """Probability of a shorter target length when building samples (BERT's create_pretraining_data)."""
     packing: bool = True
     """Pack several short samples into one row, with position/segment resets and block-diagonal attention."""
+    distill_from: Optional[str] = None
+    """Pretraining as distillation (task=distill): the teacher, a run dir or a Hugging Face dir of a masked-LM model.
+    The student takes the teacher's family, shape and tokenizer with fewer layers, initialised from the teacher's."""
+    distill_layers: Optional[int] = rule(None, ge=1)
+    """Distillation: the student's layers (null = half the teacher's), copied from every other teacher layer."""
+    distill_temperature: float = rule(2.0, gt=0.0)
+    """Distillation: softmax temperature of the soft targets (DistilBERT: 2)."""
+    distill_alpha_kl: float = rule(5.0, ge=0.0)
+    """Distillation: weight of the KL divergence to the teacher's soft targets at the masked positions."""
+    distill_alpha_mlm: float = rule(2.0, ge=0.0)
+    """Distillation: weight of the student's own MLM loss."""
+    distill_alpha_cos: float = rule(1.0, ge=0.0)
+    """Distillation: weight of the cosine loss between student and teacher last hidden states (real tokens)."""
     # ---- fine-tuning (classify, ner, qa) ----
     train_file: Optional[str] = None
     """Fine-tuning: labelled training file (tsv/csv/jsonl/parquet or a datasets dir, CoNLL, SQuAD JSON; embed and
@@ -246,6 +259,14 @@ class TaskConfig:
                                                      f" {job.model.max_position_embeddings}")
         if self.mask_replace_prob + self.random_replace_prob > 1.0 + 1e-9:
             raise ConfigError("task.random_replace_prob", "mask_replace_prob + random_replace_prob exceeds 1")
+        if self.distill_from is not None:
+            if self.name != "pretrain":
+                raise ConfigError("task.distill_from", f"distillation is a pretraining job (task=distill), not {self.name};"
+                                                       " fine-tune the student afterwards with train.init_from")
+            if self.nsp:
+                raise ConfigError("task.nsp", "distillation trains the masked LM only (DistilBERT drops NSP)")
+            if job.train.init_from:
+                raise ConfigError("train.init_from", "a distilled student starts from its teacher (task.distill_from)")
         if self.name not in FINETUNE_TASKS:
             return
         if self.synthetic is not None and self.name not in SYNTHETIC_TASKS[self.synthetic]:
@@ -628,6 +649,14 @@ def register_resolvers() -> None:
 
     if not OmegaConf.has_resolver("orch_run_name"):
         OmegaConf.register_new_resolver("orch_run_name", default_run_name)
+    if not OmegaConf.has_resolver("orch_required"):
+        OmegaConf.register_new_resolver("orch_required", required_value)
+
+
+def required_value(key: str, what: str = "a value") -> Any:
+    """`key: ${orch_required:key,what}` in an experiment: a value the command line must give. (`???` cannot say
+    it there: OmegaConf keeps the earlier default when it merges `???` over it.)"""
+    raise ConfigError(key, f"has no value: give {what} ({key}=...)")
 
 
 _SCHEMA: Any = None
@@ -658,9 +687,17 @@ def to_job_config(cfg: Any) -> JobConfig:
         cfg = OmegaConf.create(cfg)
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
     try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:  # `???` in a group file: merged onto the schema it would silently become the field's default
+            raise ConfigError(missing[0], f"has no value: the chosen config group needs one ({missing[0]}=...)")
         merged = OmegaConf.merge(_schema(), cfg)  # merge copies the schema: the cached one stays untouched
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
+        inner: Any = e
+        while inner is not None and not isinstance(inner, ConfigError):  # raised by a resolver (orch_required)
+            inner = inner.__cause__ or inner.__context__
+        if inner is not None:
+            raise inner from None
         key = getattr(e, "full_key", None) or "?"
         msg = str(e).splitlines()[0]
         raise ConfigError(key, msg) from None

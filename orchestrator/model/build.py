@@ -30,16 +30,26 @@ class PretrainingModel(nn.Module):
     included), every other family as its `...ForMaskedLM`, so the export loads with `AutoModelForMaskedLM`.
     """
 
-    def __init__(self, config, nsp: bool):
+    def __init__(self, config, nsp: bool, src: Optional[str] = None):
         super().__init__()
         from orchestrator.model.families import family_of_config, set_attention
 
         self.family = family_of_config(config)
         set_attention(config, self.family)
-        self.hf = self.family.hf_class("ForPreTraining" if self.family.next_sentence else "ForMaskedLM")(config)
+        hf_class = self.family.hf_class("ForPreTraining" if self.family.next_sentence else "ForMaskedLM")
+        self.hf = hf_class(config) if src is None else hf_class.from_pretrained(
+            src, config=config, local_files_only=True)
         self.nsp = nsp
 
-    def forward(self, input_ids, token_type_ids, position_ids, attention_mask, mlm_labels, cls_index=None, nsp_labels=None):
+    @classmethod
+    def from_pretrained(cls, src: str) -> "PretrainingModel":
+        """A saved masked-LM dir (one of our exports, or any of the families' HF dirs) as a PretrainingModel."""
+        from transformers import AutoConfig
+
+        return cls(AutoConfig.from_pretrained(str(src), local_files_only=True), nsp=False, src=str(src))
+
+    def masked(self, input_ids, token_type_ids, position_ids, attention_mask, mlm_labels):
+        """(hidden states [B, T, H], fp32 vocabulary logits of the masked positions [M, V], their targets [M])."""
         from orchestrator.model.families import backbone, encode, mlm_head
 
         hidden = encode(self.family, backbone(self.hf), input_ids, attention_mask, token_type_ids, position_ids)
@@ -47,8 +57,11 @@ class PretrainingModel(nn.Module):
         masked = (flat_labels != -100).nonzero(as_tuple=True)[0]
         masked_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, masked)
         logits = mlm_head(self.family, self.hf)(masked_hidden)  # [M, V]: the sparse MLM head
-        targets = flat_labels.index_select(0, masked)
-        logits = logits.float()  # the loss in fp32 under bf16; argmax on this copy too (bf16 argmax is ~2x slower on CPU)
+        # the loss in fp32 under bf16; argmax on this copy too (bf16 argmax is ~2x slower on CPU)
+        return hidden, logits.float(), flat_labels.index_select(0, masked)
+
+    def forward(self, input_ids, token_type_ids, position_ids, attention_mask, mlm_labels, cls_index=None, nsp_labels=None):
+        hidden, logits, targets = self.masked(input_ids, token_type_ids, position_ids, attention_mask, mlm_labels)
         mlm_loss = nn.functional.cross_entropy(logits, targets)
         with torch.no_grad():
             mlm_correct = (logits.argmax(-1) == targets).sum()

@@ -49,16 +49,63 @@ def resolve_hub_ids(job) -> None:
         job.tokenizer.path = str(hub_snapshot(job.tokenizer.path, "tokenizer.path"))
 
 
-def resolve_init_dir(init_from: str) -> Path:
+def resolve_init_dir(init_from: str, key: str = "train.init_from") -> Path:
     """A run dir (its export/) or any Hugging Face BERT directory holding config.json and weights (a Hub id has
     been replaced by its local snapshot by then: resolve_hub_ids)."""
     p = Path(init_from).expanduser()
     src = p / "export" if (p / "export" / "config.json").is_file() else p
     if not (src / "config.json").is_file():
-        raise ConfigError("train.init_from", f"'{init_from}' holds no model (config.json) and no export/ dir")
+        raise ConfigError(key, f"'{init_from}' holds no model (config.json) and no export/ dir")
     if not any((src / w).is_file() for w in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")):
-        raise ConfigError("train.init_from", f"'{src}' has config.json but no weights (model.safetensors / pytorch_model.bin)")
+        raise ConfigError(key, f"'{src}' has config.json but no weights (model.safetensors / pytorch_model.bin)")
     return src
+
+
+def apply_distill_teacher(job) -> None:
+    """task.distill_from: the student takes the teacher's family and shape, with task.distill_layers (null = half)
+    layers, and reads the teacher's tokenizer; a tokenizer given with another vocabulary is refused."""
+    import json
+
+    from orchestrator.data.tokenizer import load_tokenizer_dir
+    from orchestrator.model.families import BY_MODEL_TYPE
+
+    t = job.task
+    src = resolve_init_dir(t.distill_from, "task.distill_from")
+    cfg = json.loads((src / "config.json").read_text())
+    fam = BY_MODEL_TYPE.get(cfg.get("model_type"))
+    if fam is None:
+        raise ConfigError("task.distill_from", f"'{src}' holds a {cfg.get('model_type')!r} model, not one of the"
+                                               " families this tool trains")
+    layers = t.distill_layers or max(1, cfg["num_hidden_layers"] // 2)
+    if layers >= cfg["num_hidden_layers"]:
+        raise ConfigError("task.distill_layers", f"{layers} is not fewer than the teacher's {cfg['num_hidden_layers']}")
+    m = job.model
+    m.family, m.name = fam.name, f"student of {src}"
+    for key in ("hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings", "embedding_size"):
+        if key in cfg and hasattr(m, key):
+            setattr(m, key, cfg[key])
+    if fam.position_offset:
+        m.max_position_embeddings -= cfg.get("pad_token_id", 1) + 1
+    if fam.name not in ("albert", "electra"):
+        m.embedding_size = None
+    m.num_hidden_layers = layers
+    teacher_tok = str(src)
+    if job.tokenizer.source == "train":
+        job.tokenizer.source, job.tokenizer.path = "dir", teacher_tok
+        load_tokenizer_dir(teacher_tok)  # the teacher's export holds its tokenizer; refused in one line if not
+        return
+    mine = load_tokenizer_dir(job.tokenizer.path).get_vocab()
+    try:
+        from orchestrator.data.tokenizer import open_tokenizer
+
+        theirs = open_tokenizer(src).get_vocab()
+    except Exception:  # a model dir without tokenizer files: its vocabulary size is what can be checked
+        theirs = None
+    if (theirs is not None and mine != theirs) or (theirs is None and len(mine) != cfg["vocab_size"]):
+        n = len(theirs) if theirs is not None else cfg["vocab_size"]
+        raise ConfigError("tokenizer.path", f"'{job.tokenizer.path}' ({len(mine)} tokens) is not the vocabulary of the"
+                                            f" teacher task.distill_from '{src}' ({n} tokens): the student learns the"
+                                            " teacher's distribution over its tokens, so it must read the same ones")
 
 
 def _check_init_family(src: Path, family: str) -> None:
@@ -83,6 +130,8 @@ def check_inputs(job) -> None:
 
     check_extras(job)
     resolve_hub_ids(job)
+    if job.task.distill_from:
+        apply_distill_teacher(job)
     if job.train.init_from:
         src = resolve_init_dir(job.train.init_from)
         if job.task.name == "pretrain":  # fine-tuning takes the checkpoint's family and shape (driver)

@@ -95,6 +95,10 @@ class PretrainTask:
     def build_model(self):
         from orchestrator.model.build import build_pretraining_model, special_ids
 
+        if self.job.task.distill_from:
+            from orchestrator.model.distill import build_distill_model
+
+            return build_distill_model(self.job, self.pad_id)
         return build_pretraining_model(self.job.model, self.dataset["vocab_size"], self.pad_id, self.nsp, self.job.train.seed,
                                        special_ids(self.tokenizer))
 
