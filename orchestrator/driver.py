@@ -38,7 +38,7 @@ def _prepare_finetune(job):
         from orchestrator.model.families import BY_MODEL_TYPE
 
         src = json.loads((Path(prepared.model_config_dir) / "config.json").read_text())
-        fam = BY_MODEL_TYPE.get(src.get("model_type"))
+        fam = BY_MODEL_TYPE.get(src.get("model_type", "bert"))  # old BERT dirs lack it
         if fam is None:
             raise ConfigError("train.init_from", f"'{prepared.model_config_dir}' holds a {src.get('model_type')!r} model,"
                                                  " not one of the families this tool trains")

@@ -29,7 +29,7 @@ def _plan(overrides, tmp_path, prepare=False):
 def test_every_config_composes_and_plans(group, option, tmp_path):
     """No config file rots: each option of each group composes, validates and plans."""
     extra = []
-    if group == "data" and option == "text" or group == "experiment" and option.startswith("bert_"):
+    if group == "data" and option == "text" or group == "experiment" and option.endswith(("_pretrain", "_phase2")):
         corpus = tmp_path / "c.txt"
         corpus.write_text("a b c.\n\nd e f.\n")
         extra.append(f"data.paths=[{corpus}]")
@@ -38,6 +38,16 @@ def test_every_config_composes_and_plans(group, option, tmp_path):
         (tmp_path / "export" / "config.json").write_text("{}")
         (tmp_path / "export" / "model.safetensors").write_bytes(b"")
         extra.append(f"train.init_from={tmp_path}")
+    if group == "task" and option == "distill":  # a teacher: a 2-layer BERT dir with its tokenizer
+        from orchestrator.config.schema import ModelConfig
+        from orchestrator.data.tokenizer import train_wordpiece
+        from orchestrator.model.build import build_pretraining_model
+
+        tok = train_wordpiece(["the cat sat on the mat ."] * 20, 64, 1, True)
+        teacher = build_pretraining_model(ModelConfig(), len(tok.get_vocab()), tok.pad_token_id, nsp=False, seed=0)
+        teacher.hf.save_pretrained(str(tmp_path / "teacher"))
+        tok.save_pretrained(str(tmp_path / "teacher"))
+        extra.append(f"task.distill_from={tmp_path / 'teacher'}")
     if group == "tokenizer" and option == "dir":
         from orchestrator.data.tokenizer import train_wordpiece
 

@@ -179,7 +179,7 @@ def _bert_dir(d: Path) -> Path:
     chars = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars)]
     BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}).save_pretrained(str(d))
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=512)
     BertForMaskedLM(cfg).save_pretrained(str(d))
     return d
@@ -198,7 +198,7 @@ def _substitute(args: tuple[str, ...], local: dict, run_dir: Path) -> list[str]:
             out.append(f"{key}=[{local['corpus']}]")
         elif k == "data.prepared_dir":
             out.append(f"{key}={local['prepared']}")
-        elif k == "train.init_from":
+        elif k in ("train.init_from", "task.distill_from"):
             out.append(f"{key}={local['bert']}")
         elif k in ("task.train_file", "task.eval_file"):
             ext = "beir" if val.endswith("/") else val.rsplit(".", 1)[-1]  # a BEIR dir

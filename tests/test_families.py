@@ -149,6 +149,7 @@ def test_every_finetuning_head_of_every_family_trains(family, task):
     (["model.family=roberta", "task=pretrain_nsp"], "task.nsp", "RoBERTa dropped next-sentence prediction"),
     (["model.family=albert", "task=pretrain_nsp"], "task.nsp", "sentence-order prediction"),
     (["model.family=bert", "model.embedding_size=64"], "model.embedding_size", "only albert and electra"),
+    (["model.family=bert", "task.sop=true"], "task.sop", "sentence-order prediction is ALBERT's head"),
 ])
 def test_a_family_pairing_that_cannot_work_is_refused_naming_the_key(overrides, key, says):
     from orchestrator.config.schema import check_job, to_job_config
@@ -249,3 +250,83 @@ def test_every_family_trains_under_ray_with_zero2_on_two_workers(ray_cluster, tm
         cfg = json.loads((run_dir / "export" / "config.json").read_text())
         assert cfg["model_type"] == SPECS[family].model_type
         assert cfg["architectures"] == [f"{SPECS[family].prefix}For{'PreTraining' if family == 'bert' else 'MaskedLM'}"]
+
+
+def test_sentence_order_pairs_are_one_documents_segments_swapped_half_the_time():
+    """ALBERT's SOP samples: both segments from one document, adjacent in it; label 1 = the later one comes first."""
+    import numpy as np
+
+    from orchestrator.data.pretraining import build_samples
+
+    rng = np.random.default_rng(0)
+    sent_lengths = rng.integers(3, 12, size=4000)
+    sent_off = np.concatenate([[0], np.cumsum(sent_lengths)])
+    doc_off = np.arange(0, 4001, 8)  # 500 documents of 8 sentences
+    samples = build_samples(sent_off, doc_off, 64, nsp=False, short_seq_prob=0.1, seed=3, sop=True)
+    doc_of = lambda tok: int(np.searchsorted(sent_off[doc_off], tok, side="right") - 1)  # noqa: E731
+    assert len(samples) > 500
+    for a0, a1, b0, b1, label in samples:
+        assert a1 > a0 and b1 > b0 and (a1 - a0) + (b1 - b0) <= 61
+        assert doc_of(a0) == doc_of(a1 - 1) == doc_of(b0) == doc_of(b1 - 1)
+        first, second = ((a0, a1), (b0, b1)) if label == 0 else ((b0, b1), (a0, a1))
+        assert first[1] <= second[0], "the in-order reading has the first segment before the second"
+    assert 0.43 < samples[:, 4].mean() < 0.57  # ~550 fair coin flips: 3 standard deviations
+
+
+@pytest.mark.slow
+def test_albert_pretrains_with_sentence_order_prediction(tmp_path):
+    """model.family=albert task.sop=true: the SOP head trains and is scored (sop_acc, eval_sop_acc), and the export
+    (AlbertForPreTraining) reloads as a masked LM."""
+    from transformers import AutoModelForMaskedLM
+
+    from orchestrator.driver import train
+
+    summary = train(compose([*SMOKE, "launcher=local", "compute=cpu1", "engine=torch", "train.global_batch_size=16",
+                             "train.micro_batch_size_per_gpu=16", "model.family=albert", "task.sop=true"]),
+                    run_dir=str(tmp_path), interactive=False)
+    recs = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r and "event" not in r]
+    assert all(0.0 <= r["sop_acc"] <= 1.0 for r in recs) and "nsp_acc" not in recs[0]
+    assert 0.0 <= summary["final_eval"]["eval_sop_acc"] <= 1.0 and summary["final_eval"]["eval_rows"] > 0
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["architectures"] == ["AlbertForPreTraining"]
+    assert type(AutoModelForMaskedLM.from_pretrained(str(tmp_path / "export"))).__name__ == "AlbertForMaskedLM"
+
+
+SENTENCES = [f"the {a} {b} sat on the {c} mat, and {a}s watched." for a in ("cat", "dog", "owl", "fox")
+             for b in ("quietly", "happily", "slowly") for c in ("red", "blue", "green")]
+
+
+def test_byte_level_bpe_is_trained_deterministically_with_robertas_special_tokens():
+    """tokenizer.kind=bpe: RoBERTa's byte-level BPE (no unknown token ever: "é" and "☃" encode), the same vocabulary
+    from the same sentences, `<s> A </s></s> B </s>` pairs; word starts carry "Ġ", so whole-word masking knows which
+    pieces continue a word."""
+    from orchestrator.data.rows import continuation_mask
+    from orchestrator.data.tokenizer import train_bpe
+
+    a, b = (train_bpe(SENTENCES, 300, 2, lowercase=True) for _ in range(2))
+    assert a.get_vocab() == b.get_vocab()
+    assert (a.cls_token, a.sep_token, a.pad_token, a.mask_token) == ("<s>", "</s>", "<pad>", "<mask>")
+    enc = a("the owl sat", "café ☃")["input_ids"]
+    assert a.unk_token_id not in enc and a.convert_ids_to_tokens(enc)[0] == "<s>"
+    assert a.decode(enc, skip_special_tokens=True).strip() == "the owl sat café ☃"
+    cont = continuation_mask(a)
+    pieces = a.convert_ids_to_tokens(a("foxes watched", add_special_tokens=False)["input_ids"])
+    starts = [not cont[a.convert_tokens_to_ids(p)] for p in pieces]
+    assert pieces[0].startswith("\u0120") and starts[0] and starts.count(True) == 2, pieces
+    assert not cont[a.convert_tokens_to_ids("<mask>")]
+
+
+@pytest.mark.slow
+def test_roberta_recipe_pretrains_with_its_own_byte_level_bpe(tmp_path):
+    """model.family=roberta tokenizer.kind=bpe, whole-word masking: the loss falls and the export's tokenizer is
+    the byte-level one (AutoTokenizer round-trips text it never saw)."""
+    from transformers import AutoTokenizer
+
+    from orchestrator.driver import train
+
+    train(compose([*SMOKE, "launcher=local", "compute=cpu1", "engine=torch", "train.global_batch_size=16",
+                   "train.micro_batch_size_per_gpu=16", "model.family=roberta", "tokenizer.kind=bpe",
+                   "task.masking=whole_word"]), run_dir=str(tmp_path), interactive=False)
+    losses = _losses(tmp_path)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.15, losses
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+    assert tok.mask_token == "<mask>" and tok.decode(tok("zebra café")["input_ids"], skip_special_tokens=True).strip() == "zebra café"

@@ -144,6 +144,9 @@ class ModelConfig:
                               f"{self.num_attention_heads} does not divide hidden_size {self.hidden_size}")
         if self.embedding_size is not None and self.family not in ("albert", "electra"):
             raise ConfigError("model.embedding_size", f"only albert and electra factorise embeddings, not {self.family}")
+        if job.task.sop and self.family != "albert":
+            raise ConfigError("task.sop", f"sentence-order prediction is ALBERT's head (model.family=albert), not"
+                                          f" {self.family}'s")
         if job.task.nsp and self.family != "bert":
             why = {"roberta": "RoBERTa dropped next-sentence prediction",
                    "albert": "ALBERT replaced it by sentence-order prediction"}.get(self.family, f"{self.family} has no"
@@ -171,6 +174,9 @@ class TaskConfig:
     """Span masking: longest span in words (SpanBERT: 10)."""
     nsp: bool = False
     """Next-sentence prediction; off = RoBERTa-style full-sentence samples."""
+    sop: bool = False
+    """Sentence-order prediction (ALBERT, model.family=albert): two consecutive segments of one document, swapped
+    half the time; the head predicts whether they are in order."""
     short_seq_prob: float = rule(0.1, ge=0.0, lt=1.0)
     """Probability of a shorter target length when building samples (BERT's create_pretraining_data)."""
     packing: bool = True
@@ -259,12 +265,18 @@ class TaskConfig:
                                                      f" {job.model.max_position_embeddings}")
         if self.mask_replace_prob + self.random_replace_prob > 1.0 + 1e-9:
             raise ConfigError("task.random_replace_prob", "mask_replace_prob + random_replace_prob exceeds 1")
+        if self.nsp and self.sop:
+            raise ConfigError("task.sop", "a sample pair is either next-sentence (task.nsp) or sentence-order (task.sop)")
+        if self.sop and job.data.source == "prepared":
+            raise ConfigError("task.sop", "prepared shards carry next-sentence pairs; sentence-order pairs are built from"
+                                          " data=text or data=synthetic")
         if self.distill_from is not None:
             if self.name != "pretrain":
                 raise ConfigError("task.distill_from", f"distillation is a pretraining job (task=distill), not {self.name};"
                                                        " fine-tune the student afterwards with train.init_from")
-            if self.nsp:
-                raise ConfigError("task.nsp", "distillation trains the masked LM only (DistilBERT drops NSP)")
+            for key in ("nsp", "sop"):
+                if getattr(self, key):
+                    raise ConfigError(f"task.{key}", "distillation trains the masked LM only (DistilBERT drops NSP)")
             if job.train.init_from:
                 raise ConfigError("train.init_from", "a distilled student starts from its teacher (task.distill_from)")
         if self.name not in FINETUNE_TASKS:
@@ -318,7 +330,9 @@ class DataConfig:
 @dataclass
 class TokenizerConfig:
     source: str = rule("train", choices=("train", "dir"))
-    """train (a WordPiece vocabulary on the training corpus, cached) | dir (load from path)."""
+    """train (a vocabulary trained on the training corpus, cached) | dir (load from path)."""
+    kind: str = rule("wordpiece", choices=("wordpiece", "bpe"))
+    """source=train: wordpiece (BERT's) | bpe (RoBERTa's byte-level BPE, <s> </s> <pad> <unk> <mask>)."""
     path: Optional[str] = None
     """For source=dir: a directory holding vocab.txt or tokenizer.json."""
     vocab_size: int = rule(4096, ge=0)

@@ -68,7 +68,7 @@ def _tokenizer_for(job, train_texts: list[str], cache_dir: Path):
     """init_from's tokenizer (it must match the encoder), else tokenizer.dir, else WordPiece on the train texts."""
     import hashlib
 
-    from orchestrator.data.tokenizer import load_tokenizer_dir, open_tokenizer, train_wordpiece
+    from orchestrator.data.tokenizer import load_tokenizer_dir, open_tokenizer, train_tokenizer
     from orchestrator.io import atomic_save_dir
     from orchestrator.plan.inputs import resolve_init_dir
 
@@ -99,7 +99,7 @@ def _tokenizer_for(job, train_texts: list[str], cache_dir: Path):
     out = cache_dir / "tokenizers" / key
     if (out / "tokenizer.json").is_file():
         return open_tokenizer(out), out, None
-    tok = train_wordpiece(train_texts, job.tokenizer.vocab_size, job.tokenizer.min_frequency, job.tokenizer.lowercase)
+    tok = train_tokenizer(train_texts, job.tokenizer)
     atomic_save_dir(lambda d: tok.save_pretrained(str(d)), out)
     return tok, out, None
 

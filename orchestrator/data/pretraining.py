@@ -113,6 +113,26 @@ def _nsp_pair(rng, c0: int, c1: int, d: int, n_docs: int, target: int, max_token
     return ((a0, a1, b0, b1, label) if a1 > a0 and b1 > b0 else None), last_used
 
 
+def _sop_pair(rng, c0: int, c1: int, max_tokens: int, sent_offsets) -> Optional[tuple[int, int, int, int, int]]:
+    """ALBERT's sentence-order pair of sentences [c0, c1) of one document: A is a random-length head of the chunk and
+    B the rest (a one-sentence chunk is cut inside the sentence); half of the time they are swapped (label 1).
+    Cut from the end of the longer segment until they fit."""
+    if c1 - c0 >= 2:
+        cut = int(sent_offsets[c0 + int(rng.integers(1, c1 - c0))])
+    else:
+        t0, t1 = int(sent_offsets[c0]), int(sent_offsets[c1])
+        if t1 - t0 < 2:
+            return None
+        cut = int(rng.integers(t0 + 1, t1))
+    a0, a1, b0, b1 = int(sent_offsets[c0]), cut, cut, int(sent_offsets[c1])
+    while (a1 - a0) + (b1 - b0) > max_tokens:
+        if (a1 - a0) >= (b1 - b0):
+            a1 -= 1
+        else:
+            b1 -= 1
+    return (b0, b1, a0, a1, 1) if rng.random() < 0.5 else (a0, a1, b0, b1, 0)
+
+
 def build_samples(
     sent_offsets: np.ndarray,
     doc_offsets: np.ndarray,
@@ -120,18 +140,20 @@ def build_samples(
     nsp: bool,
     short_seq_prob: float,
     seed: int,
+    sop: bool = False,
 ) -> np.ndarray:
     """Samples as token ranges into the flat array: (a_start, a_end, b_start, b_end, nsp_label).
 
     Without NSP a sample is consecutive sentences of one document up to max_seq_length - 2 tokens
     (RoBERTa's DOC-SENTENCES). With NSP it follows BERT's create_pretraining_data: a chunk of sentences
     split at a random point into A and B, B replaced by sentences of another document half of the time
-    (label 1 = random next). Pairs are cut from the end of the longer segment until they fit.
+    (label 1 = random next). Pairs are cut from the end of the longer segment until they fit. With SOP (ALBERT) the
+    chunk's two segments stay in one document and are swapped half the time (label 1 = swapped).
     """
     rng = np.random.default_rng([seed, 17])
     n_docs = len(doc_offsets) - 1
     out: list[tuple[int, int, int, int, int]] = []
-    max_tokens = max_seq_length - (3 if nsp else 2)
+    max_tokens = max_seq_length - (3 if nsp or sop else 2)
     for d in range(n_docs):
         s_begin, s_end = int(doc_offsets[d]), int(doc_offsets[d + 1])
         target = _target_length(rng, max_tokens, short_seq_prob)
@@ -139,7 +161,11 @@ def build_samples(
         while s < s_end:  # sentences accumulate into a chunk until it reaches its target or the document ends
             length += int(sent_offsets[s + 1] - sent_offsets[s])
             if length >= target or s == s_end - 1:
-                if not nsp:
+                if sop:
+                    pair = _sop_pair(rng, chunk_start, s + 1, max_tokens, sent_offsets)
+                    if pair is not None:
+                        out.append(pair)
+                elif not nsp:
                     out.extend(_doc_sentence_samples(int(sent_offsets[chunk_start]), int(sent_offsets[s + 1]), max_tokens))
                 else:
                     pair, s = _nsp_pair(rng, chunk_start, s + 1, d, n_docs, target, max_tokens, sent_offsets, doc_offsets)
@@ -211,6 +237,7 @@ def prepare_pretraining_data(job) -> PreparedData:
             "eval_fraction": job.data.eval_fraction,
             "seq": t.max_seq_length,
             "nsp": t.nsp,
+            **({"sop": True} if t.sop else {}),  # absent when off: the cache keys of existing datasets stay
             "short": t.short_seq_prob,
             "packing": t.packing,
             "seed": job.train.seed,
@@ -226,7 +253,8 @@ def prepare_pretraining_data(job) -> PreparedData:
             tokenizer = loaded if loaded is not None else open_tokenizer(tok_dir)
             for split, want_eval in (("train", False), ("eval", True)):
                 toks, sent_off, doc_off = _tokenize_split(tokenizer, _split_docs(corpus, job.data.eval_fraction, want_eval))
-                samples = build_samples(sent_off, doc_off, t.max_seq_length, t.nsp, t.short_seq_prob, job.train.seed)
+                samples = build_samples(sent_off, doc_off, t.max_seq_length, t.nsp, t.short_seq_prob, job.train.seed,
+                                        sop=t.sop)
                 row_off, row_samples = pack_rows(sample_lengths(samples), t.max_seq_length, t.packing)
                 d = tmp / split
                 d.mkdir()
@@ -286,7 +314,7 @@ def open_split(data_dir: str, split: str, job, tokenizer) -> PretrainingRows:
                            job.train.seed, t.nsp, special_ids)
     return PretrainingRows(
         Path(data_dir) / split, spec, len(tokenizer.get_vocab()), continuation_mask(tokenizer), job.train.seed,
-        t.nsp, special_ids,
+        t.nsp or t.sop, special_ids,
     )
 
 

@@ -201,9 +201,15 @@ class PretrainingRows:
 
 
 def continuation_mask(tokenizer) -> np.ndarray:
+    """Per vocabulary id: the piece continues a word (whole-word and span masking keep words whole). WordPiece marks
+    continuations ("##ing"); byte-level BPE marks word starts instead ("Ġword"): there a piece without the mark
+    continues the word before it (punctuation too), special tokens excepted."""
     vocab = tokenizer.get_vocab()
     mask = np.zeros(len(vocab), dtype=bool)
+    byte_level = any(tok.startswith("\u0120") for tok in vocab)  # "Ġ", the byte-level space
+    special = set(getattr(tokenizer, "all_special_tokens", []))
     for tok, idx in vocab.items():
-        if tok.startswith("##") and idx < len(mask):
-            mask[idx] = True
+        if idx >= len(mask):
+            continue
+        mask[idx] = (not tok.startswith("\u0120") and tok not in special) if byte_level else tok.startswith("##")
     return mask

@@ -1,4 +1,5 @@
-"""Data stage: WordPiece vocabularies — trained on the corpus with `tokenizers` (cached) or loaded from a directory."""
+"""Data stage: vocabularies — WordPiece or byte-level BPE trained on the corpus with `tokenizers` (cached), or loaded
+from a directory."""
 
 from __future__ import annotations
 
@@ -47,6 +48,36 @@ def train_wordpiece(sentences: Sentences, vocab_size: int, min_frequency: int, l
     )
     tok.train_from_iterator(_batched(read()), trainer=trainer)
     return _hf_tokenizer_from_vocab(tok.get_vocab(), lowercase)
+
+
+BPE_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's, in RoBERTa's order
+
+
+def train_bpe(sentences: Sentences, vocab_size: int, min_frequency: int, lowercase: bool):
+    """Train a byte-level BPE vocabulary (RoBERTa's, GPT-2's: every byte is a token, so nothing is ever unknown)
+    and return a transformers fast tokenizer with RoBERTa's special tokens and `<s> A </s></s> B </s>` pairs."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    read = _rereadable(sentences)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    if lowercase:
+        tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)  # every word starts with "Ġ"
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                  special_tokens=BPE_SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_batched(read()), trainer=trainer)
+    tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")),
+                                                      add_prefix_space=True)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", cls_token="<s>",
+                                   sep_token="</s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
+
+
+def train_tokenizer(sentences: Sentences, tok_cfg):
+    """tokenizer.kind: wordpiece (BERT's) | bpe (RoBERTa's byte-level BPE)."""
+    train = train_bpe if getattr(tok_cfg, "kind", "wordpiece") == "bpe" else train_wordpiece
+    return train(sentences, tok_cfg.vocab_size, tok_cfg.min_frequency, tok_cfg.lowercase)
 
 
 def _rereadable(sentences: Sentences) -> Callable[[], Iterable[str]]:
@@ -141,8 +172,9 @@ def _read_vocab_txt(path: Path) -> dict[str, int]:
     return vocab
 
 
-def tokenizer_cache_key(corpus_fingerprint: str, vocab_size: int, min_frequency: int, lowercase: bool) -> str:
-    raw = f"wordpiece|{corpus_fingerprint}|{vocab_size}|{min_frequency}|{lowercase}"
+def tokenizer_cache_key(corpus_fingerprint: str, vocab_size: int, min_frequency: int, lowercase: bool,
+                        kind: str = "wordpiece") -> str:
+    raw = f"{kind}|{corpus_fingerprint}|{vocab_size}|{min_frequency}|{lowercase}"
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
@@ -163,12 +195,13 @@ def get_tokenizer(tok_cfg, corpus, cache_dir: Path) -> tuple[Optional[object], P
     if tok_cfg.source == "dir":
         tok = load_tokenizer_dir(tok_cfg.path)
         return tok, Path(os.path.expanduser(tok_cfg.path)).resolve()
-    key = tokenizer_cache_key(corpus.fingerprint(), tok_cfg.vocab_size, tok_cfg.min_frequency, tok_cfg.lowercase)
+    key = tokenizer_cache_key(corpus.fingerprint(), tok_cfg.vocab_size, tok_cfg.min_frequency, tok_cfg.lowercase,
+                              tok_cfg.kind)
     out = cache_dir / "tokenizers" / key
     if (out / "tokenizer.json").is_file():
         return None, out
     # the vocabulary trains on all documents, held-out ones included (as BERT's did)
     sentences = lambda: (s for doc in corpus.documents() for s in doc)  # noqa: E731 (read twice)
-    tok = train_wordpiece(sentences, tok_cfg.vocab_size, tok_cfg.min_frequency, tok_cfg.lowercase)
+    tok = train_tokenizer(sentences, tok_cfg)
     atomic_save_dir(lambda d: tok.save_pretrained(str(d)), out)
     return tok, out

@@ -36,7 +36,10 @@ class PretrainingModel(nn.Module):
 
         self.family = family_of_config(config)
         set_attention(config, self.family)
-        hf_class = self.family.hf_class("ForPreTraining" if self.family.next_sentence else "ForMaskedLM")
+        # BERT's pretraining class holds its NSP head, ALBERT's its sentence-order head (loaded when SOP is on)
+        pretraining = self.family.next_sentence or (nsp and self.family.name == "albert")
+        self.pair = "sop" if self.family.name == "albert" else "nsp"  # the sentence-pair objective's name
+        hf_class = self.family.hf_class("ForPreTraining" if pretraining else "ForMaskedLM")
         self.hf = hf_class(config) if src is None else hf_class.from_pretrained(
             src, config=config, local_files_only=True)
         self.nsp = nsp
@@ -71,18 +74,21 @@ class PretrainingModel(nn.Module):
             "mlm_correct": mlm_correct,
             "mlm_count": torch.tensor(len(targets), device=hidden.device),
         }
-        if self.nsp and nsp_labels is not None:
+        if self.nsp and nsp_labels is not None:  # NSP (BERT) or SOP (ALBERT): one label per packed sample
             # cls_index: flat indices (b * T + position) of every packed sample's [CLS]
-            bert = self.hf.bert
             cls_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, cls_index)
-            pooled = bert.pooler.activation(bert.pooler.dense(cls_hidden))
-            nsp_logits = self.hf.cls.seq_relationship(pooled)
-            nsp_loss = nn.functional.cross_entropy(nsp_logits.float(), nsp_labels)
-            result["loss"] = mlm_loss + nsp_loss
-            result["nsp_loss"] = nsp_loss.detach()
+            if self.pair == "sop":
+                albert = self.hf.albert
+                pair_logits = self.hf.sop_classifier(albert.pooler_activation(albert.pooler(cls_hidden)))
+            else:
+                bert = self.hf.bert
+                pair_logits = self.hf.cls.seq_relationship(bert.pooler.activation(bert.pooler.dense(cls_hidden)))
+            pair_loss = nn.functional.cross_entropy(pair_logits.float(), nsp_labels)
+            result["loss"] = mlm_loss + pair_loss
+            result[f"{self.pair}_loss"] = pair_loss.detach()
             with torch.no_grad():
-                result["nsp_correct"] = (nsp_logits.argmax(-1) == nsp_labels).sum()
-            result["nsp_count"] = torch.tensor(len(nsp_labels), device=hidden.device)
+                result[f"{self.pair}_correct"] = (pair_logits.argmax(-1) == nsp_labels).sum()
+            result[f"{self.pair}_count"] = torch.tensor(len(nsp_labels), device=hidden.device)
         return result
 
 

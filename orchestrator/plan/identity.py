@@ -30,7 +30,10 @@ EXCLUDED = {
 }
 
 # keys added after runs existed, left out at these values: an older run's name and checkpoint still match its job
-ADDED_AT_DEFAULT = {"model.family": "bert", "model.embedding_size": None}
+ADDED_AT_DEFAULT = {"model.family": "bert", "model.embedding_size": None, "task.sop": False,
+                    "task.distill_from": None, "task.distill_layers": None, "task.distill_temperature": 2.0,
+                    "task.distill_alpha_kl": 5.0, "task.distill_alpha_mlm": 2.0, "task.distill_alpha_cos": 1.0,
+                    "tokenizer.kind": "wordpiece"}
 
 
 def job_identity(config: Mapping[str, Any]) -> dict[str, Any]:

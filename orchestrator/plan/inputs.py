@@ -72,7 +72,7 @@ def apply_distill_teacher(job) -> None:
     t = job.task
     src = resolve_init_dir(t.distill_from, "task.distill_from")
     cfg = json.loads((src / "config.json").read_text())
-    fam = BY_MODEL_TYPE.get(cfg.get("model_type"))
+    fam = BY_MODEL_TYPE.get(cfg.get("model_type", "bert"))
     if fam is None:
         raise ConfigError("task.distill_from", f"'{src}' holds a {cfg.get('model_type')!r} model, not one of the"
                                                " families this tool trains")
@@ -114,7 +114,7 @@ def _check_init_family(src: Path, family: str) -> None:
     from orchestrator.model.families import BY_MODEL_TYPE
 
     try:
-        model_type = json.loads((src / "config.json").read_text()).get("model_type")
+        model_type = json.loads((src / "config.json").read_text()).get("model_type", "bert")  # old BERT dirs lack it
     except (OSError, ValueError) as exc:
         raise DataError(str(src / "config.json"), f"cannot read: {type(exc).__name__}")
     fam = BY_MODEL_TYPE.get(model_type)

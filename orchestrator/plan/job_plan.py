@@ -147,7 +147,8 @@ class JobPlan:
 
 def _task_line(t: dict[str, Any], dataset: Optional[dict[str, Any]]) -> str:
     if t["name"] == "pretrain":
-        return f"task               pretrain (masking={t['masking']}, nsp={t['nsp']}, packing={t['packing']})"
+        pair = ", sop=True" if t.get("sop") else ""
+        return f"task               pretrain (masking={t['masking']}, nsp={t['nsp']}{pair}, packing={t['packing']})"
     src = f"synthetic {t['synthetic']}" if t["synthetic"] else f"{t['train_file']} -> {t['eval_file']}"
     labels = f", {len(dataset['labels'])} labels" if dataset and dataset.get("labels") else ""
     return f"task               {t['name']} ({src}{labels})"
@@ -318,7 +319,7 @@ def _estimates(cfg: JobConfig, batch: BatchPlan, vocab_size: int, tokens: int) -
     ).to_dict()
     fpt = flops_per_token(
         m.hidden_size, m.num_hidden_layers, m.intermediate_size, t.max_seq_length, vocab_size,
-        masked_fraction=t.mlm_probability, sparse_mlm=True, training=True, with_nsp=t.nsp,
+        masked_fraction=t.mlm_probability, sparse_mlm=True, training=True, with_nsp=t.nsp or t.sop,
     )
     cost = estimate_time_cost(
         tokens, fpt, cfg.compute.gpu_type, batch.world_size, mfu=cfg.compute.mfu,

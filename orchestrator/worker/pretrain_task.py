@@ -87,8 +87,9 @@ class PretrainTask:
         self.dataset = plan.dataset
         self.tokenizer = open_tokenizer(self.dataset["tokenizer_dir"])
         self.pad_id = self.tokenizer.pad_token_id
-        self.nsp = self.job.task.nsp
-        self.stat_keys = ("mlm_correct", "mlm_count") + (("nsp_correct", "nsp_count") if self.nsp else ())
+        self.nsp = self.job.task.nsp or self.job.task.sop  # sample pairs with a label each (rows, collate, model)
+        self.pair = "sop" if self.job.task.sop else "nsp"
+        self.stat_keys = ("mlm_correct", "mlm_count") + ((f"{self.pair}_correct", f"{self.pair}_count") if self.nsp else ())
         self._train = _RowSource(open_split(self.dataset["data_dir"], "train", self.job, self.tokenizer), self.pad_id, self.nsp)
         self._eval_rows = open_split(self.dataset["data_dir"], "eval", self.job, self.tokenizer)
 
@@ -116,7 +117,7 @@ class PretrainTask:
     def train_record(self, s: dict[str, float]) -> dict[str, float]:
         rec = {"mlm_acc": s["mlm_correct"] / max(s["mlm_count"], 1)}
         if self.nsp:
-            rec["nsp_acc"] = s["nsp_correct"] / max(s["nsp_count"], 1)
+            rec[f"{self.pair}_acc"] = s[f"{self.pair}_correct"] / max(s[f"{self.pair}_count"], 1)
         return rec
 
     def evaluate(self, engine) -> dict[str, Any]:
@@ -138,8 +139,8 @@ class PretrainTask:
                     float(out["mlm_loss"]) * cnt,
                     float(out["mlm_correct"]),
                     cnt,
-                    float(out.get("nsp_correct", 0)),
-                    float(out.get("nsp_count", 0)),
+                    float(out.get(f"{self.pair}_correct", 0)),
+                    float(out.get(f"{self.pair}_count", 0)),
                     float(((labels != -100) & (labels == mft_id)).sum()),
                     len(idx) * weight,
                 ]
@@ -153,7 +154,7 @@ class PretrainTask:
             "eval_rows": int(s[6]),
         }
         if self.nsp:
-            res["eval_nsp_acc"] = s[3] / max(s[4], 1)
+            res[f"eval_{self.pair}_acc"] = s[3] / max(s[4], 1)
         return res
 
     def model_inputs(self, batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
