@@ -6,8 +6,10 @@
 Every family gets the same `model=mini` shape (4 layers x 256), the same WordPiece vocabulary (trained once on the
 corpus; the cache makes it one), the same batches (same seed, same global batch, same steps: the same tokens
 seen), optimizer and schedule. Held-out MLM accuracy and training tokens/s come from each pretraining run; each run
-is then fine-tuned the same way on an SST-2 training subset and scored on the SST-2 dev file. All runs are
-ordinary CLI jobs (launcher=local, one process, one after another). Prints a table and writes one JSON.
+is then fine-tuned the same way on an SST-2 training subset and scored on the SST-2 dev file. --rtd-families adds
+rows trained with replaced-token detection (the generator's MLM accuracy, and the discriminator's token accuracy
+next to calling every token original). All runs are ordinary CLI jobs (launcher=local, one process, one after
+another). Prints a table and writes one JSON.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.finetune_real import cli  # noqa: E402
-from orchestrator.serve.measure import cpu_info, emit_bench_result  # noqa: E402
+from orchestrator.serve.measure import emit_bench_result  # noqa: E402
 
 
 def _params(run_dir: Path) -> int:
@@ -44,6 +46,8 @@ def _numel(shape) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--families", nargs="+", default=["bert", "roberta", "albert", "deberta_v2", "modernbert"])
+    ap.add_argument("--rtd-families", nargs="*", default=[],
+                    help="families also run with task.objective=rtd (ELECTRA / DeBERTa-v3 replaced-token detection)")
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--steps", type=int, default=300, help="pretraining steps (x 32 rows x 128 tokens)")
     ap.add_argument("--sst2-train", type=int, default=8000, help="SST-2 training rows used for fine-tuning")
@@ -65,9 +69,11 @@ def main() -> None:
               "model=mini", "train.seed=0"]
     rows = []
     t0 = time.perf_counter()
-    for family in args.families:
-        pre_dir, ft_dir = work / f"{family}_pretrain", work / f"{family}_sst2"
-        pre = cli([*common, "experiment=none", f"model.family={family}", "data=text",
+    jobs = [(f, "mlm") for f in args.families] + [(f, "rtd") for f in args.rtd_families]
+    for family, objective in jobs:
+        name = family if objective == "mlm" else f"{family}_rtd"
+        pre_dir, ft_dir = work / f"{name}_pretrain", work / f"{name}_sst2"
+        pre = cli([*common, "experiment=none", f"model.family={family}", f"task.objective={objective}", "data=text",
                    f"data.paths=[{data / 'wikitext-2' / 'valid.txt'}]", "tokenizer.vocab_size=8000",
                    "task.max_seq_length=128", f"train.max_steps={args.steps}", "train.global_batch_size=32",
                    "train.micro_batch_size_per_gpu=32", "optim.lr=1e-3", "schedule.warmup_steps=30",
@@ -81,22 +87,29 @@ def main() -> None:
                   "train.log_every_steps=50"], ft_dir)
         ev = pre["final_eval"]
         rows.append({
-            "family": family, "params": _params(pre_dir), "pretrain_steps": pre["steps"],
+            "family": family, "objective": objective, "params": _params(pre_dir), "pretrain_steps": pre["steps"],
             "tokens_seen_max": pre["steps"] * json.loads((pre_dir / "plan.json").read_text())["tokens_per_step"], "eval_mlm_acc": ev["eval_mlm_acc"],
             "eval_mlm_loss": ev["eval_mlm_loss"], "baseline_most_frequent_acc": ev["eval_baseline_most_frequent_acc"],
+            "eval_rtd_acc": ev.get("eval_rtd_acc"), "eval_rtd_baseline_all_original_acc":
+                ev.get("eval_rtd_baseline_all_original_acc"),
             "train_tokens_per_s": pre.get("tokens_per_s"), "pretrain_wall_s": pre["command_wall_time_s"],
             "sst2_dev_accuracy": ft["final_eval"]["eval_accuracy"],
             "sst2_majority_baseline": ft["final_eval"]["eval_majority_baseline"], "sst2_steps": ft["steps"],
             "finetune_wall_s": ft["command_wall_time_s"],
         })
         print(json.dumps(rows[-1]), flush=True)
-    table = ["| family | params | held-out MLM acc | tokens/s | SST-2 dev acc |", "|---|---|---|---|---|"]
-    table += [f"| {r['family']} | {r['params'] / 1e6:.2f}M | {r['eval_mlm_acc']:.3f} | {r['train_tokens_per_s']:,.0f} |"
-              f" {r['sst2_dev_accuracy']:.3f} |" for r in rows]
+    table = ["| family | objective | params | held-out MLM acc | RTD acc (all-original) | tokens/s | SST-2 dev acc |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rtd = (f"{r['eval_rtd_acc']:.3f} ({r['eval_rtd_baseline_all_original_acc']:.3f})" if r["objective"] == "rtd"
+               else "")
+        mlm = f"{r['eval_mlm_acc']:.3f}" + (" (generator)" if r["objective"] == "rtd" else "")
+        table.append(f"| {r['family']} | {r['objective']} | {r['params'] / 1e6:.2f}M | {mlm} | {rtd} |"
+                     f" {r['train_tokens_per_s']:,.0f} | {r['sst2_dev_accuracy']:.3f} |")
     print("\n".join(table))
     result = {"bench": "families", "command": " ".join(["bench/families.py", *sys.argv[1:]]),
               "args": {k: v for k, v in vars(args).items() if k != "out"}, "rows": rows, "table": table,
-              "bench_wall_s": time.perf_counter() - t0, "hardware": cpu_info()}
+              "bench_wall_s": time.perf_counter() - t0}
     emit_bench_result(result, Path(args.out), indent=2)
 
 

@@ -181,6 +181,13 @@ class TaskConfig:
     """Probability of a shorter target length when building samples (BERT's create_pretraining_data)."""
     packing: bool = True
     """Pack several short samples into one row, with position/segment resets and block-diagonal attention."""
+    objective: str = rule("mlm", choices=("mlm", "rtd"))
+    """Pretraining objective: mlm | rtd (replaced-token detection, ELECTRA / DeBERTa-v3: a small generator fills the
+    masks, the model says which tokens were replaced)."""
+    rtd_generator_layers: Optional[int] = rule(None, ge=1)
+    """RTD: the generator's layers (null = half the model's, as DeBERTa-v3); same family and width."""
+    rtd_weight: float = rule(50.0, gt=0.0)
+    """RTD: weight of the discriminator's loss against the generator's MLM loss (ELECTRA: 50)."""
     distill_from: Optional[str] = None
     """Pretraining as distillation (task=distill): the teacher, a run dir or a Hugging Face dir of a masked-LM model.
     The student takes the teacher's family, shape and tokenizer with fewer layers, initialised from the teacher's."""
@@ -265,6 +272,14 @@ class TaskConfig:
                                                      f" {job.model.max_position_embeddings}")
         if self.mask_replace_prob + self.random_replace_prob > 1.0 + 1e-9:
             raise ConfigError("task.random_replace_prob", "mask_replace_prob + random_replace_prob exceeds 1")
+        if self.objective == "rtd":
+            for key in ("nsp", "sop", "distill_from"):
+                if getattr(self, key):
+                    raise ConfigError(f"task.{key}", "replaced-token detection (task.objective=rtd) has no sentence-pair"
+                                                     " head and is not a distillation")
+            if self.rtd_generator_layers is not None and self.rtd_generator_layers >= job.model.num_hidden_layers:
+                raise ConfigError("task.rtd_generator_layers", f"{self.rtd_generator_layers} is not smaller than the"
+                                                               f" model's {job.model.num_hidden_layers} layers")
         if self.nsp and self.sop:
             raise ConfigError("task.sop", "a sample pair is either next-sentence (task.nsp) or sentence-order (task.sop)")
         if self.sop and job.data.source == "prepared":

@@ -155,3 +155,11 @@ def mlm_head(fam: Family, hf_model) -> Callable[[torch.Tensor], torch.Tensor]:
     if getattr(hf_model, "legacy", True):  # deberta_v2
         return hf_model.cls
     return lambda h: hf_model.lm_predictions(h, hf_model.deberta.embeddings.word_embeddings)
+
+
+def no_pooler(fam: Family) -> dict:
+    """Constructor kwargs of the family's bare encoder without its pooler (BERT, RoBERTa, ALBERT have one)."""
+    import inspect
+
+    params = inspect.signature(fam.hf_class("Model").__init__).parameters
+    return {"add_pooling_layer": False} if "add_pooling_layer" in params else {}

@@ -33,7 +33,8 @@ EXCLUDED = {
 ADDED_AT_DEFAULT = {"model.family": "bert", "model.embedding_size": None, "task.sop": False,
                     "task.distill_from": None, "task.distill_layers": None, "task.distill_temperature": 2.0,
                     "task.distill_alpha_kl": 5.0, "task.distill_alpha_mlm": 2.0, "task.distill_alpha_cos": 1.0,
-                    "tokenizer.kind": "wordpiece"}
+                    "tokenizer.kind": "wordpiece", "task.objective": "mlm", "task.rtd_generator_layers": None,
+                    "task.rtd_weight": 50.0}
 
 
 def job_identity(config: Mapping[str, Any]) -> dict[str, Any]:

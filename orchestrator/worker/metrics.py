@@ -13,7 +13,7 @@ from typing import Any, Optional
 from orchestrator.io import write_text_atomic
 
 # The tasks' training accuracies, as their train_record()s name them (progress lines and reports show them)
-TRAIN_ACCURACIES = ("mlm_acc", "nsp_acc", "sop_acc", "train_acc")
+TRAIN_ACCURACIES = ("mlm_acc", "nsp_acc", "sop_acc", "rtd_acc", "train_acc")
 
 
 def truncate_jsonl(path: Path, max_step: int) -> None:

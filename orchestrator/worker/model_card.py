@@ -60,6 +60,8 @@ def model_card(plan: dict[str, Any], summary: dict[str, Any]) -> str:
     m, task = cfg["model"], cfg["task"]["name"]
     family = m.get("family", "bert")
     auto, pipeline_tag = _LOADERS.get(task, ("AutoModel", "feature-extraction"))
+    if task == "pretrain" and cfg["task"].get("objective") == "rtd":  # the exported discriminator
+        auto, pipeline_tag = ("AutoModelForPreTraining" if family == "electra" else "AutoModel"), "feature-extraction"
     init = cfg["train"].get("init_from")
     tokens = summary["steps"] * plan.get("tokens_per_step", 0)
     lines = [

@@ -89,7 +89,9 @@ class PretrainTask:
         self.pad_id = self.tokenizer.pad_token_id
         self.nsp = self.job.task.nsp or self.job.task.sop  # sample pairs with a label each (rows, collate, model)
         self.pair = "sop" if self.job.task.sop else "nsp"
-        self.stat_keys = ("mlm_correct", "mlm_count") + ((f"{self.pair}_correct", f"{self.pair}_count") if self.nsp else ())
+        self.rtd = self.job.task.objective == "rtd"
+        self.stat_keys = (("mlm_correct", "mlm_count") + ((f"{self.pair}_correct", f"{self.pair}_count") if self.nsp else ())
+                          + (("rtd_correct", "rtd_count") if self.rtd else ()))
         self._train = _RowSource(open_split(self.dataset["data_dir"], "train", self.job, self.tokenizer), self.pad_id, self.nsp)
         self._eval_rows = open_split(self.dataset["data_dir"], "eval", self.job, self.tokenizer)
 
@@ -100,6 +102,11 @@ class PretrainTask:
             from orchestrator.model.distill import build_distill_model
 
             return build_distill_model(self.job, self.pad_id)
+        if self.rtd:
+            from orchestrator.model.rtd import build_rtd_model
+
+            special = {"pad_token_id": self.pad_id, **special_ids(self.tokenizer)}
+            return build_rtd_model(self.job.model, self.dataset["vocab_size"], special, self.job.task, self.job.train.seed)
         return build_pretraining_model(self.job.model, self.dataset["vocab_size"], self.pad_id, self.nsp, self.job.train.seed,
                                        special_ids(self.tokenizer))
 
@@ -118,17 +125,21 @@ class PretrainTask:
         rec = {"mlm_acc": s["mlm_correct"] / max(s["mlm_count"], 1)}
         if self.nsp:
             rec[f"{self.pair}_acc"] = s[f"{self.pair}_correct"] / max(s[f"{self.pair}_count"], 1)
+        if self.rtd:
+            rec["rtd_acc"] = s["rtd_correct"] / max(s["rtd_count"], 1)
         return rec
 
     def evaluate(self, engine) -> dict[str, Any]:
-        """Held-out MLM (and NSP) with fixed masks; every rank runs the same number of forwards (ZeRO-3 gathers)."""
+        """Held-out MLM (and NSP / SOP; RTD: the generator's MLM, the discriminator's token accuracy next to that of
+        calling every token original) with fixed masks; every rank runs the same number of forwards (ZeRO-3
+        gathers)."""
         d, rows = self.d, self._eval_rows
         n = min(len(rows), self.job.data.eval_max_samples)
         if n == 0:  # no document fell into the held-out split (tiny or repetitive corpus): nothing to score
             return {"eval_rows": 0}
         micro = self.plan.micro_batch_size_per_gpu
         mft_id = self.dataset["most_frequent_token_id"]
-        sums = np.zeros(7)  # loss*count, correct, count, nsp_correct, nsp_count, mft hits, rows
+        sums = np.zeros(10)  # loss*count, correct, count, pair correct, pair count, mft hits, rows, rtd correct/count/replaced
         for idx, weight in d.eval_rounds(n, micro):
             batch = collate([rows.row(i, EVAL_EPOCH) for i in idx], self.pad_id, self.nsp)
             out = engine.forward(**self.model_inputs(batch, engine.device))
@@ -143,6 +154,9 @@ class PretrainTask:
                     float(out.get(f"{self.pair}_count", 0)),
                     float(((labels != -100) & (labels == mft_id)).sum()),
                     len(idx) * weight,
+                    float(out.get("rtd_correct", 0)),
+                    float(out.get("rtd_count", 0)),
+                    float(out.get("rtd_replaced", 0)),
                 ]
             )
         s = d.sum(sums.tolist())
@@ -155,6 +169,9 @@ class PretrainTask:
         }
         if self.nsp:
             res[f"eval_{self.pair}_acc"] = s[3] / max(s[4], 1)
+        if self.rtd:
+            res["eval_rtd_acc"] = s[7] / max(s[8], 1)
+            res["eval_rtd_baseline_all_original_acc"] = 1.0 - s[9] / max(s[8], 1)
         return res
 
     def model_inputs(self, batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:

@@ -137,9 +137,7 @@ class RetrievalTask(FinetuneTask):
         self.group = 1 + t.hard_negatives
 
     def build_model(self):
-        import inspect
-
-        from orchestrator.model.families import family_of_config, set_attention
+        from orchestrator.model.families import family_of_config, no_pooler, set_attention
         from orchestrator.worker.finetune_task import encoder_config
 
         t = self.job.task
@@ -151,9 +149,7 @@ class RetrievalTask(FinetuneTask):
             config.num_labels = 1
             return RerankModel(fam.hf_class("ForSequenceClassification")(config), self.group, t.rerank_loss)
         gather = self.d.all_gather_grad if (t.gather_negatives and self.d.world_size > 1) else None
-        cls = fam.hf_class("Model")
-        no_pooler = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(cls.__init__).parameters else {}
-        return EmbedModel(cls(config, **no_pooler), t.pooling, t.similarity_scale, gather, self.d.rank)
+        return EmbedModel(fam.hf_class("Model")(config, **no_pooler(fam)), t.pooling, t.similarity_scale, gather, self.d.rank)
 
     def enable_activation_checkpointing(self, model) -> None:
         model.hf.gradient_checkpointing_enable()
