@@ -102,6 +102,7 @@ def test_plan_gives_the_student_half_the_teachers_layers_and_its_tokenizer(teach
 @pytest.mark.parametrize("overrides, key, says", [
     (["task.distill_layers=4"], "task.distill_layers", "not fewer than the teacher's 4"),
     (["task.nsp=true"], "task.nsp", "distillation trains the masked LM only"),
+    (["task.distill_from={classifier}"], "task.distill_from", "without a masked-LM head"),
     (["tokenizer=dir", "tokenizer.path={other}"], "tokenizer.path", "is not the vocabulary of the teacher"),
 ])
 def test_a_distillation_that_cannot_work_is_refused_naming_the_key(teacher_dir, tmp_path, overrides, key, says):
@@ -112,8 +113,13 @@ def test_a_distillation_that_cannot_work_is_refused_naming_the_key(teacher_dir, 
     other = tmp_path / "other_tok"
     other.mkdir()
     (other / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad"]) + "\n")
-    job = to_job_config(compose(["experiment=none", "task=distill", *[o.format(other=other) for o in overrides],
-                                 f"task.distill_from={teacher_dir}"]))
+    from transformers import BertConfig, BertForSequenceClassification
+
+    classifier = tmp_path / "classifier"
+    BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=64)).save_pretrained(str(classifier))
+    job = to_job_config(compose(["experiment=none", "task=distill", f"task.distill_from={teacher_dir}",
+                                 *[o.format(other=other, classifier=classifier) for o in overrides]]))
     with pytest.raises(ConfigError) as err:
         check_job(job)
         check_inputs(job)

@@ -234,16 +234,19 @@ def test_each_family_pretrains_on_the_local_launcher_then_finetunes_from_it(fami
 
 @pytest.mark.slow
 def test_every_family_trains_under_ray_with_zero2_on_two_workers(ray_cluster, tmp_path):
-    """launcher=ray, DeepSpeed ZeRO-2 on 2 workers, one job per family (one Ray Train worker group runs them in
-    turn: the assertion is about each family under ZeRO, not the launcher): each completes with the loss falling
-    and exports its family's masked-LM class."""
-    jobs = [(compose([*SMOKE, "launcher=ray", "compute=cpu2", "engine=zero2", "train.global_batch_size=16",
-                      "train.micro_batch_size_per_gpu=4", f"model.family={f}"]), tmp_path / f) for f in FAMILIES]
+    """launcher=ray, DeepSpeed ZeRO-2 on 2 workers, one job per family, plus ZeRO-3 for ALBERT (one layer's weights
+    gathered at every depth) and DeBERTa (its own encode path); one Ray Train worker group runs them in turn (the
+    assertion is about each family under ZeRO, not the launcher). Each completes with the loss falling and exports
+    its family's masked-LM class."""
+    runs = [(f, 2) for f in FAMILIES] + [("albert", 3), ("deberta_v2", 3)]  # ZeRO-3: shared layers, own encode path
+    jobs = [(compose([*SMOKE, "launcher=ray", "compute=cpu2", f"engine=zero{stage}", "train.global_batch_size=16",
+                      "train.micro_batch_size_per_gpu=4", f"model.family={f}"]), tmp_path / f"{f}_zero{stage}")
+            for f, stage in runs]
     summaries = train_in_one_worker_group(jobs)
-    for family, summary in zip(FAMILIES, summaries):
-        run_dir = tmp_path / family
+    for (family, stage), summary in zip(runs, summaries):
+        run_dir = tmp_path / f"{family}_zero{stage}"
         plan = json.loads((run_dir / "plan.json").read_text())
-        assert plan["deepspeed_config"]["zero_optimization"]["stage"] == 2
+        assert plan["deepspeed_config"]["zero_optimization"]["stage"] == stage
         assert summary["status"] == "completed" and summary["world_size"] == 2 and summary["steps"] == 16
         losses = _losses(run_dir)
         assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.15, (family, losses)

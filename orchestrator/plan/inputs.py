@@ -76,6 +76,10 @@ def apply_distill_teacher(job) -> None:
     if fam is None:
         raise ConfigError("task.distill_from", f"'{src}' holds a {cfg.get('model_type')!r} model, not one of the"
                                                " families this tool trains")
+    arch = (cfg.get("architectures") or [""])[0]
+    if arch and not (arch.endswith("ForMaskedLM") or arch in ("BertForPreTraining", "AlbertForPreTraining")):
+        raise ConfigError("task.distill_from", f"'{src}' is a {arch}, without a masked-LM head to give soft targets"
+                                               " (a pretraining run's export, or a ...ForMaskedLM dir)")
     layers = t.distill_layers or max(1, cfg["num_hidden_layers"] // 2)
     if layers >= cfg["num_hidden_layers"]:
         raise ConfigError("task.distill_layers", f"{layers} is not fewer than the teacher's {cfg['num_hidden_layers']}")
