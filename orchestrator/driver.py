@@ -35,22 +35,10 @@ def _prepare_finetune(job):
 
     prepared = prepare_finetune_data(job, job.run_dir)
     if prepared.model_config_dir:  # the encoder's shape is the checkpoint's, whatever model= says
-        from orchestrator.model.families import BY_MODEL_TYPE
+        from orchestrator.model.families import shape_from_config
 
         src = json.loads((Path(prepared.model_config_dir) / "config.json").read_text())
-        fam = BY_MODEL_TYPE.get(src.get("model_type", "bert"))  # old BERT dirs lack it
-        if fam is None:
-            raise ConfigError("train.init_from", f"'{prepared.model_config_dir}' holds a {src.get('model_type')!r} model,"
-                                                 " not one of the families this tool trains")
-        job.model.family = fam.name
-        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                    "max_position_embeddings", "type_vocab_size", "embedding_size"):
-            if key in src and (key != "type_vocab_size" or fam.token_types):  # DeBERTa-v3 records 0 segment types
-                setattr(job.model, key, src[key])
-        if fam.position_offset:  # RoBERTa counts padding_idx + 1 extra positions
-            job.model.max_position_embeddings -= src.get("pad_token_id", 1) + 1
-        if fam.name not in ("albert", "electra"):
-            job.model.embedding_size = None
+        shape_from_config(job.model, src, prepared.model_config_dir, "train.init_from")
         job.model.name = f"from {prepared.model_config_dir}"
     return DatasetStats.of(prepared), None
 

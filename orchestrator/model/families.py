@@ -65,6 +65,27 @@ def family_of_config(config) -> Family:
     return fam
 
 
+def shape_from_config(model_cfg, cfg: dict, where: str, key: str) -> Family:
+    """Set a job's `model` (family and sizes) from a checkpoint's config.json dict; the family, or a one-line
+    refusal naming `key` when config.json's model_type is none of ours (old BERT dirs have no model_type)."""
+    from orchestrator.errors import ConfigError
+
+    fam = BY_MODEL_TYPE.get(cfg.get("model_type", "bert"))
+    if fam is None:
+        raise ConfigError(key, f"'{where}' holds a {cfg.get('model_type')!r} model, not one of the families this tool"
+                               " trains")
+    model_cfg.family = fam.name
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings", "type_vocab_size", "embedding_size"):
+        if name in cfg and (name != "type_vocab_size" or fam.token_types):  # DeBERTa-v3 records 0 segment types
+            setattr(model_cfg, name, cfg[name])
+    if fam.position_offset:  # RoBERTa counts padding_idx + 1 extra positions
+        model_cfg.max_position_embeddings -= cfg.get("pad_token_id", 1) + 1
+    if fam.name not in ("albert", "electra"):
+        model_cfg.embedding_size = None
+    return fam
+
+
 def hf_config(model_cfg, vocab_size: int, special_ids: Optional[dict[str, int]] = None):
     """The transformers config of `model_cfg` (a `model=` preset plus `model.family`)."""
     special_ids = special_ids or {}

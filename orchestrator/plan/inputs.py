@@ -67,15 +67,11 @@ def apply_distill_teacher(job) -> None:
     import json
 
     from orchestrator.data.tokenizer import load_tokenizer_dir
-    from orchestrator.model.families import BY_MODEL_TYPE
+    from orchestrator.model.families import shape_from_config
 
     t = job.task
     src = resolve_init_dir(t.distill_from, "task.distill_from")
     cfg = json.loads((src / "config.json").read_text())
-    fam = BY_MODEL_TYPE.get(cfg.get("model_type", "bert"))
-    if fam is None:
-        raise ConfigError("task.distill_from", f"'{src}' holds a {cfg.get('model_type')!r} model, not one of the"
-                                               " families this tool trains")
     arch = (cfg.get("architectures") or [""])[0]
     if arch and not (arch.endswith("ForMaskedLM") or arch in ("BertForPreTraining", "AlbertForPreTraining")):
         raise ConfigError("task.distill_from", f"'{src}' is a {arch}, without a masked-LM head to give soft targets"
@@ -83,16 +79,8 @@ def apply_distill_teacher(job) -> None:
     layers = t.distill_layers or max(1, cfg["num_hidden_layers"] // 2)
     if layers >= cfg["num_hidden_layers"]:
         raise ConfigError("task.distill_layers", f"{layers} is not fewer than the teacher's {cfg['num_hidden_layers']}")
-    m = job.model
-    m.family, m.name = fam.name, f"student of {src}"
-    for key in ("hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings", "embedding_size"):
-        if key in cfg and hasattr(m, key):
-            setattr(m, key, cfg[key])
-    if fam.position_offset:
-        m.max_position_embeddings -= cfg.get("pad_token_id", 1) + 1
-    if fam.name not in ("albert", "electra"):
-        m.embedding_size = None
-    m.num_hidden_layers = layers
+    shape_from_config(job.model, cfg, str(src), "task.distill_from")
+    job.model.name, job.model.num_hidden_layers = f"student of {src}", layers
     teacher_tok = str(src)
     if job.tokenizer.source == "train":
         job.tokenizer.source, job.tokenizer.path = "dir", teacher_tok
