@@ -33,6 +33,8 @@ def test_every_config_composes_and_plans(group, option, tmp_path):
         corpus = tmp_path / "c.txt"
         corpus.write_text("a b c.\n\nd e f.\n")
         extra.append(f"data.paths=[{corpus}]")
+    if group == "data" and option == "prepared":  # a prepare job's output_dir (read when data is prepared)
+        extra.append(f"data.prepared_dir={tmp_path / 'prepared'}")
     if group == "experiment" and option.endswith("phase2"):  # a phase-1 run dir's export
         (tmp_path / "export").mkdir()
         (tmp_path / "export" / "config.json").write_text("{}")
