@@ -172,6 +172,10 @@ class TaskConfig:
     """Span masking: parameter of the geometric span-length distribution (SpanBERT: 0.2)."""
     span_max_length: int = rule(10, ge=1)
     """Span masking: longest span in words (SpanBERT: 10)."""
+    sbo: bool = False
+    """SpanBERT's span-boundary objective (needs masking=span): each masked token is also predicted from the two
+    tokens bordering its span and its position in the span; loss = MLM + SBO. A pretraining-only head: the export
+    is the family's masked LM, as SpanBERT's release."""
     nsp: bool = False
     """Next-sentence prediction; off = RoBERTa-style full-sentence samples."""
     sop: bool = False
@@ -280,6 +284,12 @@ class TaskConfig:
             if self.rtd_generator_layers is not None and self.rtd_generator_layers >= job.model.num_hidden_layers:
                 raise ConfigError("task.rtd_generator_layers", f"{self.rtd_generator_layers} is not smaller than the"
                                                                f" model's {job.model.num_hidden_layers} layers")
+        if self.sbo and self.masking != "span":
+            raise ConfigError("task.sbo", f"the span-boundary objective predicts masked spans from their borders: it needs"
+                                          f" task.masking=span, not {self.masking}")
+        if self.sbo and (self.objective == "rtd" or self.distill_from is not None):
+            raise ConfigError("task.sbo", "the span-boundary objective is a masked-LM pretraining head; replaced-token"
+                                          " detection and distillation do not train one")
         if self.nsp and self.sop:
             raise ConfigError("task.sop", "a sample pair is either next-sentence (task.nsp) or sentence-order (task.sop)")
         if self.sop and job.data.source == "prepared":

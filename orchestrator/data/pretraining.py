@@ -311,10 +311,10 @@ def open_split(data_dir: str, split: str, job, tokenizer) -> PretrainingRows:
     special_ids = np.asarray(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
     if is_prepared_dir(data_dir):
         return ShardedRows(data_dir, split, spec, len(tokenizer.get_vocab()), continuation_mask(tokenizer),
-                           job.train.seed, t.nsp, special_ids)
+                           job.train.seed, t.nsp, special_ids, t.sbo)
     return PretrainingRows(
         Path(data_dir) / split, spec, len(tokenizer.get_vocab()), continuation_mask(tokenizer), job.train.seed,
-        t.nsp or t.sop, special_ids,
+        t.nsp or t.sop, special_ids, t.sbo,
     )
 
 

@@ -54,7 +54,7 @@ class PretrainingRows:
     """Memory-mapped rows of one split; `row(i, epoch)` builds the masked model inputs of row i."""
 
     def __init__(self, split_dir: str | os.PathLike, spec: MaskingSpec, vocab_size: int, continuation: np.ndarray,
-                 seed: int, nsp: bool, special_ids: np.ndarray):
+                 seed: int, nsp: bool, special_ids: np.ndarray, sbo: bool = False):
         d = Path(split_dir)
         self.tokens = np.load(d / "tokens.npy", mmap_mode="r")
         self.samples = np.load(d / "samples.npy", mmap_mode="r")
@@ -63,6 +63,7 @@ class PretrainingRows:
         self.spec = spec
         self.seed = seed
         self.nsp = nsp
+        self.sbo = sbo  # SpanBERT's span-boundary objective: each span token's boundary positions
         self.continuation = continuation  # bool per vocab id: WordPiece "##" piece
         candidates = np.setdiff1d(np.arange(vocab_size), special_ids)
         self.random_ids = candidates.astype(np.int64)
@@ -114,7 +115,7 @@ class PretrainingRows:
             cursor += n
         input_ids = np.concatenate(ids)
         rng = np.random.default_rng([self.seed, epoch & 0x7FFFFFFF, i])
-        masked, labels = self.mask(input_ids, rng)
+        masked, labels, units = self._mask(input_ids, rng)
         out = {
             "input_ids": masked,
             "token_type_ids": np.concatenate(types),
@@ -125,17 +126,23 @@ class PretrainingRows:
         }
         if self.nsp:
             out["nsp_labels"] = np.asarray(nsp_labels, dtype=np.int64)
+        if self.sbo:
+            out["sbo_left"], out["sbo_right"] = span_boundaries(units, len(input_ids))
         return out
 
     def mask(self, input_ids: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Select ~mlm_probability of the non-special tokens by unit; 80/10/10 [MASK]/random/keep per unit."""
+        return self._mask(input_ids, rng)[:2]
+
+    def _mask(self, input_ids: np.ndarray, rng: np.random.Generator):
+        """(masked ids, labels, the selected units: arrays of consecutive positions)."""
         sp = self.spec
         special = (input_ids == sp.cls_id) | (input_ids == sp.sep_id) | (input_ids == sp.pad_id)
         cand = np.flatnonzero(~special)
         labels = np.full(len(input_ids), -100, dtype=np.int64)
         out = input_ids.copy()
         if len(cand) == 0:
-            return out, labels
+            return out, labels, []
         budget = max(1, int(round(len(cand) * sp.mlm_probability)))
         units = self._units(input_ids, cand, special, budget, rng)
         for unit in units:
@@ -145,7 +152,7 @@ class PretrainingRows:
                 out[unit] = sp.mask_id
             elif r < sp.mask_replace_prob + sp.random_replace_prob:
                 out[unit] = rng.choice(self.random_ids, size=len(unit))
-        return out, labels
+        return out, labels, units
 
     def _words(self, input_ids: np.ndarray, cand: np.ndarray) -> list[np.ndarray]:
         cont = self.continuation[input_ids[cand]]
@@ -198,6 +205,20 @@ class PretrainingRows:
             units.append(span_tokens)
             total += len(span_tokens)
         return units
+
+
+def span_boundaries(units: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per position: the positions just before and just after the masked span it belongs to (-1 outside spans).
+
+    SpanBERT's boundary tokens x_{s-1} and x_{e+1}; a span never starts at position 0 or ends at the last one, as
+    [CLS] and [SEP] are never masked.
+    """
+    left = np.full(n, -1, dtype=np.int64)
+    right = np.full(n, -1, dtype=np.int64)
+    for unit in units:
+        left[unit] = unit[0] - 1
+        right[unit] = unit[-1] + 1
+    return left, right
 
 
 def continuation_mask(tokenizer) -> np.ndarray:

@@ -125,7 +125,7 @@ class ShardedRows(PretrainingRows):
     """Rows of one split of a prepared dataset; same contract as PretrainingRows (len, row, step_order)."""
 
     def __init__(self, data_dir: str | os.PathLike, split: str, spec, vocab_size: int, continuation: np.ndarray,
-                 seed: int, nsp: bool, special_ids: np.ndarray):
+                 seed: int, nsp: bool, special_ids: np.ndarray, sbo: bool = False):
         self.data_dir = Path(data_dir)
         self.manifest = read_manifest(data_dir)
         info = self.manifest["splits"][split]
@@ -138,6 +138,7 @@ class ShardedRows(PretrainingRows):
         self.spec = spec
         self.seed = seed
         self.nsp = nsp
+        self.sbo = sbo
         self.continuation = continuation
         self.random_ids = np.setdiff1d(np.arange(vocab_size), special_ids).astype(np.int64)
         self._open: OrderedDict[int, tuple] = OrderedDict()

@@ -30,7 +30,7 @@ class PretrainingModel(nn.Module):
     included), every other family as its `...ForMaskedLM`, so the export loads with `AutoModelForMaskedLM`.
     """
 
-    def __init__(self, config, nsp: bool, src: Optional[str] = None):
+    def __init__(self, config, nsp: bool, src: Optional[str] = None, sbo_positions: int = 0):
         super().__init__()
         from orchestrator.model.families import family_of_config, set_attention
 
@@ -43,6 +43,11 @@ class PretrainingModel(nn.Module):
         self.hf = hf_class(config) if src is None else hf_class.from_pretrained(
             src, config=config, local_files_only=True)
         self.nsp = nsp
+        self.sbo = None  # SpanBERT's span-boundary head (task.sbo): pretraining only, not part of the export
+        if sbo_positions:
+            from orchestrator.model.sbo import SpanBoundaryHead
+
+            self.sbo = SpanBoundaryHead(config.hidden_size, sbo_positions, getattr(config, "layer_norm_eps", 1e-12))
 
     @classmethod
     def from_pretrained(cls, src: str) -> "PretrainingModel":
@@ -51,20 +56,35 @@ class PretrainingModel(nn.Module):
 
         return cls(AutoConfig.from_pretrained(str(src), local_files_only=True), nsp=False, src=str(src))
 
-    def masked(self, input_ids, token_type_ids, position_ids, attention_mask, mlm_labels):
-        """(hidden states [B, T, H], fp32 vocabulary logits of the masked positions [M, V], their targets [M])."""
+    def masked(self, input_ids, token_type_ids, position_ids, attention_mask, mlm_labels, sbo_left=None,
+               sbo_right=None):
+        """(hidden states [B, T, H], fp32 vocabulary logits of the masked positions [M, V], their targets [M]).
+
+        With the span-boundary head and boundaries given (flat indices b * T + position per masked token), the
+        logits are [2M, V]: the M MLM rows, then the M span-boundary rows, through one call of the vocabulary head.
+        """
         from orchestrator.model.families import backbone, encode, mlm_head
 
         hidden = encode(self.family, backbone(self.hf), input_ids, attention_mask, token_type_ids, position_ids)
         flat_labels = mlm_labels.reshape(-1)
         masked = (flat_labels != -100).nonzero(as_tuple=True)[0]
-        masked_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, masked)
-        logits = mlm_head(self.family, self.hf)(masked_hidden)  # [M, V]: the sparse MLM head
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        head_in = flat.index_select(0, masked)
+        if self.sbo is not None and sbo_left is not None:
+            left = sbo_left.reshape(-1).index_select(0, masked)
+            right = sbo_right.reshape(-1).index_select(0, masked)
+            spans = self.sbo(flat.index_select(0, left), flat.index_select(0, right), masked - left - 1)
+            head_in = torch.cat([head_in, spans])
+        logits = mlm_head(self.family, self.hf)(head_in)  # [M, V]: the sparse MLM head
         # the loss in fp32 under bf16; argmax on this copy too (bf16 argmax is ~2x slower on CPU)
         return hidden, logits.float(), flat_labels.index_select(0, masked)
 
-    def forward(self, input_ids, token_type_ids, position_ids, attention_mask, mlm_labels, cls_index=None, nsp_labels=None):
-        hidden, logits, targets = self.masked(input_ids, token_type_ids, position_ids, attention_mask, mlm_labels)
+    def forward(self, input_ids, token_type_ids, position_ids, attention_mask, mlm_labels, cls_index=None, nsp_labels=None,
+                sbo_left=None, sbo_right=None):
+        hidden, logits, targets = self.masked(input_ids, token_type_ids, position_ids, attention_mask, mlm_labels,
+                                              sbo_left, sbo_right)
+        sbo_logits = logits[len(targets):]
+        logits = logits[: len(targets)]
         mlm_loss = nn.functional.cross_entropy(logits, targets)
         with torch.no_grad():
             mlm_correct = (logits.argmax(-1) == targets).sum()
@@ -74,6 +94,13 @@ class PretrainingModel(nn.Module):
             "mlm_correct": mlm_correct,
             "mlm_count": torch.tensor(len(targets), device=hidden.device),
         }
+        if len(sbo_logits):  # SpanBERT: loss = MLM + SBO, both over the span tokens
+            sbo_loss = nn.functional.cross_entropy(sbo_logits, targets)
+            result["loss"] = result["loss"] + sbo_loss
+            result["sbo_loss"] = sbo_loss.detach()
+            with torch.no_grad():
+                result["sbo_correct"] = (sbo_logits.argmax(-1) == targets).sum()
+            result["sbo_count"] = result["mlm_count"]
         if self.nsp and nsp_labels is not None:  # NSP (BERT) or SOP (ALBERT): one label per packed sample
             # cls_index: flat indices (b * T + position) of every packed sample's [CLS]
             cls_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, cls_index)
@@ -84,7 +111,7 @@ class PretrainingModel(nn.Module):
                 bert = self.hf.bert
                 pair_logits = self.hf.cls.seq_relationship(bert.pooler.activation(bert.pooler.dense(cls_hidden)))
             pair_loss = nn.functional.cross_entropy(pair_logits.float(), nsp_labels)
-            result["loss"] = mlm_loss + pair_loss
+            result["loss"] = result["loss"] + pair_loss
             result[f"{self.pair}_loss"] = pair_loss.detach()
             with torch.no_grad():
                 result[f"{self.pair}_correct"] = (pair_logits.argmax(-1) == nsp_labels).sum()
@@ -96,12 +123,13 @@ BertPretrainingModel = PretrainingModel  # the name of the BERT-only days
 
 
 def build_pretraining_model(model_cfg, vocab_size: int, pad_token_id: int, nsp: bool, seed: int,
-                            special: Optional[dict[str, int]] = None) -> PretrainingModel:
+                            special: Optional[dict[str, int]] = None, sbo_positions: int = 0) -> PretrainingModel:
+    """sbo_positions > 0 adds SpanBERT's span-boundary head with that many in-span positions."""
     from orchestrator.model.families import hf_config
 
     torch.manual_seed(seed)  # identical initial weights on every rank and every run
     ids = {"pad_token_id": pad_token_id, **(special or {})}
-    return PretrainingModel(hf_config(model_cfg, vocab_size, ids), nsp=nsp)
+    return PretrainingModel(hf_config(model_cfg, vocab_size, ids), nsp=nsp, sbo_positions=sbo_positions)
 
 
 def load_encoder_weights(hf_model, init_from: str, keep_heads: bool) -> None:

@@ -34,7 +34,7 @@ ADDED_AT_DEFAULT = {"model.family": "bert", "model.embedding_size": None, "task.
                     "task.distill_from": None, "task.distill_layers": None, "task.distill_temperature": 2.0,
                     "task.distill_alpha_kl": 5.0, "task.distill_alpha_mlm": 2.0, "task.distill_alpha_cos": 1.0,
                     "tokenizer.kind": "wordpiece", "task.objective": "mlm", "task.rtd_generator_layers": None,
-                    "task.rtd_weight": 50.0}
+                    "task.rtd_weight": 50.0, "task.sbo": False}
 
 
 def job_identity(config: Mapping[str, Any]) -> dict[str, Any]:

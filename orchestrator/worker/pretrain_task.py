@@ -55,6 +55,13 @@ def collate(rows: list[dict[str, np.ndarray]], pad_id: int, nsp: bool) -> dict[s
     if nsp:
         batch["cls_index"] = torch.tensor(cls_index, dtype=torch.long)
         batch["nsp_labels"] = torch.tensor(nsp_labels, dtype=torch.long)
+    if "sbo_left" in rows[0]:  # span boundaries as flat indices b * T + position, as the model gathers them
+        for key in ("sbo_left", "sbo_right"):
+            flat = torch.full((B, T), -1, dtype=torch.long)
+            for b, r in enumerate(rows):
+                pos = torch.from_numpy(r[key])
+                flat[b, : len(pos)] = torch.where(pos >= 0, pos + b * T, pos)
+            batch[key] = flat
     return batch
 
 
@@ -75,7 +82,8 @@ class _RowSource:
 
 
 class PretrainTask:
-    model_keys = ("input_ids", "token_type_ids", "position_ids", "attention_mask", "mlm_labels", "cls_index", "nsp_labels")
+    model_keys = ("input_ids", "token_type_ids", "position_ids", "attention_mask", "mlm_labels", "cls_index", "nsp_labels",
+                  "sbo_left", "sbo_right")
     main_metric = None  # pretraining keeps the newest checkpoint, not a "best" one
 
     def __init__(self, plan, d: Dist):
@@ -90,8 +98,10 @@ class PretrainTask:
         self.nsp = self.job.task.nsp or self.job.task.sop  # sample pairs with a label each (rows, collate, model)
         self.pair = "sop" if self.job.task.sop else "nsp"
         self.rtd = self.job.task.objective == "rtd"
+        self.sbo = self.job.task.sbo
         self.stat_keys = (("mlm_correct", "mlm_count") + ((f"{self.pair}_correct", f"{self.pair}_count") if self.nsp else ())
-                          + (("rtd_correct", "rtd_count") if self.rtd else ()))
+                          + (("rtd_correct", "rtd_count") if self.rtd else ())
+                          + (("sbo_correct", "sbo_count") if self.sbo else ()))
         self._train = _RowSource(open_split(self.dataset["data_dir"], "train", self.job, self.tokenizer), self.pad_id, self.nsp)
         self._eval_rows = open_split(self.dataset["data_dir"], "eval", self.job, self.tokenizer)
 
@@ -108,7 +118,7 @@ class PretrainTask:
             special = {"pad_token_id": self.pad_id, **special_ids(self.tokenizer)}
             return build_rtd_model(self.job.model, self.dataset["vocab_size"], special, self.job.task, self.job.train.seed)
         return build_pretraining_model(self.job.model, self.dataset["vocab_size"], self.pad_id, self.nsp, self.job.train.seed,
-                                       special_ids(self.tokenizer))
+                                       special_ids(self.tokenizer), self.job.task.max_seq_length if self.sbo else 0)
 
     def init_weights(self, model, init_from: str) -> None:
         from orchestrator.model.build import load_encoder_weights
@@ -127,6 +137,8 @@ class PretrainTask:
             rec[f"{self.pair}_acc"] = s[f"{self.pair}_correct"] / max(s[f"{self.pair}_count"], 1)
         if self.rtd:
             rec["rtd_acc"] = s["rtd_correct"] / max(s["rtd_count"], 1)
+        if self.sbo:
+            rec["sbo_acc"] = s["sbo_correct"] / max(s["sbo_count"], 1)
         return rec
 
     def evaluate(self, engine) -> dict[str, Any]:
@@ -139,7 +151,8 @@ class PretrainTask:
             return {"eval_rows": 0}
         micro = self.plan.micro_batch_size_per_gpu
         mft_id = self.dataset["most_frequent_token_id"]
-        sums = np.zeros(10)  # loss*count, correct, count, pair correct, pair count, mft hits, rows, rtd correct/count/replaced
+        sums = np.zeros(11)  # loss*count, correct, count, pair correct, pair count, mft hits, rows, rtd correct/count/replaced,
+        # span-boundary correct (its count is the MLM count)
         for idx, weight in d.eval_rounds(n, micro):
             batch = collate([rows.row(i, EVAL_EPOCH) for i in idx], self.pad_id, self.nsp)
             out = engine.forward(**self.model_inputs(batch, engine.device))
@@ -157,6 +170,7 @@ class PretrainTask:
                     float(out.get("rtd_correct", 0)),
                     float(out.get("rtd_count", 0)),
                     float(out.get("rtd_replaced", 0)),
+                    float(out.get("sbo_correct", 0)),
                 ]
             )
         s = d.sum(sums.tolist())
@@ -172,6 +186,8 @@ class PretrainTask:
         if self.rtd:
             res["eval_rtd_acc"] = s[7] / max(s[8], 1)
             res["eval_rtd_baseline_all_original_acc"] = 1.0 - s[9] / max(s[8], 1)
+        if self.sbo:  # the same span tokens as eval_mlm_acc, predicted from their boundaries only
+            res["eval_sbo_acc"] = s[10] / max(s[2], 1)
         return res
 
     def model_inputs(self, batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
