@@ -2,7 +2,7 @@
 (task=distill), both fine-tuned the same way on SST-2 and scored on the SST-2 dev file, then both classifiers'
 inference throughput on the same dev batches.
 
-    .venv/bin/python bench/distill.py [--model mini] [--steps 300] [--data ../shared/data] [--out bench/results/distill.json]
+    .venv/bin/python bench/distill.py [--model mini] [--steps 600] [--data ../shared/data] [--out bench/results/distill.json]
 
 Targets (issue 17): the student keeps >= 95% of the teacher's SST-2 dev accuracy and runs >= 1.8x its throughput.
 A randomly initialised encoder of the student's shape, fine-tuned the same way, is the reference that says how
@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--model", default="mini")
     ap.add_argument("--family", default="bert")
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
-    ap.add_argument("--steps", type=int, default=300, help="teacher pretraining steps; the distillation takes as many")
+    ap.add_argument("--steps", type=int, default=600, help="teacher pretraining steps; the distillation takes as many")
     ap.add_argument("--sst2-train", type=int, default=8000, help="SST-2 training rows used for fine-tuning")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
@@ -85,8 +85,8 @@ def main() -> None:
     common = ["launcher=local", "compute=cpu1", f"compute.cpus_per_worker={args.threads}", "engine=torch",
               "train.seed=0"]
     pretrain = ["experiment=none", "data=text", f"data.paths=[{corpus}]", "task.max_seq_length=64",
-                f"train.max_steps={args.steps}", "train.global_batch_size=64", "train.micro_batch_size_per_gpu=64",
-                "optim.lr=2e-3", "schedule.warmup_steps=30", f"train.eval_every_steps={args.steps}",
+                f"train.max_steps={args.steps}", "train.global_batch_size=32", "train.micro_batch_size_per_gpu=32",
+                "optim.lr=1e-3", "schedule.warmup_steps=60", f"train.eval_every_steps={args.steps}",
                 f"train.checkpoint_every_steps={args.steps}", "train.log_every_steps=50"]
     finetune = ["experiment=none", "task=classify", f"task.train_file={sst_train}",
                 f"task.eval_file={data / 'sst2' / 'dev.tsv'}", "task.max_seq_length=64", "train.max_steps=null",
@@ -123,7 +123,13 @@ def main() -> None:
         "targets": {"accuracy_kept": 0.95, "throughput_ratio": 1.8},
         "bench_wall_s": time.perf_counter() - t0,
     }
-    result["meets_targets"] = result["accuracy_kept"] >= 0.95 and result["throughput_ratio"] >= 1.8
+    # a teacher that learned nothing makes "accuracy kept" meaningless (two majority-class classifiers keep 100%)
+    result["teacher_learned"] = (teacher["final_eval"]["eval_mlm_acc"]
+                                 > teacher["final_eval"]["eval_baseline_most_frequent_acc"] + 0.02
+                                 and acc["teacher"] > result["sst2_majority_baseline"] + 0.05)
+    result["teacher"]["pretrain_baseline_most_frequent_acc"] = teacher["final_eval"]["eval_baseline_most_frequent_acc"]
+    result["meets_targets"] = (result["teacher_learned"] and result["accuracy_kept"] >= 0.95
+                               and result["throughput_ratio"] >= 1.8)
     emit_bench_result(result, Path(args.out), indent=2)
 
 

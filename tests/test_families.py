@@ -237,12 +237,28 @@ def test_every_family_trains_under_ray_with_zero2_on_two_workers(ray_cluster, tm
     """launcher=ray, DeepSpeed ZeRO-2 on 2 workers, one job per family, plus ZeRO-3 for ALBERT (one layer's weights
     gathered at every depth) and DeBERTa (its own encode path); one Ray Train worker group runs them in turn (the
     assertion is about each family under ZeRO, not the launcher). Each completes with the loss falling and exports
-    its family's masked-LM class."""
+    its family's masked-LM class. A ZeRO-3 distillation in the same group holds about half its teacher per worker."""
+    from orchestrator.data.tokenizer import train_wordpiece
+    from orchestrator.model.build import build_pretraining_model
+
     runs = [(f, 2) for f in FAMILIES] + [("albert", 3), ("deberta_v2", 3)]  # ZeRO-3: shared layers, own encode path
     jobs = [(compose([*SMOKE, "launcher=ray", "compute=cpu2", f"engine=zero{stage}", "train.global_batch_size=16",
                       "train.micro_batch_size_per_gpu=4", f"model.family={f}"]), tmp_path / f"{f}_zero{stage}")
             for f, stage in runs]
+    # and a distillation at ZeRO-3, whose frozen teacher is partitioned across the two workers as well
+    tok = train_wordpiece([s for s in SENTENCES for _ in range(3)], 256, 1, True)
+    teacher = build_pretraining_model(_tiny("bert"), len(tok.get_vocab()), tok.pad_token_id, nsp=False, seed=0)
+    teacher.hf.save_pretrained(str(tmp_path / "teacher"))
+    tok.save_pretrained(str(tmp_path / "teacher"))
+    jobs.append((compose([*SMOKE, "launcher=ray", "compute=cpu2", "engine=zero3", "train.global_batch_size=16",
+                          "train.micro_batch_size_per_gpu=4", "task=distill", f"task.distill_from={tmp_path / 'teacher'}"]),
+                 tmp_path / "distill_zero3"))
     summaries = train_in_one_worker_group(jobs)
+    distill = summaries.pop()
+    assert distill["status"] == "completed" and distill["world_size"] == 2
+    sharded = [r for r in read_jsonl(tmp_path / "distill_zero3" / "metrics.jsonl") if r.get("event") == "teacher_sharded"]
+    assert sharded and sharded[0]["teacher_params_held"] <= 0.55 * sharded[0]["teacher_params"], sharded
+    assert json.loads((tmp_path / "distill_zero3" / "export" / "config.json").read_text())["num_hidden_layers"] == 1
     for (family, stage), summary in zip(runs, summaries):
         run_dir = tmp_path / f"{family}_zero{stage}"
         plan = json.loads((run_dir / "plan.json").read_text())
@@ -402,3 +418,28 @@ def test_deberta_v3_style_rtd_job_runs_and_its_discriminator_is_fine_tuned(tmp_p
                         "train.global_batch_size=16", "train.micro_batch_size_per_gpu=16", f"train.init_from={pre}"]),
                run_dir=str(tmp_path / "ft"), interactive=False)
     assert ft["status"] == "completed"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_memory_plan_counts_each_familys_own_parameters(family):
+    """The plan's memory estimate counts the model the job builds (on the meta device): equal to the real model's
+    parameters for every family, RTD's generator included; ALBERT's one shared layer makes it far smaller than BERT's
+    closed form."""
+    from orchestrator.model.build import build_pretraining_model
+    from orchestrator.model.families import counted_parameters
+    from orchestrator.model.rtd import build_rtd_model
+
+    cfg = _tiny(family)
+    cfg.num_hidden_layers = 4
+    mlm = SimpleNamespace(objective="mlm", nsp=False, sop=False, sbo=False, max_seq_length=32)
+    rtd = SimpleNamespace(objective="rtd", rtd_generator_layers=None, rtd_weight=50.0)
+    real = sum(p.numel() for p in build_pretraining_model(cfg, V, 0, nsp=False, seed=0).parameters())
+    assert counted_parameters(cfg, mlm, V)[0] == real
+    real_rtd = sum(p.numel() for p in build_rtd_model(cfg, V, SPECIAL, rtd, seed=0).parameters())
+    assert counted_parameters(cfg, rtd, V)[0] == real_rtd > real
+    if family == "albert":  # at base shape (on the meta device: nothing allocated) ALBERT-base's ~12M, not 110M
+        from orchestrator.plan.memory import parameter_count
+
+        base = ModelConfig(family="albert", embedding_size=128, hidden_size=768, num_hidden_layers=12,
+                           num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512)
+        assert counted_parameters(base, mlm, 30000)[0] < 0.15 * parameter_count(768, 12, 3072, 30000)

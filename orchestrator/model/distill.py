@@ -5,9 +5,11 @@ every other layer (DistilBERT's 12 -> 6 takes layers 0, 2, 4, 7, 9, 11: evenly s
 Its loss is  alpha_kl * T^2 * KL(teacher_T || student_T)  at the masked positions,  + alpha_mlm * MLM,
 + alpha_cos * (1 - cos(student, teacher last hidden states))  over the real tokens.
 
-The teacher is frozen (eval mode, no gradients) and kept out of the module tree: the engine, the optimizer, ZeRO and
-the checkpoints see the student only, and the export is the student's. It is replicated on every worker (ZeRO-3
-inference sharding of a large teacher is not done here).
+The teacher is frozen (eval mode, no gradients) and kept out of the module tree: the engine, the optimizer, the
+checkpoints see the student only, and the export is the student's. Under engine=zero3 the teacher is sharded too:
+its own DeepSpeed ZeRO-3 inference engine (no optimizer) partitions its weights across the workers and gathers each
+layer's for its forward, so a teacher larger than one worker's memory fits (`shard_teacher`, called by the engine;
+a `teacher_sharded` event in metrics.jsonl records the elements each worker holds). Below ZeRO-3 it is replicated.
 """
 
 from __future__ import annotations
@@ -62,6 +64,26 @@ class DistillModel(nn.Module):
         object.__setattr__(self, "teacher", teacher)  # not a submodule: no optimizer state, no checkpoint, no ZeRO
         self.pad_id, self.T = pad_id, temperature
         self.alpha = (alpha_kl, alpha_mlm, alpha_cos)
+        self.events: list[dict] = []  # what the trainer writes to metrics.jsonl when the run starts
+
+    def shard_teacher(self, ds_config: dict) -> None:
+        """ZeRO-3 inference for the teacher: the student's precision and parameter offload, no optimizer."""
+        import deepspeed
+
+        cfg = {"train_micro_batch_size_per_gpu": ds_config["train_micro_batch_size_per_gpu"],
+               "gradient_accumulation_steps": 1,
+               "bf16": ds_config.get("bf16", {"enabled": False}), "fp16": ds_config.get("fp16", {"enabled": False}),
+               "zero_optimization": {"stage": 3, **{k: v for k, v in ds_config["zero_optimization"].items()
+                                                    if k == "offload_param"}}}
+        engine, *_ = deepspeed.initialize(model=self.teacher, config=cfg)
+        teacher = engine.module.eval()
+        object.__setattr__(self, "teacher", teacher)
+        object.__setattr__(self, "_teacher_engine", engine)  # keeps the partitioning hooks alive
+        params = list(teacher.parameters())
+        self.events.append({"event": "teacher_sharded", "zero_stage": 3,
+                            "teacher_params": int(sum(getattr(p, "ds_numel", p.numel()) for p in params)),
+                            "teacher_params_held": int(sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+                                                           for p in params))})
 
     @property
     def hf(self):  # what the task exports and checkpoints against: the student's HF model
@@ -72,7 +94,7 @@ class DistillModel(nn.Module):
         inputs = (input_ids, token_type_ids, position_ids, attention_mask, mlm_labels)
         hidden, logits, targets = self.student.masked(*inputs)
         teacher = self.teacher
-        if next(teacher.parameters()).device != input_ids.device:
+        if not hasattr(self, "_teacher_engine") and next(teacher.parameters()).device != input_ids.device:
             teacher.to(input_ids.device)
         with torch.no_grad():
             t_hidden, t_logits, _ = teacher.masked(*inputs)

@@ -184,3 +184,25 @@ def no_pooler(fam: Family) -> dict:
 
     params = inspect.signature(fam.hf_class("Model").__init__).parameters
     return {"add_pooling_layer": False} if "add_pooling_layer" in params else {}
+
+
+def counted_parameters(model_cfg, task_cfg, vocab_size: int) -> tuple[int, int]:
+    """(parameters of the model a pretraining job trains, those of its largest single module as DeepSpeed's ZeRO-3
+    counts a module: its own, not its children's), exact for every family: the model is built on the meta device
+    (no memory, no init). ALBERT's shared layer and factorised embedding, RTD's generator (sharing the word
+    embeddings) and the span-boundary head are counted as they are, which a closed formula for BERT is not."""
+    import torch
+
+    from orchestrator.model.build import build_pretraining_model
+
+    with torch.device("meta"):
+        if getattr(task_cfg, "objective", "mlm") == "rtd":
+            from orchestrator.model.rtd import build_rtd_model
+
+            model = build_rtd_model(model_cfg, vocab_size, {"pad_token_id": 0}, task_cfg, seed=0)
+        else:
+            model = build_pretraining_model(model_cfg, vocab_size, 0, bool(task_cfg.nsp or task_cfg.sop), seed=0,
+                                            sbo_positions=task_cfg.max_seq_length if task_cfg.sbo else 0)
+    total = sum(p.numel() for p in model.parameters())  # tied and shared parameters once
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return total, largest

@@ -296,6 +296,11 @@ def _estimates(cfg: JobConfig, batch: BatchPlan, vocab_size: int, tokens: int) -
 
     m, e, t = cfg.model, cfg.engine, cfg.task
     precision = "bf16" if e.bf16 or (e.bf16 is None and cfg.compute.use_gpu) else "fp16" if e.fp16 else "fp32"
+    counted = None
+    if m.family != "bert" or t.objective == "rtd" or t.sbo:  # BERT's closed form does not describe these models
+        from orchestrator.model.families import counted_parameters
+
+        counted = counted_parameters(m, t, vocab_size)
     mem = estimate_memory(
         hidden_size=m.hidden_size,
         num_hidden_layers=m.num_hidden_layers,
@@ -316,6 +321,7 @@ def _estimates(cfg: JobConfig, batch: BatchPlan, vocab_size: int, tokens: int) -
         flash_attention=True,  # SDPA: no s^2 score matrices kept
         masked_fraction=t.mlm_probability,
         sparse_mlm=True,
+        counted=counted,
     ).to_dict()
     fpt = flops_per_token(
         m.hidden_size, m.num_hidden_layers, m.intermediate_size, t.max_seq_length, vocab_size,

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 from orchestrator.errors import ConfigError
 
@@ -265,11 +266,19 @@ def estimate_memory(
     flash_attention: bool = False,
     masked_fraction: float = 0.15,
     sparse_mlm: bool = False,
+    counted: Optional[tuple[int, int]] = None,
 ) -> MemoryEstimate:
-    """Per-GPU memory estimate for training a BERT encoder with DeepSpeed ZeRO ``zero_stage`` on ``world_size`` ranks."""
-    P = parameter_count(hidden_size, num_hidden_layers, intermediate_size, vocab_size,
-                        max_position_embeddings, type_vocab_size, with_pretraining_heads)
-    L = largest_layer_params(hidden_size, intermediate_size, vocab_size, with_pretraining_heads)
+    """Per-GPU memory estimate for training a BERT encoder with DeepSpeed ZeRO ``zero_stage`` on ``world_size`` ranks.
+
+    counted: (parameters, largest module's parameters) of the model when BERT's closed form does not describe it
+    (another family, an RTD generator; model/families.counted_parameters); the activations keep the BERT layer
+    formula, which the families share (ALBERT's shared layer still runs num_hidden_layers times)."""
+    if counted is not None:
+        P, L = counted
+    else:
+        P = parameter_count(hidden_size, num_hidden_layers, intermediate_size, vocab_size,
+                            max_position_embeddings, type_vocab_size, with_pretraining_heads)
+        L = largest_layer_params(hidden_size, intermediate_size, vocab_size, with_pretraining_heads)
     ms = estimate_model_states(P, L, zero_stage=zero_stage, world_size=world_size, precision=precision,
                                offload_optimizer=offload_optimizer, offload_param=offload_param,
                                optimizer=optimizer)

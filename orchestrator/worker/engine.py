@@ -244,6 +244,8 @@ class DeepSpeedEngine(Engine):
         self.device = engine.device
         self.scheduler = scheduler
         self.zero_stage = job.engine.zero_stage
+        if self.zero_stage == 3 and hasattr(self.module, "shard_teacher"):  # distillation: the frozen teacher too
+            self.module.shard_teacher(ds_config)
         self.bf16 = bool(ds_config["bf16"]["enabled"])
         self.attention = attention_kernel(job.engine.attention, self.device, self.bf16)
 

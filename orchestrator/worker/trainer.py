@@ -334,6 +334,8 @@ class Trainer:
         self.sinks = Sinks(self, self.start_step)
         for msg in self.skipped_ckpts:
             self.sinks.event({"event": "checkpoint_skipped", "step": self.start_step, "reason": msg})
+        for ev in getattr(self.model, "events", ()):  # the model's own start-up facts (a sharded teacher)
+            self.sinks.event({**ev, "step": self.start_step})
         if self.latest is not None:
             info = self.latest
             self.sinks.event({
