@@ -94,7 +94,7 @@ class PretrainingModel(nn.Module):
             "mlm_correct": mlm_correct,
             "mlm_count": torch.tensor(len(targets), device=hidden.device),
         }
-        if len(sbo_logits):  # SpanBERT: loss = MLM + SBO, both over the span tokens
+        if self.sbo is not None and sbo_left is not None:  # SpanBERT: loss = MLM + SBO, both over the span tokens
             sbo_loss = nn.functional.cross_entropy(sbo_logits, targets)
             result["loss"] = result["loss"] + sbo_loss
             result["sbo_loss"] = sbo_loss.detach()
