@@ -69,6 +69,7 @@ def main() -> None:
     args = ap.parse_args()
     data = Path(args.data)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bert-orch-distill-"))
+    work.mkdir(parents=True, exist_ok=True)
     corpus, sst_train = work / "sst2_sentences.txt", work / "sst2_train_subset.tsv"
     with open(data / "sst2" / "train.tsv", newline="") as fh, open(corpus, "w") as text, \
             open(sst_train, "w", newline="") as sub:

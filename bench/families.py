@@ -57,6 +57,7 @@ def main() -> None:
     args = ap.parse_args()
     data = Path(args.data)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bert-orch-families-"))
+    work.mkdir(parents=True, exist_ok=True)
     sst_train = work / "sst2_train_subset.tsv"
     with open(data / "sst2" / "train.tsv", newline="") as fh, open(sst_train, "w", newline="") as out:
         reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
