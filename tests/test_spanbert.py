@@ -1,4 +1,5 @@
-"""SpanBERT (issue 17): span masking's boundary positions, and the span-boundary objective's head training on them."""
+"""SpanBERT (issue 17): span masking's boundary positions, the span-boundary head training on them, and the model
+card's sentence on each pretraining objective."""
 
 from __future__ import annotations
 
@@ -105,3 +106,23 @@ def test_spanbert_job_logs_and_evaluates_the_boundary_objective(tmp_path):
     assert all(0.0 <= r["sbo_acc"] <= 1.0 for r in recs)
     ev = summary["final_eval"]
     assert ev["eval_rows"] > 0 and 0.0 < ev["eval_sbo_acc"] <= 1.0 and 0.0 < ev["eval_mlm_acc"] <= 1.0
+
+
+@pytest.mark.parametrize("task, says", [
+    ({"masking": "span", "sbo": True}, "Masked LM (15% of tokens in span units, 80/10/10) with SpanBERT's span-boundary"),
+    ({"nsp": True}, "Masked LM (15% of tokens in token units, 80/10/10) with next-sentence prediction."),
+    ({"objective": "rtd"}, "Replaced-token detection (ELECTRA / DeBERTa-v3): this is the discriminator"),
+    ({"distill_from": "runs/teacher"}, "Distilled from `runs/teacher`"),
+])
+def test_model_card_says_the_pretraining_objective(task, says):
+    from orchestrator.worker.model_card import model_card
+
+    plan = {"config": {"run_name": "r", "model": {"family": "bert", "num_hidden_layers": 2, "hidden_size": 32,
+                                                  "num_attention_heads": 2},
+                       "task": {"name": "pretrain", "mlm_probability": 0.15, "masking": "token", **task},
+                       "data": {"source": "synthetic", "synthetic_documents": 10, "synthetic_seed": 0},
+                       "train": {"init_from": None}},
+            "global_batch_size": 8, "tokens_per_step": 256}
+    card = model_card(plan, {"steps": 4, "world_size": 1, "final_eval": {}})
+    assert says in card
+    assert ("from its teacher." in card) == bool(task.get("distill_from"))

@@ -55,6 +55,21 @@ FAMILY_NAMES = {"bert": "BERT", "roberta": "RoBERTa", "albert": "ALBERT", "deber
                 "modernbert": "ModernBERT", "electra": "ELECTRA"}
 
 
+def _objective(t: dict[str, Any]) -> str:
+    """A pretraining run's objective in one sentence (fine-tuning tasks say theirs in the task name)."""
+    if t.get("distill_from"):
+        return (f"Distilled from `{t['distill_from']}` (DistilBERT's loss: the teacher's soft targets at temperature"
+                f" {t.get('distill_temperature', 2.0)}, masked LM and hidden-state cosine); its layers started as"
+                " copies of evenly spread teacher layers.")
+    masking = f"{t.get('mlm_probability', 0.15):.0%} of tokens in {t.get('masking', 'token').replace('_', ' ')} units"
+    if t.get("objective") == "rtd":
+        return (f"Replaced-token detection (ELECTRA / DeBERTa-v3): this is the discriminator; a smaller generator"
+                f" trained beside it filled the masked positions ({masking}) and was not exported.")
+    heads = [name for key, name in (("nsp", "next-sentence prediction"), ("sop", "sentence-order prediction"),
+                                    ("sbo", "SpanBERT's span-boundary objective")) if t.get(key)]
+    return f"Masked LM ({masking}, 80/10/10)" + (" with " + " and ".join(heads) if heads else "") + "."
+
+
 def model_card(plan: dict[str, Any], summary: dict[str, Any]) -> str:
     cfg = plan["config"]
     m, task = cfg["model"], cfg["task"]["name"]
@@ -73,7 +88,8 @@ def model_card(plan: dict[str, Any], summary: dict[str, Any]) -> str:
         f" vocabulary {(plan.get('dataset') or {}).get('vocab_size', m.get('vocab_size'))}) trained by bert-orchestrator for"
         f" the `{task}` task: {summary['steps']} optimizer steps at global batch {plan['global_batch_size']}"
         f" (up to {tokens:,} tokens) on {summary['world_size']} worker(s), from "
-        + (f"`{init}`." if init else "a random initialisation."),
+        + (f"`{init}`." if init else "its teacher." if cfg["task"].get("distill_from") else "a random initialisation."),
+        *(["", _objective(cfg["task"])] if task == "pretrain" else []),
         "", "## Data", "", _data(cfg) + ".", "",
         "## Evaluation", "", "| metric | value |", "|---|---|",
     ]
