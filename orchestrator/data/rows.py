@@ -115,7 +115,7 @@ class PretrainingRows:
             cursor += n
         input_ids = np.concatenate(ids)
         rng = np.random.default_rng([self.seed, epoch & 0x7FFFFFFF, i])
-        masked, labels, units = self._mask(input_ids, rng)
+        masked, labels, units = self.mask(input_ids, rng)
         out = {
             "input_ids": masked,
             "token_type_ids": np.concatenate(types),
@@ -130,12 +130,10 @@ class PretrainingRows:
             out["sbo_left"], out["sbo_right"] = span_boundaries(units, len(input_ids))
         return out
 
-    def mask(self, input_ids: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Select ~mlm_probability of the non-special tokens by unit; 80/10/10 [MASK]/random/keep per unit."""
-        return self._mask(input_ids, rng)[:2]
+    def mask(self, input_ids: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Select ~mlm_probability of the non-special tokens by unit; 80/10/10 [MASK]/random/keep per unit.
 
-    def _mask(self, input_ids: np.ndarray, rng: np.random.Generator):
-        """(masked ids, labels, the selected units: arrays of consecutive positions)."""
+        Returns (masked ids, labels, the selected units: arrays of consecutive positions)."""
         sp = self.spec
         special = (input_ids == sp.cls_id) | (input_ids == sp.sep_id) | (input_ids == sp.pad_id)
         cand = np.flatnonzero(~special)
