@@ -6,6 +6,12 @@ start. On shared storage the lock holds across nodes where the filesystem suppor
 with lockd, v4) implement flock as an NFS byte-range lock; a crashed *node*'s lock is freed when its NFSv4 lease
 expires (90 s by default). Filesystems without lock support (some FUSE and object-store mounts) only lock within
 one node. The lock file also names the holder (host, pid, Ray job id), which a refused start prints.
+
+The driver's lock dies with the driver, but its workers may not: a Ray worker whose driver and raylet were killed
+-9 lives on until it notices (it stops at its next step, see `Trainer`), and one caught mid-checkpoint finishes
+writing it. So every worker also holds `<run dir>/.workers.lock` shared while it trains, and a start waits for that
+file to be free before its own workers read the run dir: no earlier start's worker can publish or prune a
+checkpoint under a resuming run.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Iterator, Optional
 from orchestrator.errors import OrchestratorError
 
 LOCK_FILE = ".lock"
+WORKERS_LOCK = ".workers.lock"
 
 
 class RunDirBusy(OrchestratorError):
@@ -74,4 +81,63 @@ def run_dir_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
     finally:
         os.ftruncate(fd, 0)
         fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _lock_pids(path: Path) -> list[int]:
+    """Pids on this node holding a lock on `path` (from /proc/locks; empty where it cannot be read)."""
+    try:
+        ino = os.stat(path).st_ino
+        pids = []
+        for line in Path("/proc/locks").read_text().splitlines():
+            f = line.split()
+            if "->" in f:  # a waiter, not a holder
+                continue
+            if len(f) >= 6 and f[5].rsplit(":", 1)[-1] == str(ino):
+                pids.append(int(f[4]))
+        return sorted(set(pids))
+    except (OSError, ValueError, IndexError):
+        return []
+
+
+@contextlib.contextmanager
+def worker_hold(run_dir: str | os.PathLike) -> Iterator[None]:
+    """A training worker's shared hold on the run dir, released by the kernel when the worker exits."""
+    path = Path(run_dir) / WORKERS_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # blocks only while a starting driver checks (an instant)
+        yield
+    finally:
+        os.close(fd)
+
+
+def wait_for_earlier_workers(run_dir: str | os.PathLike, timeout_s: float = 120.0, say=print) -> float:
+    """Return once no worker of an earlier start holds the run dir (seconds waited); RunDirBusy after timeout_s."""
+    path = Path(run_dir) / WORKERS_LOCK
+    if not path.exists():
+        return 0.0
+    fd = os.open(path, os.O_RDWR)
+    t0 = time.monotonic()
+    try:
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return time.monotonic() - t0
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+            pids = _lock_pids(path)
+            where = f" (pids {', '.join(map(str, pids))} on this node)" if pids else ""
+            if time.monotonic() - t0 > timeout_s:
+                raise RunDirBusy(f"{path}: workers of an earlier start still hold the run dir after {timeout_s:.0f} s"
+                                 f"{where}: stop them, then run again")
+            if not told:
+                say(f"waiting for the workers of an earlier start to exit{where}")
+                told = True
+            time.sleep(0.2)
+    finally:
         os.close(fd)

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import REPO, assert_page_links_valid_pngs, compose, progress_steps, read_jsonl
 from orchestrator.driver import train
+from orchestrator.run_lock import wait_for_earlier_workers
 
 pytestmark = pytest.mark.slow
 
@@ -96,10 +97,14 @@ def test_ray_job_killed_with_sigkill_resumes_with_same_command(tmp_path):
         assert proc.poll() is None, proc.stdout.read()[-4000:]
         assert time.time() < deadline
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    at_kill = max(logged())
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray's GCS and raylet; the Ray workers have groups of their own
     proc.wait()
+    # the workers outlive the raylet: each stops at its next step, without writing it (and releases the run dir)
+    orphan_s = wait_for_earlier_workers(run_dir, timeout_s=60)
     before = logged()
     killed_at = max(before)
+    assert killed_at - at_kill <= 2, f"the orphaned workers trained on from step {at_kill} to {killed_at}"
     assert killed_at < 30, "the kill landed after the run had finished"
     assert not (run_dir / "summary.json").exists() or json.loads((run_dir / "summary.json").read_text())["status"] != "completed"
     log = run_dir.parent / "again.log"
@@ -123,4 +128,5 @@ def test_ray_job_killed_with_sigkill_resumes_with_same_command(tmp_path):
     assert len(redone) >= 2, (resumed_at, killed_at)  # the optimizer and LR schedule of the resumed steps show too
     for s in range(1, killed_at + 1):
         assert after[s] == pytest.approx(before[s], rel=1e-6), s
-    print(f"killed at step {killed_at}, resumed from {resumed_at}: steps {redone} redone with the same losses")
+    print(f"killed at step {at_kill}, workers gone {orphan_s:.1f} s later at step {killed_at}, resumed from"
+          f" {resumed_at}: steps {redone} redone with the same losses")

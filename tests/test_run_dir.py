@@ -1,5 +1,6 @@
 """A run dir holds one job: a checkpoint resumes only into the same job, planning never writes into a live run,
-and a second job on a held run dir is refused naming the holder (a SIGKILLed holder does not block)."""
+and a second job on a held run dir is refused naming the holder (a SIGKILLed holder does not block); a start waits
+for the workers of an earlier one, which may outlive their killed driver."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from conftest import REPO, compose, run_cli
 from orchestrator.driver import make_plan, train
 from orchestrator.errors import ConfigError
 from orchestrator.plan.identity import job_identity
-from orchestrator.run_lock import RunDirBusy, run_dir_lock
+from orchestrator.run_lock import WORKERS_LOCK, RunDirBusy, run_dir_lock, wait_for_earlier_workers
 from orchestrator.worker import checkpoint as ckpt
 
 BASE = ["experiment=quickstart_pretrain", "launcher=local", "compute=cpu1", "engine=torch", "train.max_steps=100"]
@@ -90,6 +91,44 @@ def test_a_sigkilled_holder_does_not_block_the_next_start(tmp_path):
         holder.wait()
     with run_dir_lock(run):  # the kernel released the dead holder's lock
         pass
+
+
+def _orphan(run: Path, until: str = "") -> subprocess.Popen:
+    """A worker of an earlier start that outlives its driver: it holds the run dir's worker lock until killed, or
+    until the file `until` appears in the run dir (and half a second more)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import os, time; from orchestrator.run_lock import worker_hold\n"
+                               f"with worker_hold({str(run)!r}):\n    print('held', flush=True)\n"
+                               f"    while not {until!r} or not os.path.exists(os.path.join({str(run)!r}, {until!r})):"
+                               " time.sleep(0.05)\n    time.sleep(0.5)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_start_waits_for_the_workers_of_an_earlier_start(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert wait_for_earlier_workers(run) == 0.0, "a new run dir has no earlier workers"
+    holder = _orphan(run)
+    try:
+        t0 = time.time()
+        with pytest.raises(RunDirBusy) as ei:
+            wait_for_earlier_workers(run, timeout_s=0.5)
+        assert 0.5 <= time.time() - t0 < 10
+        assert str(run / WORKERS_LOCK) in str(ei.value) and f"pids {holder.pid} on this node" in str(ei.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert wait_for_earlier_workers(run, timeout_s=0.5) < 0.5, "a killed worker's hold is gone with it"
+    capsys.readouterr()
+    # the job itself waits (saying so) until the earlier worker has exited, then trains: the worker holds on until
+    # the job has written its plan, which a job does just before it would start its own workers
+    holder = _orphan(run, until="plan.json")
+    summary = train(compose([*BASE, "train.max_steps=2", "train.log_every_steps=1"]), run_dir=str(run))
+    holder.wait()
+    out = capsys.readouterr().out
+    assert f"waiting for the workers of an earlier start to exit (pids {holder.pid} on this node)" in out
+    assert summary["status"] == "completed" and summary["resumed_from"] is None
 
 
 @pytest.mark.slow

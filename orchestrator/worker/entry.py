@@ -23,9 +23,12 @@ class RayReporter:
 
 def ray_train_loop(config: dict[str, Any]) -> None:
     """`train_loop_per_worker` of the TorchTrainer: everything comes through its one config argument."""
+    import os
+
     from orchestrator.worker.trainer import run
 
-    run(config["plan"], reporter=RayReporter(), interactive=False)
+    # a Ray worker's parent is its node's raylet: when that is gone, so is the job this worker belonged to
+    run(config["plan"], reporter=RayReporter(), interactive=False, parent_pid=os.getppid())
 
 
 def local_run(plan_dict: dict[str, Any], interactive: bool = True) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -196,8 +197,9 @@ class Trainer:
 
     def __init__(self, plan: JobPlan, reporter: Optional[Reporter] = None, interactive: bool = False, *,
                  dist: Optional[Dist] = None, task: Optional[Task] = None,
-                 engine_factory: Optional[Callable[..., Any]] = None):
+                 engine_factory: Optional[Callable[..., Any]] = None, parent_pid: Optional[int] = None):
         self.t_start = time.perf_counter()
+        self.parent_pid = parent_pid
         self.plan, self.job, self.reporter = plan, plan.job, reporter
         self.run_dir = Path(plan.run_dir)
         self.d = dist or self._init_dist()
@@ -241,6 +243,7 @@ class Trainer:
             while self.state.step < self.plan.total_steps:
                 if not self.train_step() and self.on_bad_step():
                     continue  # rolled back: the loop goes on from the checkpoint's step
+                self.exit_if_orphaned()
                 last = self.state.step == self.plan.total_steps
                 self.maybe_log(last)
                 self.maybe_evaluate(last)
@@ -257,6 +260,14 @@ class Trainer:
                 self.progress.close()
             if self.sinks is not None:
                 self.sinks.close(failed)
+
+    def exit_if_orphaned(self) -> None:
+        """A Ray worker whose raylet is gone (its driver and local Ray killed -9) would otherwise train on, log
+        and checkpoint into the run dir for seconds; it stops here, before writing anything of this step."""
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            print(f"rank {self.d.rank}: the Ray node that started this worker (pid {self.parent_pid}) is gone;"
+                  f" exiting at step {self.state.step} without writing it", file=sys.stderr, flush=True)
+            os._exit(1)
 
     # -- set-up -----------------------------------------------------------------------------------------
     def _init_dist(self) -> Dist:
@@ -639,12 +650,15 @@ def _build_engine(model, plan, device, ds_config):
     return build_engine(model, plan, device, ds_config)
 
 
-def run(plan_dict: dict[str, Any], reporter: Optional[Reporter] = None, interactive: bool = False) -> dict[str, Any]:
-    """Train from the plan dict (the launchers' entry). Returns the summary on rank 0.
+def run(plan_dict: dict[str, Any], reporter: Optional[Reporter] = None, interactive: bool = False,
+        parent_pid: Optional[int] = None) -> dict[str, Any]:
+    """Train from the plan dict (the launchers' entry). Returns the summary on rank 0. The worker holds the run dir
+    (shared) while it trains; with parent_pid it stops at its next step once that parent is gone.
 
     SIGTERM (launcher=local) saves a checkpoint at the end of the current step and returns status "preempted".
     """
     from orchestrator.logs import pin_cpu_accelerator, quiet_libraries
+    from orchestrator.run_lock import worker_hold
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     plan = JobPlan.from_dict(plan_dict)
@@ -653,7 +667,8 @@ def run(plan_dict: dict[str, Any], reporter: Optional[Reporter] = None, interact
     quiet_libraries(plan.job.verbose)
     previous = install_sigterm()
     try:
-        return Trainer(plan, reporter, interactive).run()
+        with worker_hold(plan.run_dir):
+            return Trainer(plan, reporter, interactive, parent_pid=parent_pid).run()
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
