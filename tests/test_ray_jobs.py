@@ -134,6 +134,36 @@ def test_stopped_job_resumes_from_its_checkpoint_when_resubmitted(head, tmp_path
     print(f"stopped at step {stopped_at}, resumed from {summary['resumed_from']}")
 
 
+_JOIN = ("import ray, sys; from orchestrator.errors import OrchestratorError\n"
+         "from orchestrator.launch.ray_job import connect_ray\n"
+         "try:\n    connect_ray(sys.argv[1])\nexcept OrchestratorError as exc:\n    sys.exit(f'error: {exc}')\n"
+         "print('joined', int(ray.cluster_resources()['CPU']))")
+
+
+@pytest.mark.slow
+def test_a_job_joins_a_token_cluster_with_the_token_at_hand_and_a_wrong_one_is_one_line(head, tmp_path):
+    """On a head node `ray start` leaves the token in a file; joining by address (RAY_ADDRESS=<head>:6379 python -m
+    orchestrator ...) sends it without RAY_AUTH_MODE being set. A wrong token is refused in one line saying what to
+    set, not with Ray's traceback."""
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text("0" * 32)
+    env = {k: v for k, v in _env().items() if k != "RAY_AUTH_MODE"}
+    procs = [subprocess.Popen([sys.executable, "-c", _JOIN, head.gcs_address], cwd=REPO, env={**env, **extra},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for extra in ({}, {"RAY_AUTH_TOKEN_PATH": str(wrong)})]
+    (ok_out, ok_err), (bad_out, bad_err) = (p.communicate(timeout=120) for p in procs)
+    assert procs[0].returncode == 0 and ok_out.strip() == "joined 2", ok_err[-2000:]
+    assert procs[1].returncode == 1 and not bad_out
+    assert bad_err.strip() == (f"error: {head.gcs_address} refused the token in {wrong}: this Ray cluster uses token"
+                               " authentication: export RAY_AUTH_MODE=token and make the cluster's token available as"
+                               " RAY_AUTH_TOKEN, in the file named by RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token (print"
+                               " it on the head node with `ray get-auth-token`)"), bad_err[-2000:]
+    # the head's dashboard given where a job wants the GCS: named in one line, at once
+    dash = subprocess.run([sys.executable, "-c", _JOIN, head.dashboard_url], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert dash.returncode == 1 and dash.stderr.strip().startswith(f"error: '{head.dashboard_url}' is a Ray dashboard")
+
+
 @pytest.mark.slow  # two CLI processes
 def test_submit_to_an_address_with_no_cluster_fails_fast_naming_it(tmp_path):
     port = ray_job.free_port()

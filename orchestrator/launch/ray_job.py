@@ -128,13 +128,86 @@ def connect_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None
     if runtime_env:
         kw["runtime_env"] = runtime_env
     if address and address != "local":  # "local": a new local Ray even where RAY_ADDRESS names a cluster
-        ray.init(address=address, **kw)
+        _join(address, kw)
         return False
     _retry_raylet_timeout(
         lambda: ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard, **kw, **local),
         ray.shutdown, "a local Ray")
     _STARTED_HERE["gcs"] = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
     return True
+
+
+def _join(address: str, kw: dict[str, Any]) -> None:
+    """ray.init(address): with the token at hand sent (a head started by `ray start` keeps one in ~/.ray/auth_token),
+    and a refusal or an address nobody answers at as one line, in seconds (Ray itself retries for 20 s, then raises
+    a traceback)."""
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    if address.startswith(("http://", "https://")):
+        raise ClusterUnreachable(
+            f"'{address}' is a Ray dashboard (Jobs API) address: a job joins a cluster by its GCS address"
+            f" (<head>:6379, what `ray start --head` prints); to run through the Jobs API use"
+            f" `bert-orch-submit --address {address} ...`")
+    ensure_token_auth_env()
+    check_reachable(address)
+    try:
+        if address != "auto" and not address.startswith("ray://"):
+            _probe_gcs(address)
+        ray.init(address=address, **kw)
+    except AuthenticationError:
+        raise ClusterAuthError(f"{address} refused {_token_sent()}: {AUTH_HELP}") from None
+    except ConnectionError as exc:
+        raise ClusterUnreachable(f"no Ray cluster at {address}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _token_sent() -> str:
+    if os.environ.get("RAY_AUTH_MODE") != "token":
+        return f"a request without a token (RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE', 'unset')})"
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "the token in RAY_AUTH_TOKEN"
+    return f"the token in {os.environ.get('RAY_AUTH_TOKEN_PATH') or Path.home() / '.ray' / 'auth_token'}"
+
+
+def _probe_gcs(address: str, timeout_s: float = 8.0) -> None:
+    """One GCS call (half a second), so a refused token raises here instead of after ray.init's 20 retries, and a
+    port that answers but is no GCS is named in seconds (Ray's client waits 40 s). Ray's C++ client also logs a
+    refusal straight to fd 2: that line is held back, the exception says it."""
+    import threading
+
+    from ray._raylet import GcsClient
+
+    outcome: list[BaseException | None] = []
+
+    def call() -> None:
+        try:
+            GcsClient(address=address)
+            outcome.append(None)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome.append(exc)
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            probe = threading.Thread(target=call, daemon=True)
+            probe.start()
+            probe.join(timeout_s)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    if not outcome:
+        raise ClusterUnreachable(f"{address} answers, but no Ray GCS replied in {timeout_s:.0f} s: give the head's GCS"
+                                 " address (<head>:6379, what `ray start --head` prints), not its dashboard port")
+    if outcome[0] is not None and not isinstance(outcome[0], Exception):
+        raise outcome[0]
+    if outcome[0] is not None:
+        from ray.exceptions import AuthenticationError
+
+        if isinstance(outcome[0], AuthenticationError):
+            raise outcome[0]
+        raise ClusterUnreachable(f"no Ray GCS at {address}: {str(outcome[0]).splitlines()[0][:200]}")
 
 
 _STARTED_HERE: dict[str, Optional[str]] = {"gcs": None}  # the GCS address of the local Ray connect_ray started
