@@ -100,7 +100,7 @@ def test_a_fit_without_datasets_starts_no_ray_data_actor_and_one_with_datasets_k
 def test_the_placement_group_cleaner_is_left_out_only_on_a_local_ray_this_process_started(monkeypatch):
     """Ray 2.60 starts a detached PlacementGroupCleaner actor per fit (a process polling the state API every
     second). On a local Ray this process started, which dies with it, `torch_trainer` leaves it out; on a cluster
-    joined by address it is kept."""
+    joined by address it is kept, unless that cluster has no dashboard (no state API for it to poll)."""
     from ray.train import ScalingConfig
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
@@ -111,7 +111,12 @@ def test_the_placement_group_cleaner_is_left_out_only_on_a_local_ray_this_proces
         callbacks = torch_trainer(lambda c: None, scaling_config=ScalingConfig(num_workers=2))._create_default_callbacks()
         return any(isinstance(c, PlacementGroupCleanerCallback) for c in callbacks)
 
+    from orchestrator.launch import ray_train
+
     assert not ray_job.in_own_local_ray()  # no Ray here
     assert has_cleaner()
+    monkeypatch.setattr(ray_train, "_has_state_api", lambda: False)  # a joined cluster without a dashboard
+    assert not has_cleaner()
+    monkeypatch.undo()
     monkeypatch.setattr(ray_job, "in_own_local_ray", lambda: True)
     assert not has_cleaner()

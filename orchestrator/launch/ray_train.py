@@ -109,7 +109,8 @@ def torch_trainer(train_fn, **kwargs):
       placement group if the controller dies while its driver lives on (4.6 CPU-s per fit in the test suite). On a
       local Ray this process started, a controller's death fails the fit, and the driver shuts that Ray down with
       its placement groups (a pipeline's shared Ray at the pipeline's end): left out there, kept on any cluster
-      joined by address.
+      joined by address that runs a dashboard (without one there is no state API: the cleaner could only log
+      "Failed to query Ray Train Controller actor state" every second of the job, so it is left out too).
 
     With datasets, on a joined cluster, or with a Ray lacking these callbacks, the same as `TorchTrainer`."""
     from ray.train.torch import TorchTrainer
@@ -121,15 +122,25 @@ def torch_trainer(train_fn, **kwargs):
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     except ImportError:  # another Ray: its own defaults
         return TorchTrainer(train_fn, **kwargs)
-    own_ray = in_own_local_ray()
+    no_cleaner = in_own_local_ray() or not _has_state_api()
 
     class _Trainer(TorchTrainer):
         def _create_default_callbacks(self):
             callbacks = super()._create_default_callbacks()
-            drop = (() if self.datasets else (DatasetsCallback,)) + ((PlacementGroupCleanerCallback,) if own_ray else ())
+            drop = (() if self.datasets else (DatasetsCallback,)) + ((PlacementGroupCleanerCallback,) if no_cleaner else ())
             return [c for c in callbacks if not isinstance(c, drop)]
 
     return _Trainer(train_fn, **kwargs)
+
+
+def _has_state_api() -> bool:
+    """The connected cluster runs a dashboard (which serves the state API)."""
+    try:
+        from ray._private.worker import get_dashboard_url
+
+        return bool(get_dashboard_url())
+    except Exception:  # another Ray's internals: assume it has one, as Ray does
+        return True
 
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
