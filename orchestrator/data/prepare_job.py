@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -177,6 +177,17 @@ class _SplitAcc:
         self.sent_lens.append(np.asarray(lens, dtype=np.int64))
         self.doc_sents.append(len(lens))
 
+    def add_marked(self, ids: np.ndarray, marks: np.ndarray, dtype) -> None:
+        """One document encoded whole, its sentences joined by a marker token at `marks`: as `add` of the
+        sentences encoded one by one (empty sentences dropped)."""
+        lens = np.diff(np.concatenate(([-1], marks, [len(ids)]))) - 1
+        lens = lens[lens > 0]
+        if not len(lens):
+            return
+        self.chunks.append(np.delete(ids, marks).astype(dtype))
+        self.sent_lens.append(lens.astype(np.int64))
+        self.doc_sents.append(len(lens))
+
     def arrays(self, dtype):
         toks = np.concatenate(self.chunks) if self.chunks else np.zeros(0, dtype)
         lens = np.concatenate(self.sent_lens) if self.sent_lens else np.zeros(0, np.int64)
@@ -299,15 +310,44 @@ def _marker_ok(marker: Path, out: Path, verify: bool) -> Optional[dict]:
     return res
 
 
+# Pass 2 encodes a document in one call, its sentences joined by this marker, added to the worker's copy of the
+# tokenizer as a special token (id = vocabulary size, so no other id moves): one Rust call per document on the
+# fast path (no offsets), not one Encoding per sentence. Added tokens split the text before normalisation and
+# pre-tokenisation, so each sentence is encoded exactly as alone (tests/test_prepare.py checks it on WordPiece and
+# byte-level BPE). A document whose text holds the marker itself is encoded sentence by sentence.
+SENTENCE_MARK = "\ue000sentence\ue000"
+
+
 class _TokenizerCache:
     tok = None
     tok_dir = None
+    vocab = 0
+    mark_id = -1
+
+    def load(self, tok_dir: str) -> None:
+        from tokenizers import AddedToken, Tokenizer
+
+        if self.tok is not None and self.tok_dir == tok_dir:
+            return
+        self.tok = Tokenizer.from_file(str(Path(tok_dir) / "tokenizer.json"))
+        self.tok_dir, self.vocab = tok_dir, self.tok.get_vocab_size()
+        self.tok.add_special_tokens([AddedToken(SENTENCE_MARK, special=True, normalized=False)])
+        self.mark_id = self.tok.token_to_id(SENTENCE_MARK)
+        if self.mark_id < self.vocab:  # the vocabulary has it already: the marker would be ambiguous
+            raise RuntimeError(f"{tok_dir}: the tokenizer already holds the sentence marker token")
+
+    def encode_documents(self, docs: list[list[str]]) -> Iterator[tuple[np.ndarray, Optional[np.ndarray], list[str]]]:
+        """(ids, marker positions, sentences) per document; positions None where the marker could not be used."""
+        fast = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
+        encs = fast([SENTENCE_MARK.join(d) for d in docs], add_special_tokens=False)
+        for d, e in zip(docs, encs):
+            ids = np.asarray(e.ids, dtype=np.int64)
+            marks = np.flatnonzero(ids == self.mark_id)
+            yield ids, (marks if len(marks) == len(d) - 1 else None), d
 
 
 def pass2_block(block: Block, ctx: dict, cache: Optional[_TokenizerCache] = None) -> dict:
     """Tokenise one block's kept documents, split train/eval by document hash, write its shards and marker."""
-    from tokenizers import Tokenizer
-
     from orchestrator.data.corpus import is_eval_document
 
     out = Path(ctx["out"])
@@ -317,24 +357,20 @@ def pass2_block(block: Block, ctx: dict, cache: Optional[_TokenizerCache] = None
         return {**done, "skipped": True}
     cfg = ctx["cfg"]
     cache = cache or _TokenizerCache()
-    if cache.tok is None or cache.tok_dir != ctx["tok_dir"]:
-        cache.tok = Tokenizer.from_file(str(Path(ctx["tok_dir"]) / "tokenizer.json"))
-        cache.tok_dir = ctx["tok_dir"]
-    tok = cache.tok
-    vocab = tok.get_vocab_size()
+    cache.load(ctx["tok_dir"])
+    tok, vocab = cache.tok, cache.vocab
     dtype = np.uint16 if vocab <= 65535 else np.int32
     unk_id = tok.token_to_id("[UNK]")
     accs = {s: _SplitAcc() for s in SPLITS}
     pending: list[list[str]] = []
 
     def flush() -> None:
-        flat = [s for d in pending for s in d]
-        encs = tok.encode_batch(flat, add_special_tokens=False)
-        i = 0
-        for d in pending:
-            split = "eval" if is_eval_document(d, cfg["eval_fraction"]) else "train"
-            accs[split].add([e.ids for e in encs[i : i + len(d)]], dtype)
-            i += len(d)
+        for ids, marks, d in cache.encode_documents(pending):
+            acc = accs["eval" if is_eval_document(d, cfg["eval_fraction"]) else "train"]
+            if marks is not None:
+                acc.add_marked(ids, marks, dtype)
+            else:
+                acc.add([e.ids for e in tok.encode_batch(d, add_special_tokens=False)], dtype)
         pending.clear()
 
     try:

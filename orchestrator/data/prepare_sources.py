@@ -261,11 +261,23 @@ class BlockRefused(Exception):
 
 
 def normalise(line: str) -> str:
-    return _WS.sub(" ", unicodedata.normalize("NFC", line)).strip()
+    """NFC, whitespace runs to one space, no space at the ends. (str.split() splits on exactly the characters
+    regex `\\s` matches, 4x faster than `_WS.sub`; tests/test_prepare.py checks both on every code point.)"""
+    return " ".join(unicodedata.normalize("NFC", line).split())
 
 
 def split_sentences(text: str) -> list[str]:
-    return [s for s in _SENT_SPLIT.split(text) if s]
+    """Sentences of a `normalise`d line (its only whitespace single spaces; it may end in one where a long line was
+    cut): split after . ! or ? followed by a space and more text, exactly as `_SENT_SPLIT` splits it, by three
+    str.replace calls instead of a look-behind regex (several times faster). Only normalised lines come here."""
+    if "\x00" in text:  # the placeholder below
+        return [s for s in _SENT_SPLIT.split(text) if s]
+    trail = text.endswith(" ")
+    body = text[:-1] if trail else text
+    parts = body.replace(". ", ".\x00").replace("! ", "!\x00").replace("? ", "?\x00").split("\x00")
+    if trail:
+        parts[-1] += " "
+    return [s for s in parts if s]
 
 
 class DocumentReader:
