@@ -112,10 +112,10 @@ def main() -> None:
     result["speedup_2_vs_1_workers"] = result["ours_ray_2_workers"]["tokens_per_s"] / r1
     result["ours_2_workers_vs_hf"] = result["ours_ray_2_workers"]["tokens_per_s"] / \
         result["hf_datasets_map_batched_1_process"]["tokens_per_s"]
-    print(json.dumps(result, indent=1))
-    out_json = Path(__file__).resolve().parent / "results" / "prepare_throughput.json"
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(result, indent=1) + "\n")
+    from orchestrator.serve.measure import emit_bench_result
+
+    result["command"] = f"bench/prepare_throughput.py --mb {args.mb}"
+    emit_bench_result(result, str(Path(__file__).resolve().parent / "results" / "prepare_throughput.json"), indent=1)
     for d in ("out1", "out2", "hf_cache"):
         shutil.rmtree(base / d, ignore_errors=True)
 
