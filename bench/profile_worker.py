@@ -27,24 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 DEFAULT_DATA = str((REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt").resolve())
 
-CATEGORIES = [  # first match wins; matched against the lower-cased op name
-    ("optimizer", ("_foreach", "adam", "clip_grad", "norm_except", "lerp", "optimizer")),
-    ("loss (log_softmax, nll)", ("log_softmax", "nll_loss", "cross_entropy")),
-    ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention", "_softmax")),
-    ("matmul", ("addmm", "::mm", "bmm", "matmul", "linear", "baddbmm", "mkldnn")),
-    ("norm + activation + dropout", ("layer_norm", "gelu", "tanh", "dropout", "bernoulli")),
-    ("dtype casts / copies", ("::copy_", "::to", "_to_copy", "clone", "contiguous")),
-    ("embedding / gather", ("embedding", "index_select", "index", "gather", "nonzero", "masked")),
-    ("elementwise", ("add", "mul", "div", "sub", "where", "fill", "zero", "eq", "ne", "sum", "argmax", "max")),
-]
-
-
-def categorize(name: str) -> str:
-    n = name.lower()
-    for cat, keys in CATEGORIES:
-        if any(k in n for k in keys):
-            return cat
-    return "other"
+from orchestrator.worker.profiling import summarize  # noqa: E402  (the trainer's own categories)
 
 
 def build_ours(args, run_dir: str):
@@ -229,18 +212,8 @@ def main() -> None:
                 step()
         if args.trace:
             prof.export_chrome_trace(args.trace)
-        events = [e for e in prof.key_averages() if not e.key.startswith("## ")]
-        prof_total = sum(e.self_cpu_time_total for e in events) or 1.0
-        events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-        top = [{"op": e.key, "calls_per_step": e.count / args.profile_steps,
-                "self_ms_per_step": e.self_cpu_time_total / 1000 / args.profile_steps,
-                "self_fraction": e.self_cpu_time_total / prof_total} for e in events[: args.top]]
-        cats: dict[str, float] = {}
-        for e in events:
-            c = categorize(e.key)
-            cats[c] = cats.get(c, 0.0) + e.self_cpu_time_total
-        categories = {k: {"ms_per_step": v / 1000 / args.profile_steps, "fraction": v / prof_total}
-                      for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}
+        summary = summarize(prof.key_averages(), args.profile_steps, args.top)
+        categories, top = summary["categories"], summary["top_ops"]
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top)
 
     result = {

@@ -443,6 +443,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--cache-dir", default=None, help="token cache (default: a fresh temp dir, so data prep is timed cold)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="profile 3 warm-up steps of our runs on every rank (train.profile_steps): by category, top ops")
     ap.add_argument("--baseline-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.baseline_worker:
@@ -509,6 +511,11 @@ def main() -> None:
         warmup_lr_steps = (int(round(job.schedule.warmup_ratio * args.steps)) if job.schedule.warmup_steps is None
                            else min(job.schedule.warmup_steps, args.steps))  # as orchestrator/plan/job_plan.py
         common = common_overrides(args) + [f"engine.bf16={str(bf16).lower()}"]
+        if args.profile:  # inside the unmeasured warm-up steps, so the throughput is the profiler's free
+            first, last = max(2, args.warmup_steps - 4), max(2, args.warmup_steps - 2)
+            if last >= args.warmup_steps:
+                raise SystemExit("--profile needs --warmup-steps >= 5: the profiled steps are not measured")
+            common.append(f"train.profile_steps=[{first},{last}]")
         runs: dict = {}
         if "b" in phases:
             runs["b_local"] = run_cli("b", [*common, "launcher=local", "compute=cpu1", f"compute.cpus_per_worker={args.threads}",
@@ -543,6 +550,11 @@ def main() -> None:
             if k in runs:
                 runs[k]["tokens_seen"] = tokens_seen_by_ours(cold.data_dir, cold.train_rows, args.global_batch, args.seed, args.steps)
         result["runs"] = runs
+        if args.profile:  # train.profile_steps' per-rank summaries (orchestrator/worker/profiling.py), top ops cut to 12
+            result["profiles"] = {
+                k: {p.stem: {**(d := json.loads(p.read_text())), "top_ops": d["top_ops"][:12]}
+                    for p in sorted((Path(r["run_dir"]) / "profile").glob("rank*[0-9].json"))}
+                for k, r in runs.items() if k in ("b_local", "b_local_fp32", "c_ray_zero2")}
 
         # -- FLOPs and MFU (matmul FLOPs per real token; backward = 2x forward)
         fpt_ours = flops_per_token(m.hidden_size, m.num_hidden_layers, m.intermediate_size, args.seq, vocab,

@@ -608,12 +608,21 @@ class TrainConfig:
     resume: str = rule("auto", choices=("auto", "never", "force"))
     """A run dir holding a checkpoint: auto = resume it when it is the same job (plan/identity.py), else refuse
     naming every differing key; never = refuse any checkpoint; force = resume even a different job's."""
+    profile_steps: Optional[List[int]] = None
+    """[first, last]: optimizer steps run under torch.profiler on every rank; per rank a summary by category, torch's
+    op table and a Chrome trace in <run dir>/profile/ (worker/profiling.py). null = off."""
 
     def check(self, job: "JobConfig") -> None:
         budgets = [k for k in ("max_steps", "epochs", "token_budget") if getattr(self, k) is not None]
         if len(budgets) != 1:
             raise ConfigError("train.max_steps",
                               f"set exactly one of max_steps, epochs, token_budget (got {budgets or 'none'})")
+        p = self.profile_steps
+        if p is not None:
+            if len(p) != 2 or not 1 <= p[0] <= p[1]:
+                raise ConfigError("train.profile_steps", f"give [first, last] with 1 <= first <= last (got {list(p)})")
+            if self.max_steps is not None and p[1] > self.max_steps:
+                raise ConfigError("train.profile_steps", f"step {p[1]} is past train.max_steps={self.max_steps}")
 
 
 @dataclass

@@ -32,6 +32,7 @@ from orchestrator.worker import checkpoint as ckpt
 from orchestrator.worker.dist import Dist
 from orchestrator.io import write_json_atomic, write_text_atomic
 from orchestrator.worker.metrics import MetricsJsonl, Progress, TensorBoardSink, WandbSink
+from orchestrator.worker.profiling import StepProfiler
 from orchestrator.worker.state import TrainerState
 
 log = logging.getLogger("orchestrator.worker")
@@ -233,6 +234,8 @@ class Trainer:
         self.run_tokens, self.run_time, self.first_step_s = 0.0, 0.0, None
         self.eval_every = self.job.train.eval_every_steps or (plan.steps_per_epoch or plan.total_steps)
         self.stat_keys = tuple(self.task.stat_keys)
+        self.profiler = StepProfiler(self.job.train.profile_steps, self.run_dir / "profile", self.d.rank,
+                                     torch.device(self.d.device).type == "cuda")
 
     # -- the loop -------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -241,7 +244,10 @@ class Trainer:
             self.resume()
             self.model.train()
             while self.state.step < self.plan.total_steps:
-                if not self.train_step() and self.on_bad_step():
+                self.profiler.before_step(self.state.step + 1)
+                good = self.train_step()
+                self.profiler.after_step(self.state.step)
+                if not good and self.on_bad_step():
                     continue  # rolled back: the loop goes on from the checkpoint's step
                 self.exit_if_orphaned()
                 last = self.state.step == self.plan.total_steps
@@ -256,6 +262,7 @@ class Trainer:
             failed = False
             return self.finish()
         finally:
+            self.profiler.close()
             if self.progress is not None:
                 self.progress.close()
             if self.sinks is not None:
