@@ -18,6 +18,7 @@ from typing import Any, Optional
 CATEGORIES = [  # first match wins; matched against the lower-cased op name
     ("collectives", ("gloo", "nccl", "c10d", "all_reduce", "allreduce", "reduce_scatter", "all_gather",
                      "allgather", "broadcast", "barrier", "record_param_comms")),
+    ("gradient hooks (AccumulateGrad: where ZeRO buckets gradients)", ("accumulategrad",)),
     ("optimizer", ("_foreach", "adam", "clip_grad", "norm_except", "lerp", "optimizer")),
     ("loss (log_softmax, nll)", ("log_softmax", "nll_loss", "cross_entropy")),
     ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention", "_softmax")),
