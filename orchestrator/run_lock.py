@@ -57,12 +57,16 @@ def _describe(holder: str) -> str:
     return f"pid {h.get('pid')} on {h.get('host')}{ray_job}, since {since}"
 
 
+def _open(run_dir: str | os.PathLike, name: str) -> tuple[Path, int]:
+    path = Path(run_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path, os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+
 @contextlib.contextmanager
 def run_dir_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
     """Hold the run dir for this process, or raise RunDirBusy naming the holder at once (never waits)."""
-    path = Path(run_dir) / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    path, fd = _open(run_dir, LOCK_FILE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -103,9 +107,7 @@ def _lock_pids(path: Path) -> list[int]:
 @contextlib.contextmanager
 def worker_hold(run_dir: str | os.PathLike) -> Iterator[None]:
     """A training worker's shared hold on the run dir, released by the kernel when the worker exits."""
-    path = Path(run_dir) / WORKERS_LOCK
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    _, fd = _open(run_dir, WORKERS_LOCK)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)  # blocks only while a starting driver checks (an instant)
         yield
