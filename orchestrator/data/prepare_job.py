@@ -313,7 +313,7 @@ def _marker_ok(marker: Path, out: Path, verify: bool) -> Optional[dict]:
 # Pass 2 encodes a document in one call, its sentences joined by this marker, added to the worker's copy of the
 # tokenizer as a special token (id = vocabulary size, so no other id moves): one Rust call per document on the
 # fast path (no offsets), not one Encoding per sentence. Added tokens split the text before normalisation and
-# pre-tokenisation, so each sentence is encoded exactly as alone (tests/test_prepare.py checks it on WordPiece and
+# pre-tokenisation, so each sentence is encoded exactly as alone (tests/test_prepare_text.py checks it on WordPiece and
 # byte-level BPE). A document whose text holds the marker itself is encoded sentence by sentence.
 SENTENCE_MARK = "\ue000sentence\ue000"
 

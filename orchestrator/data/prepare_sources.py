@@ -262,7 +262,7 @@ class BlockRefused(Exception):
 
 def normalise(line: str) -> str:
     """NFC, whitespace runs to one space, no space at the ends. (str.split() splits on exactly the characters
-    regex `\\s` matches, 4x faster than `_WS.sub`; tests/test_prepare.py checks both on every code point.)"""
+    regex `\\s` matches, 4x faster than `_WS.sub`; tests/test_prepare_text.py checks both on every code point.)"""
     return " ".join(unicodedata.normalize("NFC", line).split())
 
 
