@@ -120,3 +120,34 @@ def test_the_placement_group_cleaner_is_left_out_only_on_a_local_ray_this_proces
     monkeypatch.undo()
     monkeypatch.setattr(ray_job, "in_own_local_ray", lambda: True)
     assert not has_cleaner()
+
+
+@pytest.mark.parametrize("workers, user, during", [(2, None, "0.5"), (16, None, None), (2, "3", "3")])
+def test_a_node_sized_group_is_polled_every_half_second(workers, user, during, tmp_path, monkeypatch):
+    """Ray Train's controller polls its group every 2 s, so every job's end is noticed up to 2 s late: a group of up
+    to 8 workers is polled every 0.5 s while its fit runs (Ray passes the variable on to the controller at fit);
+    larger groups keep Ray's default, and a value the user set is left alone."""
+    import dataclasses
+
+    from conftest import compose
+    from orchestrator.driver import make_plan
+    from orchestrator.launch import ray_train
+
+    seen = {}
+
+    class FakeTrainer:
+        def fit(self):
+            seen["poll"] = ray_train.os.environ.get(ray_train.POLL_ENV)
+            (tmp_path / "run" / "summary.json").write_text('{"status": "completed"}')
+
+    monkeypatch.setattr(ray_train, "connect", lambda plan: False)
+    monkeypatch.setattr(ray_train, "torch_trainer", lambda *a, **k: FakeTrainer())
+    if user is None:
+        monkeypatch.delenv(ray_train.POLL_ENV, raising=False)
+    else:
+        monkeypatch.setenv(ray_train.POLL_ENV, user)
+    plan = make_plan(compose(["experiment=quickstart_pretrain", "launcher=ray", "compute=cpu2"]), str(tmp_path / "run"),
+                     prepare=False)[0]
+    assert ray_train.launch_ray(dataclasses.replace(plan, world_size=workers)) == {"status": "completed"}
+    assert seen["poll"] == during
+    assert ray_train.os.environ.get(ray_train.POLL_ENV) == user, "set for the fit only"
