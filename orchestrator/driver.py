@@ -233,11 +233,11 @@ def _train(job, run_dir: Optional[str], interactive: bool, passed: Optional[list
         else:
             plan.write(plan.run_dir)
         return {"status": "planned", "plan": plan.to_dict()}
+    from orchestrator.run_lock import wait_for_earlier_workers
+
+    wait_for_earlier_workers(plan.run_dir, say=console().print)  # before this start writes anything into the run dir
     plan.write(plan.run_dir)
     try:
-        from orchestrator.run_lock import wait_for_earlier_workers
-
-        wait_for_earlier_workers(plan.run_dir, say=console().print)
         if plan.job.launcher.name == "local":
             from orchestrator.launch.local import launch_local
 

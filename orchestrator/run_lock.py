@@ -11,7 +11,8 @@ The driver's lock dies with the driver, but its workers may not: a Ray worker wh
 -9 lives on until it notices (it stops at its next step, see `Trainer`), and one caught mid-checkpoint finishes
 writing it. So every worker also holds `<run dir>/.workers.lock` shared while it trains, and a start waits for that
 file to be free before its own workers read the run dir: no earlier start's worker can publish or prune a
-checkpoint under a resuming run.
+checkpoint under a resuming run. That lock is a POSIX record lock (`lockf`), which a forked child (a DataLoader
+worker) does not inherit, so it ends with the training process itself; an `flock` would live on in the children.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def worker_hold(run_dir: str | os.PathLike) -> Iterator[None]:
     """A training worker's shared hold on the run dir, released by the kernel when the worker exits."""
     _, fd = _open(run_dir, WORKERS_LOCK)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)  # blocks only while a starting driver checks (an instant)
+        fcntl.lockf(fd, fcntl.LOCK_SH)  # blocks only while a starting driver checks (an instant)
         yield
     finally:
         os.close(fd)
@@ -126,8 +127,8 @@ def wait_for_earlier_workers(run_dir: str | os.PathLike, timeout_s: float = 120.
         told = False
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                fcntl.flock(fd, fcntl.LOCK_UN)
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(fd, fcntl.LOCK_UN)
                 return time.monotonic() - t0
             except OSError as exc:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):

@@ -106,7 +106,7 @@ def _orphan(run: Path, until: str = "") -> subprocess.Popen:
     return holder
 
 
-def test_a_start_waits_for_the_workers_of_an_earlier_start(tmp_path, capsys):
+def test_a_start_waits_for_the_workers_of_an_earlier_start(tmp_path):
     run = tmp_path / "run"
     assert wait_for_earlier_workers(run) == 0.0, "a new run dir has no earlier workers"
     holder = _orphan(run)
@@ -120,15 +120,42 @@ def test_a_start_waits_for_the_workers_of_an_earlier_start(tmp_path, capsys):
         holder.kill()
         holder.wait()
     assert wait_for_earlier_workers(run, timeout_s=0.5) < 0.5, "a killed worker's hold is gone with it"
-    capsys.readouterr()
-    # the job itself waits (saying so) until the earlier worker has exited, then trains: the worker holds on until
-    # the job has written its plan, which a job does just before it would start its own workers
-    holder = _orphan(run, until="plan.json")
-    summary = train(compose([*BASE, "train.max_steps=2", "train.log_every_steps=1"]), run_dir=str(run))
-    holder.wait()
-    out = capsys.readouterr().out
-    assert f"waiting for the workers of an earlier start to exit (pids {holder.pid} on this node)" in out
-    assert summary["status"] == "completed" and summary["resumed_from"] is None
+    # the job itself waits, saying so, until the earlier worker has exited; then it trains
+    holder = _orphan(run, until="go")
+    job = subprocess.Popen([sys.executable, "-m", "orchestrator", *BASE, "train.max_steps=2", f"hydra.run.dir={run}"],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in job.stdout:
+        lines.append(line)
+        if "waiting for the workers of an earlier start to exit" in line:
+            assert f"(pids {holder.pid} on this node)" in line, line
+            assert not (run / "plan.json").exists(), "the waiting start wrote nothing into the run dir"
+            (run / "go").touch()
+    assert job.wait(timeout=120) == 0, "".join(lines)[-3000:]
+    holder.wait(timeout=30)
+    assert (run / "go").exists(), "the job did not wait"
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+
+
+def test_the_workers_hold_ends_with_the_worker_not_with_its_forked_children(tmp_path):
+    """A training worker forks (DataLoader workers): its hold on the run dir must end when it exits, even while a
+    child it forked lives on, or every start after a kill would wait for those children."""
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time; from orchestrator.run_lock import worker_hold\n"
+                               f"with worker_hold({str(run)!r}):\n"
+                               "    child = os.fork()\n"
+                               "    if child == 0:\n        time.sleep(60); os._exit(0)\n"
+                               "    print(child, flush=True); time.sleep(0.5)\n"
+                               "os._exit(0)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        holder.wait(timeout=30)
+        os.kill(child, 0)  # the forked child is still alive
+        assert wait_for_earlier_workers(run, timeout_s=5) < 5
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 @pytest.mark.slow

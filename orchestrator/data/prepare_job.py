@@ -310,16 +310,34 @@ def _marker_ok(marker: Path, out: Path, verify: bool) -> Optional[dict]:
     return res
 
 
-# Pass 2 encodes a document in one call, its sentences joined by this marker, added to the worker's copy of the
-# tokenizer as a special token (id = vocabulary size, so no other id moves): one Rust call per document on the
-# fast path (no offsets), not one Encoding per sentence. Added tokens split the text before normalisation and
-# pre-tokenisation, so each sentence is encoded exactly as alone (tests/test_prepare_text.py checks it on WordPiece and
-# byte-level BPE). A document whose text holds the marker itself is encoded sentence by sentence.
+# Pass 2 encodes a document in one call, its sentences joined by this marker, added to a copy of the tokenizer as a
+# special token (id = vocabulary size, so no other id moves): one Rust call per document on the fast path (no
+# offsets), not one Encoding per sentence. Added tokens split the text before normalisation and pre-tokenisation, so
+# each sentence is encoded exactly as alone (tests/test_prepare_text.py checks it on WordPiece and byte-level BPE)
+# where the pre-tokeniser does not look at where a piece sits in the whole text: Metaspace with
+# prepend_scheme="first" (SentencePiece conversions) does, so such tokenizers, and documents whose text holds the
+# marker's private-use character, are encoded sentence by sentence with the unmodified tokenizer. Preparation never
+# truncates or pads: a tokenizer.json that enables either has it switched off here.
 SENTENCE_MARK = "\ue000sentence\ue000"
+_POSITION_FREE = {"BertPreTokenizer", "ByteLevel", "Whitespace", "WhitespaceSplit", "Punctuation", "Digits",
+                  "CharDelimiterSplit", "UnicodeScripts", "Split"}
+
+
+def _position_free(pre_tokenizer: Optional[dict]) -> bool:
+    """The pre-tokeniser treats every piece of text alike, wherever it sits (so joining sentences changes nothing)."""
+    if pre_tokenizer is None:
+        return True
+    kind = pre_tokenizer.get("type")
+    if kind == "Sequence":
+        return all(_position_free(p) for p in pre_tokenizer.get("pretokenizers", []))
+    if kind == "Metaspace":
+        return pre_tokenizer.get("prepend_scheme") in ("always", "never")
+    return kind in _POSITION_FREE
 
 
 class _TokenizerCache:
-    tok = None
+    tok = None  # the tokenizer as given (no truncation, no padding)
+    marked = None  # a copy with the sentence marker; None where joining sentences could change their ids
     tok_dir = None
     vocab = 0
     mark_id = -1
@@ -329,21 +347,31 @@ class _TokenizerCache:
 
         if self.tok is not None and self.tok_dir == tok_dir:
             return
-        self.tok = Tokenizer.from_file(str(Path(tok_dir) / "tokenizer.json"))
-        self.tok_dir, self.vocab = tok_dir, self.tok.get_vocab_size()
-        self.tok.add_special_tokens([AddedToken(SENTENCE_MARK, special=True, normalized=False)])
-        self.mark_id = self.tok.token_to_id(SENTENCE_MARK)
-        if self.mark_id < self.vocab:  # the vocabulary has it already: the marker would be ambiguous
-            raise RuntimeError(f"{tok_dir}: the tokenizer already holds the sentence marker token")
+        path = str(Path(tok_dir) / "tokenizer.json")
+        self.tok, self.tok_dir = Tokenizer.from_file(path), tok_dir
+        self.tok.no_truncation()
+        self.tok.no_padding()
+        self.vocab = self.tok.get_vocab_size()
+        self.marked = None
+        if _position_free(json.loads(self.tok.to_str()).get("pre_tokenizer")):
+            self.marked = Tokenizer.from_str(self.tok.to_str())
+            self.marked.add_special_tokens([AddedToken(SENTENCE_MARK, special=True, normalized=False)])
+            self.mark_id = self.marked.token_to_id(SENTENCE_MARK)
+            if self.mark_id < self.vocab:  # the vocabulary has it already: the marker would be ambiguous
+                self.marked = None
 
-    def encode_documents(self, docs: list[list[str]]) -> Iterator[tuple[np.ndarray, Optional[np.ndarray], list[str]]]:
-        """(ids, marker positions, sentences) per document; positions None where the marker could not be used."""
-        fast = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
-        encs = fast([SENTENCE_MARK.join(d) for d in docs], add_special_tokens=False)
-        for d, e in zip(docs, encs):
-            ids = np.asarray(e.ids, dtype=np.int64)
-            marks = np.flatnonzero(ids == self.mark_id)
-            yield ids, (marks if len(marks) == len(d) - 1 else None), d
+    def encode_documents(self, docs: list[list[str]]) -> Iterator[list[list[int]] | tuple[np.ndarray, np.ndarray]]:
+        """Per document: (ids, marker positions) from one joined call, or each sentence's ids."""
+        joinable = [self.marked is not None and not any("\ue000" in s for s in d) for d in docs]
+        joined = [SENTENCE_MARK.join(d) for d, ok in zip(docs, joinable) if ok]
+        encs = iter(getattr(self.marked, "encode_batch_fast", self.marked.encode_batch)(joined, add_special_tokens=False)
+                    if joined else [])
+        for d, ok in zip(docs, joinable):
+            if ok:
+                ids = np.asarray(next(encs).ids, dtype=np.int64)
+                yield ids, np.flatnonzero(ids == self.mark_id)
+            else:
+                yield [e.ids for e in self.tok.encode_batch(d, add_special_tokens=False)]
 
 
 def pass2_block(block: Block, ctx: dict, cache: Optional[_TokenizerCache] = None) -> dict:
@@ -365,12 +393,12 @@ def pass2_block(block: Block, ctx: dict, cache: Optional[_TokenizerCache] = None
     pending: list[list[str]] = []
 
     def flush() -> None:
-        for ids, marks, d in cache.encode_documents(pending):
+        for d, enc in zip(pending, cache.encode_documents(pending)):
             acc = accs["eval" if is_eval_document(d, cfg["eval_fraction"]) else "train"]
-            if marks is not None:
-                acc.add_marked(ids, marks, dtype)
+            if isinstance(enc, tuple):
+                acc.add_marked(*enc, dtype)
             else:
-                acc.add([e.ids for e in tok.encode_batch(d, add_special_tokens=False)], dtype)
+                acc.add(enc, dtype)
         pending.clear()
 
     try:

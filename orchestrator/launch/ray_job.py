@@ -7,6 +7,7 @@ Nothing here imports torch; ray is imported lazily inside the functions that nee
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -17,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 from urllib.parse import urlparse
 
 from orchestrator.errors import OrchestratorError
@@ -186,17 +187,33 @@ def _probe_gcs(address: str, timeout_s: float = 8.0) -> None:
         except BaseException as exc:  # handed to the caller's thread
             outcome.append(exc)
 
+    with _stderr_held_back():
+        probe = threading.Thread(target=call, daemon=True)
+        probe.start()
+        probe.join(timeout_s)
+    _raise_probe_outcome(address, outcome, timeout_s)
+
+
+@contextlib.contextmanager
+def _stderr_held_back() -> Iterator[None]:
+    """fd 2 to /dev/null inside (C++ libraries write there directly); left as it is where it cannot be duplicated."""
     sys.stderr.flush()
-    saved = os.dup(2)
     try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            probe = threading.Thread(target=call, daemon=True)
-            probe.start()
-            probe.join(timeout_s)
+        saved = os.dup(2)
+    except OSError:
+        saved = -1
+    try:
+        if saved >= 0:
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 2)
+        yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        if saved >= 0:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _raise_probe_outcome(address: str, outcome: list, timeout_s: float) -> None:
     if not outcome:
         raise ClusterUnreachable(f"{address} answers, but no Ray GCS replied in {timeout_s:.0f} s: give the head's GCS"
                                  " address (<head>:6379, what `ray start --head` prints), not its dashboard port")

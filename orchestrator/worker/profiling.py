@@ -5,13 +5,16 @@ torchtitan's `profiling.enable_profiling` does. Per rank, in `<run dir>/profile/
 - `rank<R>.txt`: torch's own table of the ops with the most self time,
 - `rank<R>.trace.json`: a Chrome / Perfetto trace of the profiled steps.
 
-Only the training step is inside the window (not logging, evaluation or checkpointing of the same step).
-A collective's time includes waiting for the slowest rank, so comparing ranks shows imbalance.
+The window opens before step `first` and closes right after step `last`, so it holds the logging, evaluation and
+checkpointing of steps first..last-1 when they fall due there (choose steps without them to see the step alone).
+A collective's time includes waiting for the slowest rank, so comparing ranks shows imbalance. Writing the files
+cannot fail the run: a failure is logged.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -84,6 +87,12 @@ class StepProfiler:
         prof.__exit__(None, None, None)
         if not self.profiled:
             return
+        try:
+            self._write(prof)
+        except Exception as exc:  # the training result matters more than its profile
+            logging.getLogger("orchestrator.worker").warning("profile of steps %s not written: %s", self.profiled, exc)
+
+    def _write(self, prof) -> None:
         from orchestrator.io import atomic_write, write_text_atomic
 
         name = f"rank{self.rank}"

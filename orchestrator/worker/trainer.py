@@ -270,10 +270,11 @@ class Trainer:
 
     def exit_if_orphaned(self) -> None:
         """A Ray worker whose raylet is gone (its driver and local Ray killed -9) would otherwise train on, log
-        and checkpoint into the run dir for seconds; it stops here, before writing anything of this step."""
+        and checkpoint into the run dir for seconds; it stops here, before logging or checkpointing this step (the
+        step's ledger row, written inside the step, is dropped by the next start, which resumes before it)."""
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
             print(f"rank {self.d.rank}: the Ray node that started this worker (pid {self.parent_pid}) is gone;"
-                  f" exiting at step {self.state.step} without writing it", file=sys.stderr, flush=True)
+                  f" exiting at step {self.state.step} without logging or checkpointing it", file=sys.stderr, flush=True)
             os._exit(1)
 
     # -- set-up -----------------------------------------------------------------------------------------
