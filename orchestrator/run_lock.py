@@ -31,6 +31,7 @@ from orchestrator.errors import OrchestratorError
 
 LOCK_FILE = ".lock"
 WORKERS_LOCK = ".workers.lock"
+_BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)  # what a non-blocking lock attempt on a held file raises
 
 
 class RunDirBusy(OrchestratorError):
@@ -73,7 +74,7 @@ def run_dir_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
     except OSError as exc:
         holder = os.pread(fd, 4096, 0).decode(errors="replace")
         os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        if exc.errno in _BUSY:
             raise RunDirBusy(f"run dir '{run_dir}' is in use by {_describe(holder)}: wait for that job, stop it,"
                              " or choose another run dir (run_name=... or hydra.run.dir=...)") from None
         raise
@@ -131,14 +132,15 @@ def wait_for_earlier_workers(run_dir: str | os.PathLike, timeout_s: float = 120.
                 fcntl.lockf(fd, fcntl.LOCK_UN)
                 return time.monotonic() - t0
             except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                if exc.errno not in _BUSY:
                     raise
-            pids = _lock_pids(path)
-            where = f" (pids {', '.join(map(str, pids))} on this node)" if pids else ""
-            if time.monotonic() - t0 > timeout_s:
-                raise RunDirBusy(f"{path}: workers of an earlier start still hold the run dir after {timeout_s:.0f} s"
-                                 f"{where}: stop them, then run again")
-            if not told:
+            late = time.monotonic() - t0 > timeout_s
+            if late or not told:  # who holds it (/proc/locks) only when there is something to say
+                pids = _lock_pids(path)
+                where = f" (pids {', '.join(map(str, pids))} on this node)" if pids else ""
+                if late:
+                    raise RunDirBusy(f"{path}: workers of an earlier start still hold the run dir after"
+                                     f" {timeout_s:.0f} s{where}: stop them, then run again")
                 say(f"waiting for the workers of an earlier start to exit{where}")
                 told = True
             time.sleep(0.2)

@@ -353,8 +353,9 @@ class _TokenizerCache:
         self.tok.no_padding()
         self.vocab = self.tok.get_vocab_size()
         self.marked = None
-        if _position_free(json.loads(self.tok.to_str()).get("pre_tokenizer")):
-            self.marked = Tokenizer.from_str(self.tok.to_str())
+        spec = self.tok.to_str()
+        if _position_free(json.loads(spec).get("pre_tokenizer")):
+            self.marked = Tokenizer.from_str(spec)
             self.marked.add_special_tokens([AddedToken(SENTENCE_MARK, special=True, normalized=False)])
             self.mark_id = self.marked.token_to_id(SENTENCE_MARK)
             if self.mark_id < self.vocab:  # the vocabulary has it already: the marker would be ambiguous
@@ -362,7 +363,7 @@ class _TokenizerCache:
 
     def encode_documents(self, docs: list[list[str]]) -> Iterator[list[list[int]] | tuple[np.ndarray, np.ndarray]]:
         """Per document: (ids, marker positions) from one joined call, or each sentence's ids."""
-        joinable = [self.marked is not None and not any("\ue000" in s for s in d) for d in docs]
+        joinable = [self.marked is not None and not any(SENTENCE_MARK[0] in s for s in d) for d in docs]
         joined = [SENTENCE_MARK.join(d) for d, ok in zip(docs, joinable) if ok]
         encs = iter(getattr(self.marked, "encode_batch_fast", self.marked.encode_batch)(joined, add_special_tokens=False)
                     if joined else [])

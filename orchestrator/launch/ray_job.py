@@ -72,13 +72,14 @@ def resolve_address(explicit: Optional[str] = None, default: Optional[str] = DEF
     return default
 
 
-def local_token_available() -> bool:
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return True
+def _token_file() -> Path:
+    """The file Ray reads the token from when RAY_AUTH_TOKEN is unset."""
     path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if path:
-        return Path(path).expanduser().is_file()
-    return (Path.home() / ".ray" / "auth_token").is_file()
+    return Path(path).expanduser() if path else Path.home() / ".ray" / "auth_token"
+
+
+def local_token_available() -> bool:
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or _token_file().is_file()
 
 
 def ensure_token_auth_env() -> str:
@@ -167,7 +168,7 @@ def _token_sent() -> str:
         return f"a request without a token (RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE', 'unset')})"
     if os.environ.get("RAY_AUTH_TOKEN"):
         return "the token in RAY_AUTH_TOKEN"
-    return f"the token in {os.environ.get('RAY_AUTH_TOKEN_PATH') or Path.home() / '.ray' / 'auth_token'}"
+    return f"the token in {_token_file()}"
 
 
 def _probe_gcs(address: str, timeout_s: float = 8.0) -> None:
@@ -191,7 +192,17 @@ def _probe_gcs(address: str, timeout_s: float = 8.0) -> None:
         probe = threading.Thread(target=call, daemon=True)
         probe.start()
         probe.join(timeout_s)
-    _raise_probe_outcome(address, outcome, timeout_s)
+    if not outcome:
+        raise ClusterUnreachable(f"{address} answers, but no Ray GCS replied in {timeout_s:.0f} s: give the head's GCS"
+                                 " address (<head>:6379, what `ray start --head` prints), not its dashboard port")
+    exc = outcome[0]
+    if exc is None:
+        return
+    from ray.exceptions import AuthenticationError
+
+    if isinstance(exc, AuthenticationError) or not isinstance(exc, Exception):  # the caller words a refusal
+        raise exc
+    raise ClusterUnreachable(f"no Ray GCS at {address}: {str(exc).splitlines()[0][:200]}")
 
 
 @contextlib.contextmanager
@@ -211,20 +222,6 @@ def _stderr_held_back() -> Iterator[None]:
         if saved >= 0:
             os.dup2(saved, 2)
             os.close(saved)
-
-
-def _raise_probe_outcome(address: str, outcome: list, timeout_s: float) -> None:
-    if not outcome:
-        raise ClusterUnreachable(f"{address} answers, but no Ray GCS replied in {timeout_s:.0f} s: give the head's GCS"
-                                 " address (<head>:6379, what `ray start --head` prints), not its dashboard port")
-    if outcome[0] is not None and not isinstance(outcome[0], Exception):
-        raise outcome[0]
-    if outcome[0] is not None:
-        from ray.exceptions import AuthenticationError
-
-        if isinstance(outcome[0], AuthenticationError):
-            raise outcome[0]
-        raise ClusterUnreachable(f"no Ray GCS at {address}: {str(outcome[0]).splitlines()[0][:200]}")
 
 
 _STARTED_HERE: dict[str, Optional[str]] = {"gcs": None}  # the GCS address of the local Ray connect_ray started

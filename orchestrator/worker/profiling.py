@@ -50,7 +50,8 @@ def summarize(averages, steps: int, top: int = 25) -> dict[str, Any]:
             "self_fraction": e.self_cpu_time_total / total} for e in events[:top]]
     cats: dict[str, float] = {}
     for e in events:
-        cats[categorize(e.key)] = cats.get(categorize(e.key), 0.0) + e.self_cpu_time_total
+        cat = categorize(e.key)
+        cats[cat] = cats.get(cat, 0.0) + e.self_cpu_time_total
     categories = {k: {"ms_per_step": v / 1000 / steps, "fraction": v / total}
                   for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}
     return {"steps": steps, "self_ms_per_step": total / 1000 / steps, "categories": categories, "top_ops": ops}
@@ -95,9 +96,9 @@ class StepProfiler:
     def _write(self, prof) -> None:
         from orchestrator.io import atomic_write, write_text_atomic
 
-        name = f"rank{self.rank}"
-        summary = {"rank": self.rank, "profiled_steps": self.profiled, **summarize(prof.key_averages(), len(self.profiled))}
+        name, averages = f"rank{self.rank}", prof.key_averages()
+        summary = {"rank": self.rank, "profiled_steps": self.profiled, **summarize(averages, len(self.profiled))}
         write_text_atomic(self.out_dir / f"{name}.json", json.dumps(summary, indent=2) + "\n")
         sort = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
-        write_text_atomic(self.out_dir / f"{name}.txt", prof.key_averages().table(sort_by=sort, row_limit=30) + "\n")
+        write_text_atomic(self.out_dir / f"{name}.txt", averages.table(sort_by=sort, row_limit=30) + "\n")
         atomic_write(self.out_dir / f"{name}.trace.json", lambda tmp: prof.export_chrome_trace(str(tmp)))
