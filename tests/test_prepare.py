@@ -97,6 +97,26 @@ def test_prepare_writes_shards_manifest_and_stats_with_dedup(tmp_path):
     assert (out / "manifest.json").read_bytes() == before
 
 
+def test_pass_2_tokenises_pass_1s_record_of_the_text_or_reads_the_source_again_alike(tmp_path, monkeypatch):
+    """Pass 1 keeps each block's normalised documents, so pass 2 (and the vocabulary's sample) reads no source
+    file again; the record is removed once its block's shards are written. Without the record
+    (keep_normalised_text=false) pass 2 reads the sources again: the same manifest."""
+    from orchestrator.data.prepare_sources import DocumentReader
+
+    src = write_corpus(tmp_path / "src", dups=25)
+    reads = []
+    real_iter = DocumentReader.__iter__
+    monkeypatch.setattr(DocumentReader, "__iter__", lambda self: (reads.append(self.b.index), real_iter(self))[1])
+    run(base(src, tmp_path / "record"))
+    n_blocks = len(json.loads((tmp_path / "record" / "work" / "plan.json").read_text())["blocks"])
+    assert sorted(reads) == list(range(n_blocks)), "each block read once, by pass 1"
+    assert not list((tmp_path / "record" / "work" / "pass1").glob("*.txt"))
+    reads.clear()
+    run(base(src, tmp_path / "source", "keep_normalised_text=false"))
+    assert len(reads) > 2 * n_blocks, "pass 1, the vocabulary's sample and pass 2 each read the source"
+    assert (tmp_path / "source" / "manifest.json").read_bytes() == (tmp_path / "record" / "manifest.json").read_bytes()
+
+
 def test_other_settings_on_a_finished_output_dir_are_refused(tmp_path):
     src = write_corpus(tmp_path / "src", n_text=100, n_jsonl=0)
     run(base(src, tmp_path / "out"))
@@ -218,11 +238,17 @@ def test_killed_preparation_resumes_to_the_manifest_of_an_uninterrupted_run(tmp_
 
 
 @pytest.mark.slow
-def test_ray_data_preparation_with_two_workers_equals_local(ray_cluster, tmp_path):
+def test_ray_data_preparation_with_two_workers_equals_local(ray_cluster, tmp_path, capfd):
+    """Same manifest on Ray Data's actors as in one process; and Ray Data's console stays quiet: no INFO line
+    per pass, no note on progress bars, no deprecation warning, no core-worker error line about actor restarts."""
     src = write_corpus(tmp_path / "src", n_text=600, n_jsonl=300, dups=10)
     vocab = _vocab(src, tmp_path)
     run(base(src, tmp_path / "local", *vocab))
+    capfd.readouterr()
     st = run([*base(src, tmp_path / "ray", *vocab), "launcher=ray", "num_workers=2"])
+    console = "".join(capfd.readouterr())
+    for noise in ("streaming_executor", "Progress bars disabled", "deprecated", "core_worker", "UserWarning"):
+        assert noise not in console, console[-3000:]
     assert st["timing"]["launcher"] == "ray"
     a = json.loads((tmp_path / "local" / "manifest.json").read_text())
     b = json.loads((tmp_path / "ray" / "manifest.json").read_text())

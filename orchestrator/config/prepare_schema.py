@@ -86,6 +86,10 @@ class PrepareConfig:
     """On a re-run, check the checksum of every finished shard before skipping its block."""
     dedup_partition_docs: int = 4000000
     """Hashes held in memory at once by the dedup pass (the pass runs once per partition of the hash space)."""
+    keep_normalised_text: bool = True
+    """Pass 1 keeps each block's normalised text under output_dir/work/ for pass 2, which then reads no source
+    again (faster); a block's copy is deleted once its shards are written. Until then it takes up to the corpus's
+    text once more on disk: false makes pass 2 read and normalise the sources again instead. Same shards either way."""
 
 
 def to_prepare_config(cfg: Any) -> PrepareConfig:

@@ -208,7 +208,12 @@ def is_eval_document(doc: Document, eval_fraction: float) -> bool:
     if eval_fraction <= 0:
         return False
     digest = hashlib.blake2b("\n".join(doc).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < eval_fraction
+    return is_eval_hash(int.from_bytes(digest, "big"), eval_fraction)
+
+
+def is_eval_hash(h: int, eval_fraction: float) -> bool:
+    """`is_eval_document` of the document whose 64-bit text hash is h (`prepare_sources.text_hash`)."""
+    return eval_fraction > 0 and h / 2**64 < eval_fraction
 
 
 # The category task's classes: words the corpus uses in category-specific contexts (a dog barks in a kennel,

@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -28,9 +29,9 @@ from orchestrator.data.prepare_sources import (
     Block,
     BlockRefused,
     DocumentReader,
-    doc_hash,
     plan_blocks,
     resolve_sources,
+    text_hash,
 )
 from orchestrator.errors import ConfigError, DataError
 from orchestrator.io import atomic_write, save_npy_atomic, sha256_file, write_json_atomic
@@ -45,7 +46,8 @@ KIND = "bert-orchestrator/prepared-dataset"
 FORMAT_VERSION = 1
 SPLITS = ("train", "eval")
 # settings that do not change any output byte: a re-run may change them freely
-_NON_CONTENT = ("launcher", "num_workers", "verify_existing", "output_dir", "dedup_partition_docs")
+_NON_CONTENT = ("launcher", "num_workers", "verify_existing", "output_dir", "dedup_partition_docs",
+                "keep_normalised_text")
 
 
 def content_config(cfg) -> dict[str, Any]:
@@ -60,22 +62,42 @@ def _name(i: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ pass 1
+# A document's text as pass 1 keeps it for pass 2: its sentences joined by "\n", documents joined by "\x1e".
+# Neither can occur inside a sentence: every sentence is cut from a `normalise`d line, and str.split() removes both.
+SENT_SEP, DOC_SEP = "\n", "\x1e"
+
+
+def _texts_file(out: Path, index: int) -> Path:
+    return out / "work" / "pass1" / f"block_{_name(index)}.txt"
+
+
 def pass1_block(block: Block, ctx: dict) -> dict:
-    """Read, normalise and filter one block; write the 64-bit hashes of its kept documents and its stats."""
+    """Read, normalise and filter one block; write the 64-bit hashes of its kept documents, their normalised text
+    (so that pass 2 tokenises without reading and normalising the source again) and the block's stats."""
     work = Path(ctx["out"]) / "work" / "pass1"
     marker = work / f"block_{_name(block.index)}.json"
     if marker.is_file() and (work / f"block_{_name(block.index)}.npy").is_file():
         return json.loads(marker.read_text())
     reader = DocumentReader.from_config(block, ctx["cfg"])
     hashes: list[int] = []
+    keep = ctx.get("keep_text", True)
+    texts: list[str] = []
     try:
         for doc in reader:
-            hashes.append(doc_hash(doc))
+            text = SENT_SEP.join(doc)
+            hashes.append(text_hash(text))
+            if keep:
+                texts.append(text)
+                keep = text.count(SENT_SEP) == len(doc) - 1  # always so (see SENT_SEP); else no record is kept
     except BlockRefused:
         res = {"block": block.index, **asdict(reader.stats)}
         return res  # not written: the refusal is reported by the driver, with the file's line number
     save_npy_atomic(work / f"block_{_name(block.index)}.npy", np.asarray(hashes, dtype=np.uint64))
     res = {"block": block.index, **asdict(reader.stats)}
+    joined = DOC_SEP.join(texts) if keep else ""
+    if keep and joined.count(DOC_SEP) == max(0, len(texts) - 1):  # without a record pass 2 reads the source
+        atomic_write(_texts_file(Path(ctx["out"]), block.index), lambda tmp: tmp.write_text(joined, encoding="utf-8"))
+        res["texts_chars"] = len(joined)
     _write_json(marker, res)
     return res
 
@@ -123,16 +145,32 @@ def _drops(out: Path, index: int) -> np.ndarray:
     return np.load(p) if p.is_file() else np.zeros(0, np.int64)
 
 
-def kept_documents(block: Block, ctx: dict) -> Iterable[list[str]]:
-    """The block's documents after filtering and dedup."""
-    drops = _drops(Path(ctx["out"]), block.index)
+def kept_texts(block: Block, ctx: dict) -> Iterator[tuple[str, int]]:
+    """The block's documents after filtering and dedup, each as (its sentences joined by SENT_SEP, its 64-bit
+    hash): from pass 1's record of them, or, where that is missing or does not match pass 1's hashes (a run
+    prepared before the record existed), read and normalised from the source again."""
+    out = Path(ctx["out"])
+    drops = _drops(out, block.index)
+    path, marker = _texts_file(out, block.index), out / "work" / "pass1" / f"block_{_name(block.index)}.json"
+    if path.is_file() and marker.is_file():
+        hashes = np.load(path.with_suffix(".npy"))
+        texts = path.read_text(encoding="utf-8")
+        if len(texts) == json.loads(marker.read_text()).get("texts_chars", -1):
+            texts = texts.split(DOC_SEP) if len(hashes) else []
+            if len(texts) == len(hashes):
+                keep = np.ones(len(texts), dtype=bool)
+                keep[drops] = False
+                for k in np.flatnonzero(keep).tolist():
+                    yield texts[k], int(hashes[k])
+                return
     j = 0
     for k, doc in enumerate(DocumentReader.from_config(block, ctx["cfg"])):
         while j < len(drops) and drops[j] < k:
             j += 1
         if j < len(drops) and drops[j] == k:
             continue
-        yield doc
+        text = SENT_SEP.join(doc)
+        yield text, text_hash(text)
 
 
 # ------------------------------------------------------------------------------------------- tokenizer
@@ -152,10 +190,10 @@ def ensure_tokenizer(cfg, blocks: list[Block], ctx: dict) -> Path:
 
         def sample() -> Iterable[str]:
             for b in blocks:
-                for n, doc in enumerate(kept_documents(b, ctx)):
+                for n, (text, _) in enumerate(kept_texts(b, ctx)):
                     if n >= per_block:
                         break
-                    yield from doc
+                    yield from text.split(SENT_SEP)
 
         tok = train_wordpiece(sample, t.vocab_size, t.min_frequency, t.lowercase)
     atomic_save_dir(lambda d: tok.save_pretrained(str(d)), tok_out)
@@ -164,37 +202,41 @@ def ensure_tokenizer(cfg, blocks: list[Block], ctx: dict) -> Path:
 
 # ------------------------------------------------------------------------------------------------ pass 2
 class _SplitAcc:
+    """One split's documents in order: their tokens, each sentence's length, each document's sentence count.
+    Sentences without a token are dropped, and documents left without a sentence."""
+
     def __init__(self) -> None:
         self.chunks: list[np.ndarray] = []
         self.sent_lens: list[np.ndarray] = []
-        self.doc_sents: list[int] = []
+        self.doc_sents: list[np.ndarray] = []
 
     def add(self, ids_per_sentence: list[list[int]], dtype) -> None:
+        """One document, each sentence's ids."""
         lens = [len(x) for x in ids_per_sentence if x]
         if not lens:
             return
         self.chunks.append(np.fromiter((t for x in ids_per_sentence for t in x), dtype=dtype, count=sum(lens)))
         self.sent_lens.append(np.asarray(lens, dtype=np.int64))
-        self.doc_sents.append(len(lens))
+        self.doc_sents.append(np.asarray([len(lens)], dtype=np.int64))
 
-    def add_marked(self, ids: np.ndarray, marks: np.ndarray, dtype) -> None:
-        """One document encoded whole, its sentences joined by a marker token at `marks`: as `add` of the
-        sentences encoded one by one (empty sentences dropped)."""
-        lens = np.diff(np.concatenate(([-1], marks, [len(ids)]))) - 1
-        lens = lens[lens > 0]
-        if not len(lens):
-            return
-        self.chunks.append(np.delete(ids, marks).astype(dtype))
-        self.sent_lens.append(lens.astype(np.int64))
-        self.doc_sents.append(len(lens))
+    def add_batch(self, toks: np.ndarray, lens: np.ndarray, doc_of: np.ndarray, take: np.ndarray, dtype) -> None:
+        """Documents encoded together: `toks` all their sentences' ids back to back, `lens` each sentence's
+        length, `doc_of` its document (0..n-1, ascending), `take` whether its document belongs here. The same
+        as `add` of each taken document in turn."""
+        keep = take & (lens > 0)
+        self.chunks.append(toks[np.repeat(keep, lens)].astype(dtype))
+        self.sent_lens.append(lens[keep])
+        per_doc = np.bincount(doc_of[keep], minlength=int(doc_of[-1]) + 1 if len(doc_of) else 0)
+        self.doc_sents.append(per_doc[per_doc > 0])
 
     def arrays(self, dtype):
         toks = np.concatenate(self.chunks) if self.chunks else np.zeros(0, dtype)
         lens = np.concatenate(self.sent_lens) if self.sent_lens else np.zeros(0, np.int64)
         sent_off = np.zeros(len(lens) + 1, np.int64)
         np.cumsum(lens, out=sent_off[1:])
-        doc_off = np.zeros(len(self.doc_sents) + 1, np.int64)
-        np.cumsum(self.doc_sents, out=doc_off[1:])
+        doc_sents = np.concatenate(self.doc_sents) if self.doc_sents else np.zeros(0, np.int64)
+        doc_off = np.zeros(len(doc_sents) + 1, np.int64)
+        np.cumsum(doc_sents, out=doc_off[1:])
         return toks, sent_off, doc_off
 
 
@@ -361,23 +403,29 @@ class _TokenizerCache:
             if self.mark_id < self.vocab:  # the vocabulary has it already: the marker would be ambiguous
                 self.marked = None
 
-    def encode_documents(self, docs: list[list[str]]) -> Iterator[list[list[int]] | tuple[np.ndarray, np.ndarray]]:
-        """Per document: (ids, marker positions) from one joined call, or each sentence's ids."""
-        joinable = [self.marked is not None and not any(SENTENCE_MARK[0] in s for s in d) for d in docs]
-        joined = [SENTENCE_MARK.join(d) for d, ok in zip(docs, joinable) if ok]
-        encs = iter(getattr(self.marked, "encode_batch_fast", self.marked.encode_batch)(joined, add_special_tokens=False)
-                    if joined else [])
-        for d, ok in zip(docs, joinable):
-            if ok:
-                ids = np.asarray(next(encs).ids, dtype=np.int64)
-                yield ids, np.flatnonzero(ids == self.mark_id)
-            else:
-                yield [e.ids for e in self.tok.encode_batch(d, add_special_tokens=False)]
+    def encode_joined(self, texts: list[str]) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """Documents (each its sentences joined by SENT_SEP) in one fast-path call, every sentence boundary, also
+        between documents, a marker: (all sentences' ids back to back, each sentence's length). Each sentence
+        gets exactly the ids it gets alone. None where that cannot hold: a tokenizer without the marker, or a
+        document holding the marker's character."""
+        text = SENT_SEP.join(texts)
+        if self.marked is None or SENTENCE_MARK[0] in text:
+            return None
+        enc = getattr(self.marked, "encode_batch_fast", self.marked.encode_batch)(
+            [text.replace(SENT_SEP, SENTENCE_MARK)], add_special_tokens=False)[0]
+        ids = np.asarray(enc.ids, dtype=np.int64)
+        is_mark = ids == self.mark_id
+        lens = np.diff(np.flatnonzero(is_mark), prepend=-1, append=len(ids)) - 1
+        return ids[~is_mark], lens
+
+    def encode_sentences(self, text: str) -> list[list[int]]:
+        """One document's sentences encoded one by one (where `encode_joined` cannot be used)."""
+        return [e.ids for e in self.tok.encode_batch(text.split(SENT_SEP), add_special_tokens=False)]
 
 
 def pass2_block(block: Block, ctx: dict, cache: Optional[_TokenizerCache] = None) -> dict:
     """Tokenise one block's kept documents, split train/eval by document hash, write its shards and marker."""
-    from orchestrator.data.corpus import is_eval_document
+    from orchestrator.data.corpus import is_eval_hash
 
     out = Path(ctx["out"])
     marker = out / "work" / "blocks" / f"block_{_name(block.index)}.json"
@@ -391,20 +439,29 @@ def pass2_block(block: Block, ctx: dict, cache: Optional[_TokenizerCache] = None
     dtype = np.uint16 if vocab <= 65535 else np.int32
     unk_id = tok.token_to_id("[UNK]")
     accs = {s: _SplitAcc() for s in SPLITS}
-    pending: list[list[str]] = []
+    pending: list[str] = []
+    pending_hashes: list[int] = []
 
     def flush() -> None:
-        for d, enc in zip(pending, cache.encode_documents(pending)):
-            acc = accs["eval" if is_eval_document(d, cfg["eval_fraction"]) else "train"]
-            if isinstance(enc, tuple):
-                acc.add_marked(*enc, dtype)
-            else:
-                acc.add(enc, dtype)
+        held_out = np.fromiter((is_eval_hash(h, cfg["eval_fraction"]) for h in pending_hashes), bool, len(pending))
+        joined = cache.encode_joined(pending)
+        if joined is None:
+            for text, ev in zip(pending, held_out):
+                accs["eval" if ev else "train"].add(cache.encode_sentences(text), dtype)
+        else:
+            toks, lens = joined
+            sentences = np.fromiter((t.count(SENT_SEP) + 1 for t in pending), np.int64, len(pending))
+            doc_of = np.repeat(np.arange(len(pending)), sentences)
+            assert len(doc_of) == len(lens), "one length per sentence"
+            for split in SPLITS:
+                accs[split].add_batch(toks, lens, doc_of, held_out[doc_of] == (split == "eval"), dtype)
         pending.clear()
+        pending_hashes.clear()
 
     try:
-        for doc in kept_documents(block, ctx):
-            pending.append(doc)
+        for text, h in kept_texts(block, ctx):
+            pending.append(text)
+            pending_hashes.append(h)
             if len(pending) >= 256:
                 flush()
         if pending:
@@ -433,6 +490,7 @@ def pass2_block(block: Block, ctx: dict, cache: Optional[_TokenizerCache] = None
     res = {"block": block.index, "splits": splits, "unk_tokens": unk, "counts_file": counts_file,
            "hist_edges": edges.tolist()}
     _write_json(marker, res)
+    _texts_file(out, block.index).unlink(missing_ok=True)  # its shards hold it now: no second copy of the corpus
     return {**res, "skipped": False}
 
 
@@ -479,20 +537,46 @@ def run_blocks(kind: str, blocks: list[Block], ctx: dict, cfg, progress: Callabl
     ctxd = ray.data.DataContext.get_current()
     ctxd.enable_progress_bars = sys.stderr.isatty()
     ctxd.execution_options.preserve_order = False
+    _quiet_ray_data_console(ctxd)
     items = [{"item": json.dumps({"kind": kind, "block": asdict(b)})} for b in blocks]
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
-    dataset = dataset.map_batches(
-        BlockActor,
-        fn_constructor_kwargs={"ctx_json": json.dumps(ctx)},
-        batch_size=1,
-        concurrency=cfg.num_workers,
-        num_cpus=1,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 names `max_restarts=0` as the way to turn actor restarts off, and warns that the extra
+        # remote arguments it comes in are deprecated (for 2.64; constraints.txt pins 2.60)
+        warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
+        dataset = dataset.map_batches(
+            BlockActor,
+            fn_constructor_kwargs={"ctx_json": json.dumps(ctx)},
+            batch_size=1,
+            # no more actors than blocks; `concurrency=` would warn of its deprecation
+            compute=ray.data.ActorPoolStrategy(size=min(cfg.num_workers, len(blocks))),
+            num_cpus=1,
+            # a lost actor fails the pass instead of being restarted (a rerun resumes at the blocks not done),
+            # and Ray's core worker no longer prints an error line at each actor's start about restarts that
+            # could not work (ray-project/ray#53727)
+            max_restarts=0,
+        )
     for row in dataset.iter_rows():
         res = json.loads(row["result"])
         if "raised" in res:
             raise _reraise(res["raised"])
         progress(res)
+
+
+class _DropProgressBarNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Progress bars disabled")
+
+
+def _quiet_ray_data_console(ctxd) -> None:
+    """Ray Data's console lines are its warnings and errors only: no INFO line per dataset executed, no note that
+    its progress bars are off (without a terminal our own lines report progress). Its log file is unchanged."""
+    ctxd.print_on_execution_start = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ != "SessionFileHandler":
+            handler.setLevel(logging.WARNING)
+            if not any(isinstance(f, _DropProgressBarNote) for f in handler.filters):
+                handler.addFilter(_DropProgressBarNote())
 
 
 def _reraise(r: dict):
@@ -564,7 +648,8 @@ def prepare_corpus(cfg, echo: Callable[[str], None] = print) -> dict:
     if not blocks:
         raise DataError(", ".join(f.uri for f in files), "corpus is empty: the sources hold no bytes")
     echo(f"prepare: {len(files)} file(s), {sum(f.size for f in files):,} bytes, {len(blocks)} block(s) -> {out}")
-    ctx = {"out": str(out), "cfg": content_config(cfg), "verify_existing": cfg.verify_existing}
+    ctx = {"out": str(out), "cfg": content_config(cfg), "verify_existing": cfg.verify_existing,
+           "keep_text": cfg.keep_normalised_text}
     started_ray = connect_ray(cfg) if cfg.launcher.name == "ray" else False
     try:
         return _prepare(cfg, out, files, blocks, ctx, t0, echo)
@@ -573,6 +658,22 @@ def prepare_corpus(cfg, echo: Callable[[str], None] = print) -> dict:
             import ray
 
             ray.shutdown()
+
+
+class _Progress:
+    """One line per block done: what, k/n, and the time left at the rate of the blocks done so far."""
+
+    def __init__(self, what: str, total: int, echo: Callable[[str], None]):
+        self.what, self.total, self.echo = what, total, echo
+        self.done, self.t0 = 0, time.perf_counter()
+
+    def tick(self, r: dict, show: bool = True) -> None:
+        from orchestrator.worker.metrics import _clock
+
+        self.done += 1
+        if show:
+            left = (time.perf_counter() - self.t0) / self.done * (self.total - self.done)
+            self.echo(f"  {self.what.format(block=r['block'])} ({self.done}/{self.total}, eta {_clock(left)})")
 
 
 def _prepare(cfg, out: Path, files, blocks: list[Block], ctx: dict, t0: float, echo) -> dict:
@@ -588,7 +689,13 @@ def _prepare(cfg, out: Path, files, blocks: list[Block], ctx: dict, t0: float, e
             p1[b.index] = json.loads(m.read_text())
         else:
             todo.append(b)
-    run_blocks("pass1", todo, ctx, cfg, lambda r: p1.__setitem__(r["block"], r))
+    read = _Progress("block {block:5d} read", len(todo), echo)
+
+    def pass1_done(r: dict) -> None:
+        p1[r["block"]] = r
+        read.tick(r)
+
+    run_blocks("pass1", todo, ctx, cfg, pass1_done)
     line_base: dict[int, int] = {}
     next_line: dict[str, int] = {}
     for b in blocks:
@@ -623,13 +730,11 @@ def _prepare(cfg, out: Path, files, blocks: list[Block], ctx: dict, t0: float, e
     t3 = time.perf_counter()
     ctx2 = {**ctx, "tok_dir": str(tok_dir)}
     results: dict[int, dict] = {}
-    n_done = [0]
+    written = _Progress("shard {block:5d} written", len(blocks), echo)
 
     def progress(r: dict) -> None:
         results[r["block"]] = r
-        n_done[0] += 1
-        if not r.get("skipped"):
-            echo(f"  shard {r['block']:5d} written ({n_done[0]}/{len(blocks)})")
+        written.tick(r, show=not r.get("skipped"))
 
     run_blocks("pass2", blocks, ctx2, cfg, progress)
     pass2_s = time.perf_counter() - t3

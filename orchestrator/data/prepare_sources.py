@@ -434,6 +434,7 @@ class DocumentReader:
                     row += 1
 
 
-def doc_hash(sentences: list[str]) -> int:
-    """64-bit hash of a normalised document: the dedup key."""
-    return int.from_bytes(hashlib.blake2b("\n".join(sentences).encode("utf-8"), digest_size=8).digest(), "big")
+def text_hash(text: str) -> int:
+    """64-bit hash of a normalised document, its sentences joined by "\\n": the dedup key, and the key of the
+    held-out split (`corpus.is_eval_hash`)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
