@@ -107,7 +107,7 @@ def test_the_host_optimizer_of_offload_is_torchs_fused_adamw_with_the_same_group
     term; the plan's DeepSpeed config lets DeepSpeed take it."""
     from types import SimpleNamespace
 
-    from orchestrator.worker.engine import build_optimizer, steps_on_host
+    from orchestrator.worker.engine import build_optimizer, param_groups, steps_on_host
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     eng = lambda o, p: SimpleNamespace(offload_optimizer=o, offload_param=p)  # noqa: E731
@@ -121,8 +121,12 @@ def test_the_host_optimizer_of_offload_is_torchs_fused_adamw_with_the_same_group
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
     twin = copy.deepcopy(model)
-    ours, ref = build_optimizer(model, optim, on_host=True), build_optimizer(twin, optim)
-    assert type(ours) is torch.optim.AdamW and ours.defaults["fused"] and not ref.defaults["fused"]
+    ours = build_optimizer(model, optim, on_host=True)
+    assert type(ours) is torch.optim.AdamW and ours.defaults["fused"]
+    assert build_optimizer(copy.deepcopy(model), optim).defaults["fused"], "on the device: fused as well"
+    # the reference: torch's single-tensor AdamW over the same groups
+    ref = torch.optim.AdamW(param_groups(twin, optim.weight_decay), lr=optim.lr, betas=(optim.beta1, optim.beta2),
+                            eps=optim.eps, foreach=False, fused=False)
     for g, rg in zip(ours.param_groups, ref.param_groups, strict=True):
         assert [p.shape for p in g["params"]] == [p.shape for p in rg["params"]]
         assert (g["lr"], g["betas"], g["eps"], g["weight_decay"]) == (1e-2, (0.9, 0.98), 1e-6, rg["weight_decay"])
