@@ -155,6 +155,8 @@ def common_overrides(args) -> list[str]:
         f"train.checkpoint_every_steps={args.steps}",
         f"train.seed={args.seed}",
     ]
+    if args.lr is not None:
+        o.append(f"optim.lr={args.lr}")
     if args.loader_workers:
         o.append(f"++data.loader_workers={args.loader_workers}")
     for spec in args.model_override:
@@ -430,6 +432,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=30522, help="WordPiece vocab size asked of our tokenizer trainer")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--global-batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate of every phase (default: conf/optim)")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--warmup-steps", type=int, default=10, help="steps not measured (JIT, allocator, caches)")
     ap.add_argument("--log-every", type=int, default=5)
