@@ -255,7 +255,7 @@ def test_each_family_gives_the_same_losses_under_every_zero_stage(family, tmp_pa
 
 
 @pytest.mark.slow
-def test_every_family_trains_under_ray_with_zero2_on_two_workers(ray_cluster, tmp_path):
+def test_every_family_trains_under_ray_with_zero2_and_zero3_on_two_workers(ray_cluster, tmp_path):
     """launcher=ray, DeepSpeed ZeRO-2 and ZeRO-3 on 2 workers, one job per family and stage (ZeRO-3 partitions each
     weight across the workers: ALBERT's one shared layer is gathered at every depth, DeBERTa takes its own encode
     path, the decoder is tied); one Ray Train worker group runs them in turn (the
