@@ -117,6 +117,25 @@ def test_pass_2_tokenises_pass_1s_record_of_the_text_or_reads_the_source_again_a
     assert (tmp_path / "source" / "manifest.json").read_bytes() == (tmp_path / "record" / "manifest.json").read_bytes()
 
 
+def test_each_pass_prints_a_line_per_block_with_an_eta_and_a_finished_run_none(tmp_path):
+    import re
+
+    from orchestrator.prepare import run_prepare
+
+    src = write_corpus(tmp_path / "src", n_text=150, n_jsonl=50)
+    lines: list[str] = []
+    run_prepare(prep_compose(base(src, tmp_path / "out")), echo=lines.append)
+    n = len(json.loads((tmp_path / "out" / "work" / "plan.json").read_text())["blocks"])
+    for what in ("block", "shard"):
+        shown = [x for x in lines if x.startswith(f"  {what} ")]
+        assert len(shown) == n > 2, lines
+        assert all(re.fullmatch(rf"  {what} +\d+ (read|written) \(\d+/{n}, eta \d+:\d\d\)", x) for x in shown), shown
+        assert shown[-1].endswith(f"({n}/{n}, eta 0:00)")
+    lines.clear()
+    run_prepare(prep_compose(base(src, tmp_path / "out")), echo=lines.append)
+    assert not [x for x in lines if x.startswith(("  block ", "  shard "))], "nothing to do, nothing printed"
+
+
 def test_other_settings_on_a_finished_output_dir_are_refused(tmp_path):
     src = write_corpus(tmp_path / "src", n_text=100, n_jsonl=0)
     run(base(src, tmp_path / "out"))

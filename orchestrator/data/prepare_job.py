@@ -661,18 +661,20 @@ def prepare_corpus(cfg, echo: Callable[[str], None] = print) -> dict:
 
 
 class _Progress:
-    """One line per block done: what, k/n, and the time left at the rate of the blocks done so far."""
+    """One line per block done: what, k/n, and the time left at the rate of the blocks worked on so far (a block
+    a resumed run finds done takes no time and prints no line)."""
 
     def __init__(self, what: str, total: int, echo: Callable[[str], None]):
         self.what, self.total, self.echo = what, total, echo
-        self.done, self.t0 = 0, time.perf_counter()
+        self.done, self.worked, self.t0 = 0, 0, time.perf_counter()
 
-    def tick(self, r: dict, show: bool = True) -> None:
+    def tick(self, r: dict, worked: bool = True) -> None:
         from orchestrator.worker.metrics import _clock
 
         self.done += 1
-        if show:
-            left = (time.perf_counter() - self.t0) / self.done * (self.total - self.done)
+        if worked:
+            self.worked += 1
+            left = (time.perf_counter() - self.t0) / self.worked * (self.total - self.done)
             self.echo(f"  {self.what.format(block=r['block'])} ({self.done}/{self.total}, eta {_clock(left)})")
 
 
@@ -734,7 +736,7 @@ def _prepare(cfg, out: Path, files, blocks: list[Block], ctx: dict, t0: float, e
 
     def progress(r: dict) -> None:
         results[r["block"]] = r
-        written.tick(r, show=not r.get("skipped"))
+        written.tick(r, worked=not r.get("skipped"))
 
     run_blocks("pass2", blocks, ctx2, cfg, progress)
     pass2_s = time.perf_counter() - t3
