@@ -117,6 +117,36 @@ def test_pass_2_tokenises_pass_1s_record_of_the_text_or_reads_the_source_again_a
     assert (tmp_path / "source" / "manifest.json").read_bytes() == (tmp_path / "record" / "manifest.json").read_bytes()
 
 
+def test_a_pass_1_record_of_another_size_is_passed_over_and_one_of_another_count_refused(tmp_path):
+    """Pass 2 uses a block's record only when it has the size pass 1 wrote (else it reads the source: the same
+    documents); a record of that size holding another number of documents is refused naming the file."""
+    from orchestrator.config.prepare_schema import to_prepare_config
+    from orchestrator.data.prepare_job import DOC_SEP, SENT_SEP, _load_or_plan, _texts_file, content_config, dedup, \
+        kept_texts, pass1_block
+
+    src = write_corpus(tmp_path / "src", n_text=60, n_jsonl=0, dups=5)
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = to_prepare_config({"sources": [str(src)], "output_dir": str(out), "launcher": {"name": "local"},
+                             "shard_bytes": 40000})
+    _, blocks = _load_or_plan(cfg, out)
+    ctx = {"out": str(out), "cfg": content_config(cfg), "verify_existing": True, "keep_text": True}
+    kept = {b.index: pass1_block(b, ctx)["documents_kept"] for b in blocks}
+    assert dedup(blocks, out, True, 10**6, kept) == 5
+    block = blocks[-1]  # the duplicates are at the end: some of its documents are dropped
+    record = _texts_file(out, block.index)
+    text = record.read_text(encoding="utf-8")
+    from_record = list(kept_texts(block, ctx))
+    assert 1 < len(from_record) < text.count(DOC_SEP) + 1
+    record.unlink()
+    assert list(kept_texts(block, ctx)) == from_record, "the source gives the same documents"
+    record.write_text(text[:-1], encoding="utf-8")
+    assert list(kept_texts(block, ctx)) == from_record, "a record cut short is passed over"
+    record.write_text(text.replace(DOC_SEP, SENT_SEP, 1), encoding="utf-8")  # same size, one document fewer
+    with pytest.raises(DataError, match="pass 1 hashed"):
+        list(kept_texts(block, ctx))
+
+
 def test_each_pass_prints_a_line_per_block_with_an_eta_and_a_finished_run_none(tmp_path):
     import re
 

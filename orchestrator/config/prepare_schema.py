@@ -89,7 +89,8 @@ class PrepareConfig:
     keep_normalised_text: bool = True
     """Pass 1 keeps each block's normalised text under output_dir/work/ for pass 2, which then reads no source
     again (faster); a block's copy is deleted once its shards are written. Until then it takes up to the corpus's
-    text once more on disk: false makes pass 2 read and normalise the sources again instead. Same shards either way."""
+    normalised text on disk (several times the size of compressed Parquet sources): false makes pass 2 read and
+    normalise the sources again instead. Same shards either way."""
 
 
 def to_prepare_config(cfg: Any) -> PrepareConfig:

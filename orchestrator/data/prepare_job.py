@@ -80,24 +80,33 @@ def pass1_block(block: Block, ctx: dict) -> dict:
         return json.loads(marker.read_text())
     reader = DocumentReader.from_config(block, ctx["cfg"])
     hashes: list[int] = []
-    keep = ctx.get("keep_text", True)
-    texts: list[str] = []
-    try:
+    separable = [True]
+
+    def read(record=None) -> None:
         for doc in reader:
             text = SENT_SEP.join(doc)
             hashes.append(text_hash(text))
-            if keep:
-                texts.append(text)
-                keep = text.count(SENT_SEP) == len(doc) - 1  # always so (see SENT_SEP); else no record is kept
+            if record is not None:
+                if len(hashes) > 1:
+                    record.write(DOC_SEP)
+                record.write(text)
+                # always so (see SENT_SEP); else the record is not used
+                separable[0] = separable[0] and text.count(SENT_SEP) == len(doc) - 1 and DOC_SEP not in text
+
+    texts = _texts_file(Path(ctx["out"]), block.index)
+    kept = ctx.get("keep_text", True)
+    try:
+        if kept:  # written as it is read: one document in memory at a time
+            atomic_write(texts, lambda tmp: _with_open(tmp, read))
+        else:
+            read()
     except BlockRefused:
         res = {"block": block.index, **asdict(reader.stats)}
         return res  # not written: the refusal is reported by the driver, with the file's line number
     save_npy_atomic(work / f"block_{_name(block.index)}.npy", np.asarray(hashes, dtype=np.uint64))
     res = {"block": block.index, **asdict(reader.stats)}
-    joined = DOC_SEP.join(texts) if keep else ""
-    if keep and joined.count(DOC_SEP) == max(0, len(texts) - 1):  # without a record pass 2 reads the source
-        atomic_write(_texts_file(Path(ctx["out"]), block.index), lambda tmp: tmp.write_text(joined, encoding="utf-8"))
-        res["texts_chars"] = len(joined)
+    if kept and separable[0]:
+        res["texts_bytes"] = texts.stat().st_size  # without it pass 2 reads the source
     _write_json(marker, res)
     return res
 
@@ -145,24 +154,43 @@ def _drops(out: Path, index: int) -> np.ndarray:
     return np.load(p) if p.is_file() else np.zeros(0, np.int64)
 
 
+def _with_open(path: Path, fill: Callable) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fill(fh)
+
+
+def _record_documents(path: Path, chunk_chars: int = 1 << 22) -> Iterator[str]:
+    """The documents of a pass-1 record, in order, read a chunk at a time (at least one, maybe empty)."""
+    with open(path, encoding="utf-8") as fh:
+        rest = ""
+        while chunk := fh.read(chunk_chars):
+            docs = (rest + chunk).split(DOC_SEP)
+            rest = docs.pop()
+            yield from docs
+        yield rest
+
+
 def kept_texts(block: Block, ctx: dict) -> Iterator[tuple[str, int]]:
     """The block's documents after filtering and dedup, each as (its sentences joined by SENT_SEP, its 64-bit
-    hash): from pass 1's record of them, or, where that is missing or does not match pass 1's hashes (a run
-    prepared before the record existed), read and normalised from the source again."""
+    hash), streamed: from pass 1's record of them, or, where there is none of the size pass 1 wrote (none kept,
+    or a block pass 2 already deleted it for), read and normalised from the source again."""
     out = Path(ctx["out"])
     drops = _drops(out, block.index)
     path, marker = _texts_file(out, block.index), out / "work" / "pass1" / f"block_{_name(block.index)}.json"
-    if path.is_file() and marker.is_file():
+    if path.is_file() and marker.is_file() and \
+            path.stat().st_size == json.loads(marker.read_text()).get("texts_bytes", -1):
         hashes = np.load(path.with_suffix(".npy"))
-        texts = path.read_text(encoding="utf-8")
-        if len(texts) == json.loads(marker.read_text()).get("texts_chars", -1):
-            texts = texts.split(DOC_SEP) if len(hashes) else []
-            if len(texts) == len(hashes):
-                keep = np.ones(len(texts), dtype=bool)
-                keep[drops] = False
-                for k in np.flatnonzero(keep).tolist():
-                    yield texts[k], int(hashes[k])
-                return
+        keep = np.ones(len(hashes), dtype=bool)
+        keep[drops] = False
+        n = 0
+        for k, text in enumerate(_record_documents(path) if len(hashes) else ()):
+            n += 1
+            if k < len(hashes) and keep[k]:
+                yield text, int(hashes[k])
+        if n != len(hashes):
+            raise DataError(str(path), f"holds {n} documents where pass 1 hashed {len(hashes)}; delete it and"
+                                       " prepare again")
+        return
     j = 0
     for k, doc in enumerate(DocumentReader.from_config(block, ctx["cfg"])):
         while j < len(drops) and drops[j] < k:
