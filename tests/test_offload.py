@@ -123,7 +123,9 @@ def test_the_host_optimizer_of_offload_is_torchs_fused_adamw_with_the_same_group
     twin = copy.deepcopy(model)
     ours = build_optimizer(model, optim, on_host=True)
     assert type(ours) is torch.optim.AdamW and ours.defaults["fused"]
-    assert build_optimizer(copy.deepcopy(model), optim).defaults["fused"], "on the device: fused as well"
+    assert build_optimizer(copy.deepcopy(model), optim, device=cpu).defaults["fused"], "a CPU worker's: fused too"
+    on_gpu = build_optimizer(copy.deepcopy(model), optim, device=cuda).defaults  # built, never stepped, here
+    assert on_gpu["foreach"] and not on_gpu["fused"], "a GPU's stays foreach"
     # the reference: torch's single-tensor AdamW over the same groups
     ref = torch.optim.AdamW(param_groups(twin, optim.weight_decay), lr=optim.lr, betas=(optim.beta1, optim.beta2),
                             eps=optim.eps, foreach=False, fused=False)

@@ -33,9 +33,12 @@ def steps_on_host(engine_cfg, device: torch.device) -> bool:
     return bool(engine_cfg.offload_optimizer or (engine_cfg.offload_param and device.type == "cpu"))
 
 
-def build_optimizer(model: nn.Module, optim_cfg, on_host: bool = False) -> torch.optim.Optimizer:
-    """AdamW is torch's fused AdamW: one vectorised ATen kernel over each group, on the worker's device, or on the
-    host with on_host (ZeRO-Offload). There it is what DeepSpeedCPUAdam is, without a C++ op to JIT-build with g++ at a job's start (80-240 s on 2 cores): on
+def build_optimizer(model: nn.Module, optim_cfg, on_host: bool = False,
+                    device: torch.device = torch.device("cpu")) -> torch.optim.Optimizer:
+    """AdamW on the host (a CPU worker, or on_host: ZeRO-Offload) is torch's fused AdamW, one vectorised ATen kernel
+    over each group. On a GPU it stays foreach: fused CUDA AdamW wants each state's step on the GPU, and DeepSpeed's
+    universal-checkpoint load sets it from a CPU tensor; with no GPU here that path cannot be tested.
+    With offload it is what DeepSpeedCPUAdam is, without a C++ op to JIT-build with g++ at a job's start (80-240 s on 2 cores): on
     110M fp32 parameters, 2 threads, a step took 0.088 s against DeepSpeedCPUAdam's 0.108 s (AVX-512 Xeon,
     bench/host_adam.py). The DeepSpeed config says `zero_force_ds_cpu_optimizer: false` so that DeepSpeed takes it.
     LAMB is refused with offload at plan time (its per-layer trust ratio has no whole tensors in ZeRO's flat
@@ -50,7 +53,8 @@ def build_optimizer(model: nn.Module, optim_cfg, on_host: bool = False) -> torch
         return Lamb(groups, lr=optim_cfg.lr, betas=betas, eps=optim_cfg.eps)
     # on the mini shape's 6.5M parameters, 2 threads, a fused step took 3.0-3.2 ms against foreach's 11-19 ms;
     # it is also Trainer's default optim (adamw_torch_fused)
-    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=betas, eps=optim_cfg.eps, fused=True)
+    fused = on_host or device.type == "cpu"
+    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=betas, eps=optim_cfg.eps, fused=fused, foreach=not fused)
 
 
 def _nonfinite_grads(params) -> bool:
@@ -152,7 +156,7 @@ class TorchEngine(Engine):
         self.clip = job.engine.gradient_clipping
         self.bf16 = resolve_bf16(job.engine.bf16, device)
         self.attention = attention_kernel(job.engine.attention, device, self.bf16)
-        self.optimizer = build_optimizer(model, job.optim)
+        self.optimizer = build_optimizer(model, job.optim, device=device)
         self.scheduler = lr_lambda_factory(job.schedule.name, plan.warmup_steps, plan.total_steps)(self.optimizer)
         self.micro = 0
         self._grad_norm: Optional[float] = None
@@ -227,7 +231,7 @@ class DeepSpeedEngine(Engine):
         ds_config = dict(ds_config or plan.deepspeed_config)
         if job.engine.bf16 is None:  # auto: decided by this worker's hardware
             ds_config["bf16"] = {"enabled": resolve_bf16(None, device)}
-        optimizer = build_optimizer(model, job.optim, on_host=steps_on_host(job.engine, device))
+        optimizer = build_optimizer(model, job.optim, on_host=steps_on_host(job.engine, device), device=device)
         if job.engine.zero_stage == 0 and not ds_config["bf16"]["enabled"] and not ds_config["fp16"]["enabled"]:
             # ZeRO-1/2/3 (and fp16) skip non-finite steps themselves, with offload too (its host-side overflow
             # tracker); offload needs ZeRO >= 1, so the host optimizer is never wrapped here
