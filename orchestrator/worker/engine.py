@@ -39,10 +39,10 @@ def build_optimizer(model: nn.Module, optim_cfg, on_host: bool = False,
     over each group. On a GPU it stays foreach: fused CUDA AdamW wants each state's step on the GPU, and DeepSpeed
     0.19's universal-checkpoint load (runtime/base_optimizer.py) sets it from a CPU tensor; with no GPU here that
     path cannot be tested. With offload it is what DeepSpeedCPUAdam is, without a C++ op to JIT-build with g++ at a
-    job's start (80-240 s on 2 cores): on 110M fp32 parameters, 2 threads, a step took 0.088 s against DeepSpeedCPUAdam's 0.108 s (AVX-512 Xeon,
-    bench/host_adam.py). The DeepSpeed config says `zero_force_ds_cpu_optimizer: false` so that DeepSpeed takes it.
-    LAMB is refused with offload at plan time (its per-layer trust ratio has no whole tensors in ZeRO's flat
-    partitions)."""
+    job's start (80-240 s on 2 cores): on 110M fp32 parameters, 2 threads, a step took 0.088 s against
+    DeepSpeedCPUAdam's 0.108 s (AVX-512 Xeon, bench/host_adam.py). The DeepSpeed config says
+    `zero_force_ds_cpu_optimizer: false` so that DeepSpeed takes it. LAMB is refused with offload at plan time (its
+    per-layer trust ratio has no whole tensors in ZeRO's flat partitions)."""
     groups = param_groups(model, optim_cfg.weight_decay)
     betas = (optim_cfg.beta1, optim_cfg.beta2)
     if on_host and optim_cfg.name != "adamw":
