@@ -121,7 +121,7 @@ def test_a_pass_1_record_of_another_size_is_passed_over_and_one_of_another_count
     """Pass 2 uses a block's record only when it has the size pass 1 wrote (else it reads the source: the same
     documents); a record of that size holding another number of documents is refused naming the file."""
     from orchestrator.config.prepare_schema import to_prepare_config
-    from orchestrator.data.prepare_job import DOC_SEP, SENT_SEP, _load_or_plan, _texts_file, content_config, dedup, \
+    from orchestrator.data.prepare_job import DOC_SEP, SENT_SEP, _load_or_plan, _pass1_file, content_config, dedup, \
         kept_texts, pass1_block
 
     src = write_corpus(tmp_path / "src", n_text=60, n_jsonl=0, dups=5)
@@ -134,7 +134,7 @@ def test_a_pass_1_record_of_another_size_is_passed_over_and_one_of_another_count
     kept = {b.index: pass1_block(b, ctx)["documents_kept"] for b in blocks}
     assert dedup(blocks, out, True, 10**6, kept) == 5
     block = blocks[-1]  # the duplicates are at the end: some of its documents are dropped
-    record = _texts_file(out, block.index)
+    record = _pass1_file(out, block.index, ".txt")
     text = record.read_text(encoding="utf-8")
     from_record = list(kept_texts(block, ctx))
     assert 1 < len(from_record) < text.count(DOC_SEP) + 1

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from orchestrator.data.prepare_sources import text_hash
 from orchestrator.errors import DataError
 
 Document = list[str]  # a document is a list of sentences
@@ -207,8 +208,7 @@ def is_eval_document(doc: Document, eval_fraction: float) -> bool:
     """Held-out split by a hash of the document's text: stable whatever order files are read in."""
     if eval_fraction <= 0:
         return False
-    digest = hashlib.blake2b("\n".join(doc).encode("utf-8"), digest_size=8).digest()
-    return is_eval_hash(int.from_bytes(digest, "big"), eval_fraction)
+    return is_eval_hash(text_hash("\n".join(doc)), eval_fraction)
 
 
 def is_eval_hash(h: int, eval_fraction: float) -> bool:

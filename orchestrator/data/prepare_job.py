@@ -67,22 +67,24 @@ def _name(i: int) -> str:
 SENT_SEP, DOC_SEP = "\n", "\x1e"
 
 
-def _texts_file(out: Path, index: int) -> Path:
-    return out / "work" / "pass1" / f"block_{_name(index)}.txt"
+def _pass1_file(out: Path, index: int, suffix: str) -> Path:
+    """Pass 1's files of a block: .json its stats (the marker), .npy its hashes, .txt its record of the text."""
+    return out / "work" / "pass1" / f"block_{_name(index)}{suffix}"
 
 
 def pass1_block(block: Block, ctx: dict) -> dict:
     """Read, normalise and filter one block; write the 64-bit hashes of its kept documents, their normalised text
     (so that pass 2 tokenises without reading and normalising the source again) and the block's stats."""
-    work = Path(ctx["out"]) / "work" / "pass1"
-    marker = work / f"block_{_name(block.index)}.json"
-    if marker.is_file() and (work / f"block_{_name(block.index)}.npy").is_file():
+    out = Path(ctx["out"])
+    marker, hashes_file = _pass1_file(out, block.index, ".json"), _pass1_file(out, block.index, ".npy")
+    if marker.is_file() and hashes_file.is_file():
         return json.loads(marker.read_text())
     reader = DocumentReader.from_config(block, ctx["cfg"])
     hashes: list[int] = []
-    separable = [True]
+    separable = True
 
     def read(record=None) -> None:
+        nonlocal separable
         for doc in reader:
             text = SENT_SEP.join(doc)
             hashes.append(text_hash(text))
@@ -91,9 +93,9 @@ def pass1_block(block: Block, ctx: dict) -> dict:
                     record.write(DOC_SEP)
                 record.write(text)
                 # always so (see SENT_SEP); else the record is not used
-                separable[0] = separable[0] and text.count(SENT_SEP) == len(doc) - 1 and DOC_SEP not in text
+                separable = separable and text.count(SENT_SEP) == len(doc) - 1 and DOC_SEP not in text
 
-    texts = _texts_file(Path(ctx["out"]), block.index)
+    texts = _pass1_file(out, block.index, ".txt")
     kept = ctx.get("keep_text", True)
     try:
         if kept:  # written as it is read: one document in memory at a time
@@ -103,9 +105,9 @@ def pass1_block(block: Block, ctx: dict) -> dict:
     except BlockRefused:
         res = {"block": block.index, **asdict(reader.stats)}
         return res  # not written: the refusal is reported by the driver, with the file's line number
-    save_npy_atomic(work / f"block_{_name(block.index)}.npy", np.asarray(hashes, dtype=np.uint64))
+    save_npy_atomic(hashes_file, np.asarray(hashes, dtype=np.uint64))
     res = {"block": block.index, **asdict(reader.stats)}
-    if kept and separable[0]:
+    if kept and separable:
         res["texts_bytes"] = texts.stat().st_size  # without it pass 2 reads the source
     _write_json(marker, res)
     return res
@@ -120,11 +122,10 @@ def dedup(blocks: list[Block], out: Path, enabled: bool, partition_docs: int, ke
     drops: dict[int, list[np.ndarray]] = {b.index: [] for b in blocks}
     total = sum(kept.values())
     n_parts = max(1, math.ceil(total / partition_docs)) if enabled else 0
-    p1 = out / "work" / "pass1"
     for part in range(n_parts):
         hs, bl, ix = [], [], []
         for b in blocks:
-            h = np.load(p1 / f"block_{_name(b.index)}.npy", mmap_mode="r")
+            h = np.load(_pass1_file(out, b.index, ".npy"), mmap_mode="r")
             sel = np.flatnonzero(h % np.uint64(n_parts) == np.uint64(part)) if n_parts > 1 else np.arange(len(h))
             hs.append(np.asarray(h[sel]))
             bl.append(np.full(len(sel), b.index, dtype=np.int32))
@@ -175,30 +176,24 @@ def kept_texts(block: Block, ctx: dict) -> Iterator[tuple[str, int]]:
     hash), streamed: from pass 1's record of them, or, where there is none of the size pass 1 wrote (none kept,
     or a block pass 2 already deleted it for), read and normalised from the source again."""
     out = Path(ctx["out"])
-    drops = _drops(out, block.index)
-    path, marker = _texts_file(out, block.index), out / "work" / "pass1" / f"block_{_name(block.index)}.json"
-    if path.is_file() and marker.is_file() and \
-            path.stat().st_size == json.loads(marker.read_text()).get("texts_bytes", -1):
-        hashes = np.load(path.with_suffix(".npy"))
-        keep = np.ones(len(hashes), dtype=bool)
-        keep[drops] = False
+    dropped = set(_drops(out, block.index).tolist())
+    record, marker = _pass1_file(out, block.index, ".txt"), _pass1_file(out, block.index, ".json")
+    if record.is_file() and marker.is_file() and \
+            record.stat().st_size == json.loads(marker.read_text()).get("texts_bytes", -1):
+        hashes = np.load(_pass1_file(out, block.index, ".npy"))
         n = 0
-        for k, text in enumerate(_record_documents(path) if len(hashes) else ()):
+        for k, text in enumerate(_record_documents(record) if len(hashes) else ()):
             n += 1
-            if k < len(hashes) and keep[k]:
+            if k < len(hashes) and k not in dropped:
                 yield text, int(hashes[k])
         if n != len(hashes):
-            raise DataError(str(path), f"holds {n} documents where pass 1 hashed {len(hashes)}; delete it and"
-                                       " prepare again")
+            raise DataError(str(record), f"holds {n} documents where pass 1 hashed {len(hashes)}; delete it and"
+                                         " prepare again")
         return
-    j = 0
     for k, doc in enumerate(DocumentReader.from_config(block, ctx["cfg"])):
-        while j < len(drops) and drops[j] < k:
-            j += 1
-        if j < len(drops) and drops[j] == k:
-            continue
-        text = SENT_SEP.join(doc)
-        yield text, text_hash(text)
+        if k not in dropped:
+            text = SENT_SEP.join(doc)
+            yield text, text_hash(text)
 
 
 # ------------------------------------------------------------------------------------------- tokenizer
@@ -518,7 +513,7 @@ def pass2_block(block: Block, ctx: dict, cache: Optional[_TokenizerCache] = None
     res = {"block": block.index, "splits": splits, "unk_tokens": unk, "counts_file": counts_file,
            "hist_edges": edges.tolist()}
     _write_json(marker, res)
-    _texts_file(out, block.index).unlink(missing_ok=True)  # its shards hold it now: no second copy of the corpus
+    _pass1_file(out, block.index, ".txt").unlink(missing_ok=True)  # its shards hold it now: no second copy of the corpus
     return {**res, "skipped": False}
 
 
@@ -714,8 +709,8 @@ def _prepare(cfg, out: Path, files, blocks: list[Block], ctx: dict, t0: float, e
     p1: dict[int, dict] = {}
     todo = []
     for b in blocks:
-        m = out / "work" / "pass1" / f"block_{_name(b.index)}.json"
-        if m.is_file() and m.with_suffix(".npy").is_file():
+        m = _pass1_file(out, b.index, ".json")
+        if m.is_file() and _pass1_file(out, b.index, ".npy").is_file():
             p1[b.index] = json.loads(m.read_text())
         else:
             todo.append(b)
