@@ -2,10 +2,12 @@
 a `git worktree` of an older commit), alternating run by run so both see the same machine.
 
     .venv/bin/python bench/first_step.py [--baseline-tree DIR] [--runs 3] [--out bench/results/first_step.json]
+    .venv/bin/python bench/first_step.py --join [--runs 3] [--out bench/results/first_step_join.json]
 
 A run is `python -m orchestrator experiment=quickstart_pretrain train.max_steps=2 train.log_every_steps=1` in a new
-run dir, starting its own local Ray as README command 1 does; the token cache is warm (one unmeasured run of each
-tree first). Timed from the command's start to rank 0's first progress line ("step 1/2"), and to its exit, with
+run dir, starting its own local Ray as README command 1 does, or with `--join` connecting to a running cluster
+(RAY_ADDRESS of a `ray start --head` this bench starts on its own ports and stops at the end: a user's second
+job on a cluster that is up); the token cache is warm (one unmeasured run of each tree first). Timed from the command's start to rank 0's first progress line ("step 1/2"), and to its exit, with
 the whole machine's busy CPU-s (/proc/stat) over the run. Prints one JSON object: every run, medians, and the ratio
 this tree / baseline of the medians.
 """
@@ -56,13 +58,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--baseline-tree", default=None, help="another checkout of this project, run the same way")
     ap.add_argument("--runs", type=int, default=3, help="measured runs per tree (alternating)")
+    ap.add_argument("--join", action="store_true",
+                    help="join a running Ray cluster (one this bench starts with `ray start --head`) instead of "
+                         "starting a local Ray per run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    from orchestrator.launch.ray_job import LocalHead
     from orchestrator.serve.measure import emit_bench_result
 
     trees = {"this": REPO, **({"baseline": Path(args.baseline_tree).resolve()} if args.baseline_tree else {})}
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     work = Path(tempfile.mkdtemp(prefix="first_step_bench_"))
+    head = LocalHead(num_cpus=os.cpu_count()).start() if args.join else None
+    if head is not None:
+        env["RAY_ADDRESS"] = head.gcs_address
     try:
         rows: dict[str, list] = {name: [] for name in trees}
         for name, tree in trees.items():  # warm-up: token cache, page cache, DeepSpeed's op cache
@@ -71,9 +80,13 @@ def main() -> None:
             for name, tree in trees.items():
                 rows[name].append(one_run(tree, work / f"{name}_{i}", env))
     finally:
+        if head is not None:
+            head.stop()
+            shutil.rmtree(head.temp_dir, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in rows.items()}
-    out = {"bench": "first_step", "job": JOB, "runs": rows, "median": med}
+    out = {"bench": "first_step", "job": JOB, "ray": "joined a running cluster" if args.join else "local, started per run",
+           "runs": rows, "median": med}
     if "baseline" in med:
         out["ratio_this_over_baseline"] = {k: round(med["this"][k] / med["baseline"][k], 3) for k in med["this"]}
     emit_bench_result(out, args.out)

@@ -1,4 +1,5 @@
-"""bench/throughput.py and bench/profile_worker.py run end to end at a tiny size and emit their JSON keys.
+"""bench/throughput.py and bench/profile_worker.py run end to end at a tiny size and emit their JSON keys; every
+bench command the docs show parses with its script's own arguments.
 
 No speed is asserted here: timing targets live in the benchmark output (bench/README.md), never in unit tests.
 """
@@ -101,3 +102,50 @@ def test_profile_worker_tiny(tmp_path):
     assert set(r["split"]) == {"data", "forward", "backward", "optimizer"}
     assert abs(sum(v["fraction"] for v in r["split"].values()) - 1.0) < 1e-6
     assert r["top_ops"] and r["categories"]
+
+
+# every `python bench/<script>.py ...` in the docs and in the bench scripts' own docstrings (usage lines: the
+# `[--option VALUE]` brackets dropped, so the optional arguments are parsed too)
+_PARSE_ONLY = r"""
+import argparse, json, re, runpy, shlex, sys
+from pathlib import Path
+
+class Parsed(Exception):
+    pass
+
+original = argparse.ArgumentParser.parse_args
+
+def parse_then_stop(self, args=None, namespace=None):
+    original(self, args, namespace)
+    raise Parsed()
+
+argparse.ArgumentParser.parse_args = parse_then_stop
+files = [Path(p) for p in ("README.md", "bench/README.md", "cluster/README.md")] + sorted(Path("bench").glob("*.py"))
+command = re.compile(r"(?:\.venv/bin/)?python3? (bench/\w+\.py)([^`|#\n]*)")
+out = []
+for f in files:
+    for i, line in enumerate(f.read_text().splitlines(), 1):
+        for m in command.finditer(line):
+            sys.argv = [m.group(1), *shlex.split(re.sub(r"[\[\]]", "", m.group(2)))]
+            try:
+                runpy.run_path(m.group(1), run_name="__main__")
+                result = "ran without parsing its arguments"
+            except Parsed:
+                result = "ok"
+            except SystemExit as exc:
+                result = f"refused (exit {exc.code})"
+            out.append({"where": f"{f}:{i}", "argv": sys.argv, "result": result})
+print(json.dumps(out))
+"""
+
+
+def test_every_documented_bench_command_parses():
+    """A bench command a user pastes from the docs is accepted by the script's argparse (nothing is run: the
+    parse is stopped right after it succeeds), and every script under bench/ has at least one."""
+    res = subprocess.run([sys.executable, "-c", _PARSE_ONLY], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-4000:]
+    found = json.loads(res.stdout.splitlines()[-1])
+    bad = [f"{c['where']}: {' '.join(c['argv'])}: {c['result']}" for c in found if c["result"] != "ok"]
+    assert not bad, "\n".join(bad)
+    documented = {c["argv"][0] for c in found}
+    assert documented == {f"bench/{p.name}" for p in (REPO / "bench").glob("*.py")}, documented
