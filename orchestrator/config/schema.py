@@ -24,7 +24,7 @@ LOGGERS = ("none", "wandb")
 OPTIMIZERS = ("adamw", "lamb")
 SCHEDULES = ("linear", "cosine", "constant")
 ENGINES = ("deepspeed", "torch")
-ATTENTION_KERNELS = ("auto", "default", "flash", "efficient", "math", "cudnn")
+ATTENTION_KERNELS = ("auto", "default", "flash", "efficient", "math", "cudnn", "manual")
 PLACEMENTS = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
 
 Choices = Union[tuple, Callable[[], tuple]]
@@ -421,8 +421,9 @@ class EngineConfig:
     compile: bool = False
     """torch.compile the model."""
     attention: str = rule("auto", choices=ATTENTION_KERNELS)
-    """SDPA kernel: auto (math on CPU under bf16, where PyTorch's CPU flash backward is ~2x slower at BERT
-    lengths; PyTorch's own choice elsewhere) | flash | efficient | math | cudnn | default (no preference)."""
+    """Attention kernel: auto (manual on CPU under bf16, PyTorch's own SDPA choice elsewhere) | flash | efficient |
+    math | cudnn (SDPA backends) | default (no preference) | manual (bf16 matmuls around an fp32 softmax, as
+    transformers' eager attention; faster than SDPA's CPU kernels under bf16, for CPU bf16 inputs only)."""
 
     def check(self, job: "JobConfig") -> None:
         on_gpu = job.compute.use_gpu

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from orchestrator.worker.hardware import attention_context, attention_kernel, resolve_bf16
+from orchestrator.worker.hardware import attention_context, attention_kernel, resolve_bf16, use_attention
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -156,6 +156,7 @@ class TorchEngine(Engine):
         self.clip = job.engine.gradient_clipping
         self.bf16 = resolve_bf16(job.engine.bf16, device)
         self.attention = attention_kernel(job.engine.attention, device, self.bf16)
+        use_attention(self.module, self.attention)
         self.optimizer = build_optimizer(model, job.optim, device=device)
         self.scheduler = lr_lambda_factory(job.schedule.name, plan.warmup_steps, plan.total_steps)(self.optimizer)
         self.micro = 0
@@ -251,6 +252,7 @@ class DeepSpeedEngine(Engine):
             self.module.shard_teacher(ds_config)
         self.bf16 = bool(ds_config["bf16"]["enabled"])
         self.attention = attention_kernel(job.engine.attention, self.device, self.bf16)
+        use_attention(self.module, self.attention)
 
     def forward(self, **batch):
         with attention_context(self.attention):

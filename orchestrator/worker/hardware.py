@@ -147,20 +147,31 @@ _SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"
 
 
 def attention_kernel(setting: str, device: Union[str, torch.device], bf16: bool) -> str:
-    """`engine.attention` resolved for this device: "default" (PyTorch picks) or one SDPA backend name.
+    """`engine.attention` resolved for this device: "default" (PyTorch picks), one SDPA backend name, or "manual".
 
-    "auto" = "math" on CPU under bf16: PyTorch's CPU flash-attention backward in bf16 takes about twice as long
-    as the unfused math path at BERT lengths (B=32, 4 heads, T=128, d=64: 37 ms vs 16-20 ms per layer, fwd 7 vs
-    13 ms; bench/README.md), while in fp32 the two are even; elsewhere PyTorch's own choice (flash on GPUs).
+    "auto" = "manual" on CPU under bf16: transformers' eager computation, bf16 matmuls around an fp32 softmax
+    (orchestrator/model/attention.py). PyTorch's SDPA math kernel runs bf16 attention in fp32 on a CPU, plus its
+    safe-softmax passes over every score tensor, and its CPU flash backward in bf16 is slower still at BERT lengths
+    (B=32, 4 heads, T=128, d=64, one layer forward and backward: manual 10-12 ms, math 18-19 ms, flash about twice
+    math; bench/README.md). In fp32 and on GPUs: PyTorch's own choice.
     """
     if setting == "auto":
-        return "math" if (torch.device(device).type == "cpu" and bf16) else "default"
+        return "manual" if (torch.device(device).type == "cpu" and bf16) else "default"
     return setting
+
+
+def use_attention(model: torch.nn.Module, kernel: str) -> None:
+    """Put a model built for SDPA on the "manual" kernel's attention function (the config's attention
+    implementation is read at every call; it is not saved with the model)."""
+    if kernel == "manual":
+        from orchestrator.model.attention import use_cpu_bf16_attention
+
+        use_cpu_bf16_attention(model)
 
 
 def attention_context(kernel: str):
     """A context manager that makes F.scaled_dot_product_attention use `kernel` (from `attention_kernel`)."""
-    if kernel == "default":
+    if kernel in ("default", "manual"):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
