@@ -76,6 +76,8 @@ BAD_INPUTS = [
     (["engine.zero_stage=4"], "engine.zero_stage"),
     (["engine.attention=flashy"], "engine.attention"),
     (["engine.attention=efficient"], "engine.attention"),
+    (["compute=gpu_1x8", "engine.attention=manual", "train.global_batch_size=null", "train.grad_accum_steps=1"],
+     "engine.attention"),
     (["engine.bf16=true", "engine.fp16=true"], "engine.fp16"),
     (["task.max_seq_length=1024"], "task.max_seq_length"),
     (["task.mlm_probability=1.5"], "task.mlm_probability"),
@@ -271,3 +273,29 @@ def test_a_value_the_chosen_group_requires_is_refused_when_absent(overrides, key
     with pytest.raises(ConfigError) as err:
         to_job_config(compose(overrides))
     assert err.value.key == key and "has no value" in str(err.value), str(err.value)
+
+
+def test_plan_counts_attention_scores_where_the_kernel_keeps_them(tmp_path):
+    """The activation estimate holds the s^2 score matrices exactly where attention keeps them for backward: the
+    manual and math kernels (auto on a CPU under bf16) and DeBERTa's eager attention; not flash, nor auto in fp32
+    or on GPUs."""
+    import dataclasses
+
+    from orchestrator.plan.job_plan import _scores_kept
+
+    def plan(*o):
+        return _plan(["launcher=local", "compute=cpu1", "train.max_steps=2", "engine.bf16=true", *o], tmp_path)
+
+    manual, flash = plan("engine.attention=manual"), plan("engine.attention=flash")
+    m, t = manual.job.model, manual.job.task
+    scores = m.num_hidden_layers * (2 * 2 + 1) * m.num_attention_heads * t.max_seq_length ** 2 * manual.micro_batch_size_per_gpu
+    assert manual.memory["activations_bytes"] - flash.memory["activations_bytes"] == scores
+
+    job = manual.job
+    def kept(attention, bf16=True, gpu=False, family="bert"):
+        return _scores_kept(dataclasses.replace(
+            job, engine=dataclasses.replace(job.engine, attention=attention, bf16=bf16),
+            compute=dataclasses.replace(job.compute, use_gpu=gpu), model=dataclasses.replace(job.model, family=family)))
+    assert kept("manual") and kept("math") and kept("auto") and kept("auto", bf16=None)
+    assert not kept("flash") and not kept("auto", bf16=False) and not kept("auto", gpu=True)
+    assert kept("flash", family="deberta_v2") and kept("math", gpu=True)

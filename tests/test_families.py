@@ -83,6 +83,50 @@ def test_packed_row_scores_each_sample_as_if_alone(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_a_row_holding_one_sample_scores_as_the_models_own_padding_mask_path(family):
+    """A packed row (our [B, 1, T, T] mask) holding one whole sample gives the logits transformers gives the same
+    sample with a [B, T] mask, from which it builds each layer's own mask: ModernBERT's local-attention layers see
+    only their window (shrunk to 4 here, so it matters at 20 tokens) in both."""
+    from orchestrator.model.families import backbone, encode, mlm_head
+
+    gen = torch.Generator().manual_seed(2)
+    a = _sample(20, gen)
+    model = _model(family)
+    if family == "modernbert":
+        model.hf.config.sliding_window = 4
+    batch = _rows([[a]], 20)
+    with torch.no_grad():
+        packed = _sparse_logits(model, batch)
+        h = encode(model.family, backbone(model.hf), batch["input_ids"], torch.ones(1, 20, dtype=torch.long),
+                   batch["token_type_ids"])
+        flat = batch["mlm_labels"].reshape(-1)
+        own = mlm_head(model.family, model.hf)(h.reshape(-1, h.shape[-1])[flat != -100])
+    torch.testing.assert_close(packed, own, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "deberta_v2"])
+def test_manual_cpu_bf16_attention_gives_the_sdpa_logits_in_every_family(family):
+    """Every family on transformers' SDPA path, switched to the manual attention (engine.attention=auto on a CPU
+    under bf16): packed rows under bf16 autocast give SDPA's logits within bf16 rounding, without an SDPA op."""
+    from torch.profiler import profile
+
+    from orchestrator.model.attention import NAME, use_cpu_bf16_attention
+    from orchestrator.worker.hardware import attention_context
+
+    gen = torch.Generator().manual_seed(3)
+    batch = _rows([[_sample(9, gen), _sample(12, gen)], [_sample(20, gen)]], 24)
+    model = _model(family)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with attention_context("math"):
+            sdpa = _sparse_logits(model, batch).float()
+        assert use_cpu_bf16_attention(model) and model.hf.config._attn_implementation == NAME
+        with profile() as prof:
+            manual = _sparse_logits(model, batch).float()
+    assert "aten::scaled_dot_product_attention" not in {e.key for e in prof.key_averages()}
+    torch.testing.assert_close(manual, sdpa, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_export_reloads_with_auto_class_and_gives_the_same_logits(family, tmp_path):
     """A few optimizer steps on a fixed batch lower the loss; the exported HF dir reloads with
     AutoModelForMaskedLM as the family's own class, whose full-sequence logits at the masked positions are the

@@ -164,3 +164,22 @@ def test_engine_runs_a_bert_under_bf16_on_the_manual_kernel_with_the_math_kernel
     assert "aten::scaled_dot_product_attention" not in ops_auto and "aten::scaled_dot_product_attention" in ops_math
     assert loss_auto == pytest.approx(loss_math, rel=2e-2)
     assert torch.nn.functional.cosine_similarity(g_auto, g_math, dim=0) > 0.99
+
+
+def test_the_manual_kernel_reaches_a_distillations_teacher():
+    """The frozen teacher is kept out of the student's module tree, and is switched too."""
+    from orchestrator.config.schema import ModelConfig
+    from orchestrator.model.attention import NAME, use_cpu_bf16_attention
+    from orchestrator.model.build import build_pretraining_model
+    from orchestrator.model.distill import DistillModel
+
+    def tiny(layers):
+        cfg = ModelConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
+                          max_position_embeddings=64)
+        return build_pretraining_model(cfg, 100, 0, nsp=False, seed=0)
+
+    model = DistillModel(tiny(1), tiny(2), pad_id=0, temperature=2.0, alpha_kl=1.0, alpha_mlm=0.0, alpha_cos=0.0)
+    assert model.teacher not in list(model.modules())
+    assert use_cpu_bf16_attention(model)
+    assert model.student.hf.config._attn_implementation == NAME
+    assert model.teacher.hf.config._attn_implementation == NAME

@@ -429,7 +429,12 @@ class EngineConfig:
         on_gpu = job.compute.use_gpu
         if self.attention in ("efficient", "cudnn") and not on_gpu:
             raise ConfigError("engine.attention",
-                              f"the {self.attention} SDPA kernel exists only on GPUs; use auto, flash or math on CPU")
+                              f"the {self.attention} SDPA kernel exists only on GPUs; use auto, manual, flash or math "
+                              "on CPU")
+        if self.attention == "manual" and on_gpu:
+            raise ConfigError("engine.attention",
+                              "manual is the CPU bf16 attention; on GPUs use auto (PyTorch's SDPA choice), flash, "
+                              "efficient, cudnn or math")
         if self.bf16 and self.fp16:
             raise ConfigError("engine.fp16", "bf16 and fp16 are both on; choose one")
         if self.fp16 and not on_gpu:

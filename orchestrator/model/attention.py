@@ -4,9 +4,10 @@ of PyTorch's SDPA math kernel.
 On a CPU, SDPA's math kernel runs a bf16 attention in fp32 and then applies its "safe softmax" (an `isneginf`, an
 `all` and a `where` over every [B, H, T, T] score tensor, for rows with nothing to attend to), and its flash kernel's
 bf16 backward is slower still at BERT lengths. The computation here is what transformers' `eager_attention_forward`
-does, with the mask applied by `masked_fill` to the dtype's minimum (so a row with nothing to attend to, the padding
-after packed samples, softmaxes to a uniform row instead of NaN; its positions carry no label). One layer of the mini
-shape (B=32, 4 heads, T=128, d=64), forward and backward: 10-12 ms against 18-19 ms (bench/README.md).
+does, with a boolean mask applied by `masked_fill` to the dtype's minimum (a row with nothing to attend to would
+softmax to a uniform row, where SDPA gives zeros; the collate never makes one: padding queries attend to
+themselves). One layer of the mini shape (B=32, 4 heads, T=128, d=64), forward and backward: 10-12 ms against
+18-19 ms (bench/README.md).
 
 It is used only where `engine.attention` resolves to "manual" (the "auto" choice on a CPU under bf16) and only for
 CPU bf16 inputs; anything else (fp32 evaluation, GPUs, causal or GQA attention) goes to transformers' SDPA function
@@ -27,7 +28,7 @@ NAME = "orchestrator_cpu_bf16"
 def cpu_bf16_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' attention-function signature; returns ([B, T, H, D] output, None) as its SDPA function does."""
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)  # SDPA's function's default
     plain = (query.device.type == "cpu" and query.dtype == torch.bfloat16 and not causal
              and getattr(module, "num_key_value_groups", 1) == 1 and kwargs.get("position_bias") is None
              and kwargs.get("softcap") is None)
@@ -52,10 +53,12 @@ AttentionMaskInterface.register(NAME, sdpa_mask)  # padding masks are built as f
 
 
 def use_cpu_bf16_attention(model: torch.nn.Module) -> bool:
-    """Switch a model on transformers' SDPA path to the function above (its config is shared by every layer).
-    Models on another path (DeBERTa's own eager attention) are left as they are. Returns whether it switched."""
+    """Switch a model on transformers' SDPA path to the function above (its config is shared by every layer), and
+    a distillation's frozen teacher, which is kept out of the module tree. Models on another path (DeBERTa's own
+    eager attention) are left as they are. Returns whether it switched."""
     switched = False
-    for m in model.modules():
+    teacher = getattr(model, "teacher", None)
+    for m in [*model.modules(), *(teacher.modules() if isinstance(teacher, torch.nn.Module) else ())]:
         config = getattr(m, "config", None)
         if config is not None and getattr(config, "_attn_implementation", None) == "sdpa":
             config._attn_implementation = NAME

@@ -145,7 +145,21 @@ def encode(fam: Family, encoder, input_ids, attention_mask, token_type_ids=None,
         return _deberta_encode(encoder, input_ids, attention_mask, kw.get("token_type_ids"))
     if position_ids is not None:
         kw["position_ids"] = position_ids + (encoder.config.pad_token_id + 1 if fam.position_offset else 0)
+    if fam.name == "modernbert" and attention_mask is not None and attention_mask.dim() == 4:
+        kw["attention_mask"] = _modernbert_masks(encoder.config, attention_mask)
     return encoder(**kw, return_dict=True).last_hidden_state
+
+
+def _modernbert_masks(config, block: torch.Tensor) -> dict[str, torch.Tensor]:
+    """ModernBERT's masks for a packed row's block-diagonal one. transformers passes a 4D mask through unchanged to
+    every layer, so its local-attention layers would attend across the whole sample: they get the block mask cut to
+    their window (|i - j| <= config.sliding_window, the half-window: what transformers builds from a [B, T] mask)."""
+    import torch
+
+    t = block.shape[-1]
+    pos = torch.arange(t, device=block.device)
+    band = (pos[:, None] - pos[None, :]).abs() <= config.sliding_window
+    return {"full_attention": block, "sliding_attention": block & band}
 
 
 def _deberta_encode(encoder, input_ids, attention_mask, token_type_ids) -> torch.Tensor:

@@ -290,6 +290,18 @@ def build_plan(cfg: JobConfig, dataset: Optional[DatasetStats] = None) -> JobPla
     )
 
 
+def _scores_kept(cfg: JobConfig) -> bool:
+    """Whether attention keeps its s^2 score matrices for backward: eager attention (DeBERTa; `manual`, what auto
+    picks on a CPU under bf16; the worker detects bf16 support, so auto on a CPU counts them unless bf16 is off) and
+    SDPA's math kernel do; the fused SDPA kernels do not."""
+    from orchestrator.model.families import family_of
+
+    kernel = cfg.engine.attention
+    if not family_of(cfg.model.family).sdpa or kernel in ("manual", "math"):
+        return True
+    return kernel == "auto" and not cfg.compute.use_gpu and cfg.engine.bf16 is not False
+
+
 def _estimates(cfg: JobConfig, batch: BatchPlan, vocab_size: int, tokens: int) -> tuple[dict, dict]:
     """Per-GPU memory (ZeRO stage, offload, activations) and the time/cost of the job's token budget."""
     from orchestrator.plan.memory import estimate_memory, estimate_time_cost, flops_per_token
@@ -318,7 +330,7 @@ def _estimates(cfg: JobConfig, batch: BatchPlan, vocab_size: int, tokens: int) -
         micro_batch_size=batch.micro_batch_size_per_gpu,
         seq_length=t.max_seq_length,
         activation_checkpointing=e.activation_checkpointing,
-        flash_attention=True,  # SDPA: no s^2 score matrices kept
+        flash_attention=not _scores_kept(cfg),
         masked_fraction=t.mlm_probability,
         sparse_mlm=True,
         counted=counted,
