@@ -152,8 +152,8 @@ def attention_kernel(setting: str, device: Union[str, torch.device], bf16: bool)
     "auto" = "manual" on CPU under bf16: transformers' eager computation, bf16 matmuls around an fp32 softmax
     (orchestrator/model/attention.py). PyTorch's SDPA math kernel runs bf16 attention in fp32 on a CPU, plus its
     safe-softmax passes over every score tensor, and its CPU flash backward in bf16 is slower still at BERT lengths
-    (B=32, 4 heads, T=128, d=64, one layer forward and backward: manual 10-12 ms, math 18-19 ms, flash about twice
-    math; bench/README.md). In fp32 and on GPUs: PyTorch's own choice.
+    (B=32, 4 heads, T=128, d=64, one layer forward and backward: manual 10-12 ms, math 18-19 ms; flash's backward
+    alone about twice math's; bench/README.md). In fp32 and on GPUs: PyTorch's own choice.
     """
     if setting == "auto":
         return "manual" if (torch.device(device).type == "cpu" and bf16) else "default"
