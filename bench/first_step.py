@@ -69,10 +69,11 @@ def main() -> None:
     trees = {"this": REPO, **({"baseline": Path(args.baseline_tree).resolve()} if args.baseline_tree else {})}
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     work = Path(tempfile.mkdtemp(prefix="first_step_bench_"))
-    head = LocalHead(num_cpus=os.cpu_count()).start() if args.join else None
-    if head is not None:
-        env["RAY_ADDRESS"] = head.gcs_address
+    head = None
     try:
+        if args.join:  # inside the try: a head that does not come up still leaves no work dir behind
+            head = LocalHead(num_cpus=os.cpu_count()).start()
+            env["RAY_ADDRESS"] = head.gcs_address
         rows: dict[str, list] = {name: [] for name in trees}
         for name, tree in trees.items():  # warm-up: token cache, page cache, DeepSpeed's op cache
             one_run(tree, work / f"warm_{name}", env)

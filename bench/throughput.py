@@ -10,9 +10,11 @@ evaluation), tokenizer, model shape, sequence length and global batch:
   (a) baseline: `transformers.BertForMaskedLM` (its default attention), `DataCollatorForLanguageModeling`
       (15%, 80/10/10), torch's fused AdamW (`Trainer`'s default optim, `adamw_torch_fused`) + linear
       warmup/decay + grad clipping 1.0 (what `Trainer` does), fp32, default dropout 0.1, texts tokenised and
-      concatenated into full blocks as `run_mlm.py` does by default (so no padding). Runs in its own process with the same torch thread count.
-  (b) ours, `launcher=local engine=torch`: sparse MLM head, packing with position/segment resets, SDPA
-      with block-diagonal masks, bf16 autocast when `bf16_supported(cpu)`, fused AdamW, dropout 0.
+      concatenated into full blocks as `run_mlm.py` does by default (so no padding). Runs in its own process
+      with the same torch thread count.
+  (b) ours, `launcher=local engine=torch`: sparse MLM head, packing with position/segment resets and
+      block-diagonal masks, bf16 autocast when `bf16_supported(cpu)` (attention then `engine.attention=manual`,
+      else SDPA), fused AdamW, dropout 0.
   (c) ours, `launcher=ray compute=cpu2 engine=zero2`: 2 CPU workers x 1 thread, DeepSpeed ZeRO-2.
 Throughput is real (non-padding) tokens per second over the steps after `--warmup-steps`, training only
 (no eval/checkpoint time). Held-out MLM accuracy of (a) and (b) is computed here by one function on the
