@@ -8,8 +8,9 @@ Prints one JSON object and writes it to bench/results/throughput_<model>_seq<seq
 In one invocation, on the same text (the training documents of `--data`, the held-out documents for
 evaluation), tokenizer, model shape, sequence length and global batch:
   (a) baseline: `transformers.BertForMaskedLM` (its default attention), `DataCollatorForLanguageModeling`
-      (15%, 80/10/10), torch's fused AdamW (`Trainer`'s default optim, `adamw_torch_fused`) + linear
-      warmup/decay + grad clipping 1.0 (what `Trainer` does), fp32, default dropout 0.1, texts tokenised and
+      (15%, 80/10/10), torch's fused AdamW (`Trainer`'s default optim, `adamw_torch_fused`) + the job's schedule
+      (linear warmup/decay by default, the transformers function ours calls) + grad clipping 1.0 (what `Trainer`
+      does), fp32, default dropout 0.1 (`--baseline-dropout`), texts tokenised and
       concatenated into full blocks as `run_mlm.py` does by default (so no padding). Runs in its own process
       with the same torch thread count.
   (b) ours, `launcher=local engine=torch`: sparse MLM head, packing with position/segment resets and
@@ -163,6 +164,7 @@ def common_overrides(args) -> list[str]:
         o.append(f"++data.loader_workers={args.loader_workers}")
     for spec in args.model_override:
         o.append(f"model.{spec}")
+    o.extend(args.override)
     return o
 
 
@@ -264,7 +266,8 @@ def baseline_worker(cfg: dict) -> None:
     (abf) bf16 autocast over forward and loss, what `Trainer(bf16=True)` does on a CPU (weights and optimizer fp32)."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling
-    from transformers import get_linear_schedule_with_warmup
+
+    from orchestrator.worker.engine import lr_lambda_factory
 
     torch.set_num_threads(cfg["threads"])
     tok = AutoTokenizer.from_pretrained(cfg["tokenizer_dir"])
@@ -274,7 +277,9 @@ def baseline_worker(cfg: dict) -> None:
         vocab_size=len(tok), hidden_size=m["hidden_size"], num_hidden_layers=m["num_hidden_layers"],
         num_attention_heads=m["num_attention_heads"], intermediate_size=m["intermediate_size"],
         max_position_embeddings=m["max_position_embeddings"], pad_token_id=tok.pad_token_id,
-    )  # hidden/attention dropout: the defaults (0.1)
+        **({} if cfg.get("dropout") is None else
+           {"hidden_dropout_prob": cfg["dropout"], "attention_probs_dropout_prob": cfg["dropout"]}),
+    )  # hidden/attention dropout: the defaults (0.1) unless --baseline-dropout
     torch.manual_seed(cfg["seed"])
     model = BertForMaskedLM(config)
     model.train()
@@ -288,7 +293,7 @@ def baseline_worker(cfg: dict) -> None:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"], fused=True)  # Trainer's default
     steps = cfg["steps"]
-    sched = get_linear_schedule_with_warmup(opt, cfg["warmup_steps"], steps)
+    sched = lr_lambda_factory(cfg["schedule"], cfg["warmup_steps"], steps)(opt)  # ours: the same function
     it = iter(loader)
     tokens_measured = 0
     t_measured = 0.0
@@ -297,6 +302,8 @@ def baseline_worker(cfg: dict) -> None:
     windows = []
     win_tok, win_t = 0, 0.0
     losses = []
+    lr_log = []
+    every = cfg.get("curve_every")
     for step in range(steps):
         t0 = time.perf_counter()
         try:
@@ -308,6 +315,8 @@ def baseline_worker(cfg: dict) -> None:
             out = model(**batch)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if (step + 1) % cfg["log_every"] == 0:
+            lr_log.append([step + 1, opt.param_groups[0]["lr"]])  # the lr of this step, as ours logs it
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -325,6 +334,8 @@ def baseline_worker(cfg: dict) -> None:
             if (step + 1) % cfg["log_every"] == 0:
                 windows.append(round(win_tok / win_t, 1))
                 win_tok, win_t = 0, 0.0
+        if every and (step + 1) % every == 0 and step + 1 < steps:  # the learning curve's exports, not timed
+            model.save_pretrained(f"{cfg['save_dir']}@{step + 1}")
     model.save_pretrained(cfg["save_dir"])
     tok.save_pretrained(cfg["save_dir"])
     res = {
@@ -336,10 +347,13 @@ def baseline_worker(cfg: dict) -> None:
         "tokens_seen": tokens_total,
         "train_blocks": len(blocks),
         "final_train_loss": sum(losses[-5:]) / len(losses[-5:]),
+        "schedule": cfg["schedule"],
+        "lr_at_step": lr_log,
         "attn_implementation": model.config._attn_implementation,
         "hidden_dropout_prob": config.hidden_dropout_prob,
         "dtype": "bfloat16 autocast" if cfg.get("bf16") else "float32",
         "export": cfg["save_dir"],
+        "curve_exports": {step: f"{cfg['save_dir']}@{step}" for step in range(every, steps, every)} if every else {},
     }
     Path(cfg["result"]).write_text(json.dumps(res))
 
@@ -430,12 +444,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="mini", help="conf/model/<name> (mini = 4x256, small = 4x512x8 heads)")
     ap.add_argument("--model-override", action="append", default=[], help="extra model.<key>=<value>, e.g. hidden_size=384")
+    ap.add_argument("--override", action="append", default=[],
+                    help="extra Hydra override of the job, any key, e.g. task.packing=false (an ablation) or"
+                         " schedule=cosine; (b) and (c) run all of it, (a) and (abf) take the model shape, optimizer"
+                         " and schedule from it")
     ap.add_argument("--data", default=DEFAULT_DATA)
     ap.add_argument("--vocab", type=int, default=30522, help="WordPiece vocab size asked of our tokenizer trainer")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--global-batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate of every phase (default: conf/optim)")
     ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--baseline-dropout", type=float, default=None,
+                    help="hidden and attention dropout of (a) and (abf) (default: BertConfig's 0.1; ours run at 0)")
+    ap.add_argument("--curve-every", type=int, default=0,
+                    help="(a) and (abf) also save their model every N steps, each scored on the held-out blocks: the"
+                         " baseline's learning curve in one run (<phase>@<step> in heldout_eval)")
     ap.add_argument("--warmup-steps", type=int, default=10, help="steps not measured (JIT, allocator, caches)")
     ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of (a) and (b); (c) uses 2 workers x 1")
@@ -476,6 +499,8 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "hardware": hardware.describe(),
         "ours_bf16": bf16,
+        "overrides": args.override,
+        "baseline_dropout": 0.1 if args.baseline_dropout is None else args.baseline_dropout,
     }
 
     with tempfile.TemporaryDirectory(prefix="bench_tp_") as tmp_s:
@@ -535,10 +560,12 @@ def main() -> None:
             "threads": args.threads, "tokenizer_dir": tok_dir, "data_paths": [args.data],
             "eval_fraction": job.data.eval_fraction, "seq": args.seq, "seed": args.seed,
             "global_batch": args.global_batch, "steps": args.steps, "warmup_steps": warmup_lr_steps,
-            "warmup_steps_measure": args.warmup_steps, "log_every": args.log_every,
+            "warmup_steps_measure": args.warmup_steps, "log_every": args.log_every, "dropout": args.baseline_dropout,
+            "curve_every": args.curve_every,
             "model": {"hidden_size": m.hidden_size, "num_hidden_layers": m.num_hidden_layers,
                       "num_attention_heads": m.num_attention_heads, "intermediate_size": m.intermediate_size,
                       "max_position_embeddings": m.max_position_embeddings},
+            "schedule": job.schedule.name,
             "optim": {"lr": job.optim.lr, "weight_decay": job.optim.weight_decay, "beta1": job.optim.beta1,
                       "beta2": job.optim.beta2, "eps": job.optim.eps},
         }
@@ -608,12 +635,13 @@ def main() -> None:
         for k in ("a_hf_baseline", "a_hf_bf16"):
             if k in runs:
                 dirs[k] = runs[k]["export"]
+                dirs.update({f"{k}@{step}": d for step, d in runs[k].pop("curve_exports").items()})
         for k in ("b_local", "b_local_fp32", "c_ray_zero2"):
             if k in runs:
                 dirs[k] = runs[k]["export"]
         if dirs:
             result["heldout_eval"] = heldout_mlm_accuracy(dirs, tok_dir, held, args.seq, args.eval_draws, args.seed)
-            result["heldout_eval"]["tokens_seen"] = {k: runs[k].get("tokens_seen") for k in dirs}
+            result["heldout_eval"]["tokens_seen"] = {k: runs[k].get("tokens_seen") for k in dirs if k in runs}
         for r in runs.values():  # the temp dirs are gone after this run
             r.pop("export", None)
             r.pop("run_dir", None)

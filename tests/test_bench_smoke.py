@@ -7,6 +7,7 @@ No speed is asserted here: timing targets live in the benchmark output (bench/RE
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -68,10 +69,12 @@ def test_throughput_bench_refuses_an_empty_heldout_split_before_any_phase(tmp_pa
 
 @pytest.mark.slow
 def test_throughput_bench_tiny_all_three_phases(tmp_path):
-    """(a) HF baseline, (b) launcher=local and (c) launcher=ray (2 workers, ZeRO-2) in one bench run."""
+    """(a) HF baseline, (b) launcher=local and (c) launcher=ray (2 workers, ZeRO-2) in one bench run; the HF phases
+    at dropout 0, on the job's schedule (cosine here), with a learning-curve export at step 3."""
     out = tmp_path / "tp.json"
     r = _run(["bench/throughput.py", "--model", "tiny", "--seq", "32", "--global-batch", "8", "--steps", "6",
               "--warmup-steps", "2", "--log-every", "2", "--phases", "a,abf,b,c", "--eval-draws", "1", "--vocab", "2000",
+              "--baseline-dropout", "0", "--override", "schedule=cosine", "--curve-every", "3",
               "--data", str(_corpus(tmp_path)), "--out", str(out)], tmp_path)
     assert json.loads(out.read_text()) == r
     for key in ("runs", "ratios", "mfu", "matmul_peak", "flops_per_token", "heldout_eval", "data_prep",
@@ -84,7 +87,14 @@ def test_throughput_bench_tiny_all_three_phases(tmp_path):
         assert r["runs"][run]["tokens_per_s"] > 0
         assert r["runs"][run]["time_to_first_step_s"] > 0
         assert 0.0 <= r["heldout_eval"]["models"][run]["mlm_acc"] <= 1.0
-    assert set(r["heldout_eval"]["models"]) == set(expected)
+    curve = {f"{k}@3" for k in expected if k.startswith("a_hf")}
+    assert set(r["heldout_eval"]["models"]) == set(expected) | curve
+    for run in (k for k in expected if k.startswith("a_hf")):  # cosine from lr 1e-3, no warmup at 6 steps
+        assert r["runs"][run]["hidden_dropout_prob"] == 0.0 and r["runs"][run]["schedule"] == "cosine"
+        steps, lrs = zip(*r["runs"][run]["lr_at_step"])
+        assert steps == (2, 4, 6)
+        assert lrs == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 6)) for s in steps])
+    assert r["overrides"] == ["schedule=cosine"] and r["baseline_dropout"] == 0.0
     for scores in r["heldout_eval"]["models"].values():  # [MASK]-replaced positions are a subset of the selected
         assert 0.0 <= scores["mlm_acc_mask_only"] <= 1.0
     assert r["heldout_eval"]["mask_replaced_tokens"] < r["heldout_eval"]["masked_tokens"]
