@@ -482,6 +482,7 @@ def main() -> None:
     import torch
 
     from orchestrator.data.pretraining import prepare_pretraining_data
+    from orchestrator.plan.job_plan import warmup_steps
     from orchestrator.plan.memory import flops_per_token
     from orchestrator.worker import hardware
 
@@ -500,7 +501,7 @@ def main() -> None:
         "hardware": hardware.describe(),
         "ours_bf16": bf16,
         "overrides": args.override,
-        "baseline_dropout": 0.1 if args.baseline_dropout is None else args.baseline_dropout,
+        "baseline_dropout": args.baseline_dropout,  # null: BertConfig's default (each HF run records its own)
     }
 
     with tempfile.TemporaryDirectory(prefix="bench_tp_") as tmp_s:
@@ -538,8 +539,7 @@ def main() -> None:
         peaks["other_processes_cpu_cores"] = round(load.other_cores, 2)
         result["matmul_peak"] = peaks
 
-        warmup_lr_steps = (int(round(job.schedule.warmup_ratio * args.steps)) if job.schedule.warmup_steps is None
-                           else min(job.schedule.warmup_steps, args.steps))  # as orchestrator/plan/job_plan.py
+        warmup_lr_steps = warmup_steps(job.schedule, args.steps)  # the plan's own rule
         common = common_overrides(args) + [f"engine.bf16={str(bf16).lower()}"]
         if args.profile:  # inside the unmeasured warm-up steps, so the throughput is the profiler's free
             first, last = max(2, args.warmup_steps - 4), max(2, args.warmup_steps - 2)

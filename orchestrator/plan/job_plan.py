@@ -214,6 +214,13 @@ def _check_host_memory(cfg: JobConfig, memory: dict[str, Any]) -> None:
         )
 
 
+def warmup_steps(schedule_cfg, total_steps: int) -> int:
+    """The lr warmup in optimizer steps: schedule.warmup_steps (at most the run), else warmup_ratio of the run."""
+    if schedule_cfg.warmup_steps is not None:
+        return min(schedule_cfg.warmup_steps, total_steps)
+    return int(round(schedule_cfg.warmup_ratio * total_steps))
+
+
 def build_plan(cfg: JobConfig, dataset: Optional[DatasetStats] = None) -> JobPlan:
     """Resolve world size, batch arithmetic, total steps and the DeepSpeed config."""
     check_job(cfg)
@@ -252,10 +259,7 @@ def build_plan(cfg: JobConfig, dataset: Optional[DatasetStats] = None) -> JobPla
         mean_row = dataset.train_tokens / dataset.train_rows if dataset else float(seq)
         total = max(1, math.ceil(tr.token_budget / (batch.global_batch_size * mean_row)))
         notes.append(f"token_budget {tr.token_budget:,} at {mean_row:.1f} tokens/row -> {total:,} steps")
-    if cfg.schedule.warmup_steps is not None:
-        warmup = min(cfg.schedule.warmup_steps, total)
-    else:
-        warmup = int(round(cfg.schedule.warmup_ratio * total))
+    warmup = warmup_steps(cfg.schedule, total)
     ds_config = render_deepspeed_config(cfg.engine, batch, cfg.compute.use_gpu, cfg.model.hidden_size)
     vocab = dataset.vocab_size if dataset else (cfg.tokenizer.vocab_size or 30522)
     memory, cost = _estimates(cfg, batch, vocab, total * tokens_per_step)
