@@ -304,6 +304,7 @@ def baseline_worker(cfg: dict) -> None:
     losses = []
     lr_log = []
     every = cfg.get("curve_every")
+    curve_exports: dict[int, str] = {}
     for step in range(steps):
         t0 = time.perf_counter()
         try:
@@ -335,7 +336,8 @@ def baseline_worker(cfg: dict) -> None:
                 windows.append(round(win_tok / win_t, 1))
                 win_tok, win_t = 0, 0.0
         if every and (step + 1) % every == 0 and step + 1 < steps:  # the learning curve's exports, not timed
-            model.save_pretrained(f"{cfg['save_dir']}@{step + 1}")
+            curve_exports[step + 1] = f"{cfg['save_dir']}@{step + 1}"
+            model.save_pretrained(curve_exports[step + 1])
     model.save_pretrained(cfg["save_dir"])
     tok.save_pretrained(cfg["save_dir"])
     res = {
@@ -353,7 +355,7 @@ def baseline_worker(cfg: dict) -> None:
         "hidden_dropout_prob": config.hidden_dropout_prob,
         "dtype": "bfloat16 autocast" if cfg.get("bf16") else "float32",
         "export": cfg["save_dir"],
-        "curve_exports": {step: f"{cfg['save_dir']}@{step}" for step in range(every, steps, every)} if every else {},
+        "curve_exports": curve_exports,
     }
     Path(cfg["result"]).write_text(json.dumps(res))
 
