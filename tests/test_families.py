@@ -510,3 +510,64 @@ def test_memory_plan_counts_each_familys_own_parameters(family):
         base = ModelConfig(family="albert", embedding_size=128, hidden_size=768, num_hidden_layers=12,
                            num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512)
         assert counted_parameters(base, mlm, 30000)[0] < 0.15 * parameter_count(768, 12, 3072, 30000)
+
+
+def _loss_and_grads(model, batch, extra):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # the same dropout draws (ALBERT's sentence-order classifier keeps its dropout)
+    out = model(**batch, **extra)
+    out["loss"].backward()
+    return out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_last_layer_at_the_loss_positions_gives_the_full_layers_loss_and_gradients(family, monkeypatch):
+    """The last layer run only where the loss reads it (masked positions, their span boundaries, each sample's
+    [CLS]: `encode_at`) gives the loss and every gradient of the whole last layer, on packed rows with padding,
+    with the span-boundary head and the family's sentence-pair head; and for BERT-layer families it did run on
+    fewer rows."""
+    from orchestrator.model import families
+    from orchestrator.model.build import build_pretraining_model
+
+    gen = torch.Generator().manual_seed(4)
+    batch = _rows([[_sample(9, gen), _sample(12, gen)], [_sample(20, gen)], [_sample(7, gen)]], 24)
+    pair = family in ("bert", "albert")
+    model = build_pretraining_model(_tiny(family), V, 0, nsp=pair, seed=0, special=SPECIAL, sbo_positions=8).train()
+    flat = torch.arange(batch["input_ids"].numel()).view_as(batch["input_ids"])
+    extra = dict(sbo_left=flat - 1, sbo_right=flat + 1)
+    if pair:
+        extra.update(cls_index=torch.tensor([0, 9, 24, 48]), nsp_labels=torch.tensor([0, 1, 1, 0]))
+    rows_seen = []
+    last = families.backbone(model.hf)
+    if family in families.LAST_LAYER_AT:
+        last = last.encoder.layer[-1].intermediate.dense
+        last.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[:-1].numel()))
+    fast = _loss_and_grads(model, batch, extra)
+    monkeypatch.setattr(families, "LAST_LAYER_AT", ())  # every family through `encode`: the whole last layer
+    full = _loss_and_grads(model, batch, extra)
+    torch.testing.assert_close(fast[0], full[0], rtol=1e-5, atol=1e-6)
+    assert fast[1].keys() == full[1].keys()
+    for name in full[1]:
+        torch.testing.assert_close(fast[1][name], full[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    if family in families.LAST_LAYER_AT:
+        assert rows_seen[0] < batch["input_ids"].numel() == rows_seen[1], rows_seen
+
+
+def test_last_layer_at_under_the_cpu_bf16_attention_matches_the_whole_layer():
+    """The manual CPU bf16 attention (what engine.attention=auto trains with on a CPU) reads per-query rows of the
+    block-diagonal mask: the last layer at the masked positions gives the whole layer's logits within bf16
+    rounding."""
+    from orchestrator.model.attention import use_cpu_bf16_attention
+    from orchestrator.model.families import backbone, encode_at, mlm_head
+
+    gen = torch.Generator().manual_seed(5)
+    batch = _rows([[_sample(9, gen), _sample(12, gen)], [_sample(20, gen)]], 24)
+    model = _model("bert")
+    assert use_cpu_bf16_attention(model)
+    masked = (batch["mlm_labels"].reshape(-1) != -100).nonzero(as_tuple=True)[0]
+    args = (model.family, backbone(model.hf), batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+            batch["position_ids"])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = mlm_head(model.family, model.hf)(encode_at(*args, masked)).float()
+        whole = _sparse_logits(model, batch).float()
+    torch.testing.assert_close(fast, whole, rtol=0.05, atol=0.05)

@@ -57,32 +57,50 @@ class PretrainingModel(nn.Module):
         return cls(AutoConfig.from_pretrained(str(src), local_files_only=True), nsp=False, src=str(src))
 
     def masked(self, input_ids, token_type_ids, position_ids, attention_mask, mlm_labels, sbo_left=None,
-               sbo_right=None):
-        """(hidden states [B, T, H], fp32 vocabulary logits of the masked positions [M, V], their targets [M]).
+               sbo_right=None, cls_index=None, every_position=False):
+        """(hidden states [B, T, H] with `every_position`, else None; fp32 vocabulary logits of the masked positions
+        [M, V]; their targets [M]; the last hidden states at `cls_index` [S, H], or None without it).
 
-        With the span-boundary head and boundaries given (flat indices b * T + position per masked token), the
-        logits are [2M, V]: the M MLM rows, then the M span-boundary rows, through one call of the vocabulary head.
+        Without `every_position` the last layer runs only where these outputs read it (`encode_at`): the masked
+        positions, their span boundaries and the [CLS] positions. With the span-boundary head and boundaries given
+        (flat indices b * T + position per masked token), the logits are [2M, V]: the M MLM rows, then the M
+        span-boundary rows, through one call of the vocabulary head.
         """
-        from orchestrator.model.families import backbone, encode, mlm_head
+        from orchestrator.model.families import backbone, encode, encode_at, mlm_head
 
-        hidden = encode(self.family, backbone(self.hf), input_ids, attention_mask, token_type_ids, position_ids)
         flat_labels = mlm_labels.reshape(-1)
         masked = (flat_labels != -100).nonzero(as_tuple=True)[0]
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        head_in = flat.index_select(0, masked)
-        if self.sbo is not None and sbo_left is not None:
+        wanted = [masked]
+        sbo = self.sbo is not None and sbo_left is not None
+        if sbo:
             left = sbo_left.reshape(-1).index_select(0, masked)
             right = sbo_right.reshape(-1).index_select(0, masked)
-            spans = self.sbo(flat.index_select(0, left), flat.index_select(0, right), masked - left - 1)
-            head_in = torch.cat([head_in, spans])
+            wanted += [left, right]
+        if cls_index is not None:
+            wanted.append(cls_index)
+        args = (self.family, backbone(self.hf), input_ids, attention_mask, token_type_ids, position_ids)
+        hidden = None
+        if every_position:
+            hidden = encode(*args)
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            rows = [flat.index_select(0, w) for w in wanted]
+        elif len(wanted) == 1:  # MLM alone: `masked` is already sorted and unique
+            rows = [encode_at(*args, masked)]
+        else:
+            positions, inverse = torch.cat(wanted).unique(sorted=True, return_inverse=True)
+            rows = list(encode_at(*args, positions).index_select(0, inverse).split([len(w) for w in wanted]))
+        head_in = rows[0]
+        if sbo:
+            head_in = torch.cat([head_in, self.sbo(rows[1], rows[2], masked - left - 1)])
         logits = mlm_head(self.family, self.hf)(head_in)  # [M, V]: the sparse MLM head
         # the loss in fp32 under bf16; argmax on this copy too (bf16 argmax is ~2x slower on CPU)
-        return hidden, logits.float(), flat_labels.index_select(0, masked)
+        return hidden, logits.float(), flat_labels.index_select(0, masked), rows[-1] if cls_index is not None else None
 
     def forward(self, input_ids, token_type_ids, position_ids, attention_mask, mlm_labels, cls_index=None, nsp_labels=None,
                 sbo_left=None, sbo_right=None):
-        hidden, logits, targets = self.masked(input_ids, token_type_ids, position_ids, attention_mask, mlm_labels,
-                                              sbo_left, sbo_right)
+        pair = self.nsp and nsp_labels is not None
+        _, logits, targets, cls_hidden = self.masked(input_ids, token_type_ids, position_ids, attention_mask,
+                                                     mlm_labels, sbo_left, sbo_right, cls_index if pair else None)
         sbo_logits = logits[len(targets):]
         logits = logits[: len(targets)]
         mlm_loss = nn.functional.cross_entropy(logits, targets)
@@ -92,7 +110,7 @@ class PretrainingModel(nn.Module):
             "loss": mlm_loss,
             "mlm_loss": mlm_loss.detach(),
             "mlm_correct": mlm_correct,
-            "mlm_count": torch.tensor(len(targets), device=hidden.device),
+            "mlm_count": torch.tensor(len(targets), device=logits.device),
         }
         if self.sbo is not None and sbo_left is not None:  # SpanBERT: loss = MLM + SBO, both over the span tokens
             sbo_loss = nn.functional.cross_entropy(sbo_logits, targets)
@@ -101,9 +119,8 @@ class PretrainingModel(nn.Module):
             with torch.no_grad():
                 result["sbo_correct"] = (sbo_logits.argmax(-1) == targets).sum()
             result["sbo_count"] = result["mlm_count"]
-        if self.nsp and nsp_labels is not None:  # NSP (BERT) or SOP (ALBERT): one label per packed sample
+        if pair:  # NSP (BERT) or SOP (ALBERT): one label per packed sample
             # cls_index: flat indices (b * T + position) of every packed sample's [CLS]
-            cls_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, cls_index)
             if self.pair == "sop":
                 albert = self.hf.albert
                 pair_logits = self.hf.sop_classifier(albert.pooler_activation(albert.pooler(cls_hidden)))
@@ -115,7 +132,7 @@ class PretrainingModel(nn.Module):
             result[f"{self.pair}_loss"] = pair_loss.detach()
             with torch.no_grad():
                 result[f"{self.pair}_correct"] = (pair_logits.argmax(-1) == nsp_labels).sum()
-            result[f"{self.pair}_count"] = torch.tensor(len(nsp_labels), device=hidden.device)
+            result[f"{self.pair}_count"] = torch.tensor(len(nsp_labels), device=logits.device)
         return result
 
 

@@ -92,12 +92,12 @@ class DistillModel(nn.Module):
     def forward(self, input_ids, token_type_ids, position_ids, attention_mask, mlm_labels, cls_index=None,
                 nsp_labels=None):
         inputs = (input_ids, token_type_ids, position_ids, attention_mask, mlm_labels)
-        hidden, logits, targets = self.student.masked(*inputs)
+        hidden, logits, targets, _ = self.student.masked(*inputs, every_position=True)  # cosine: every position
         teacher = self.teacher
         if not hasattr(self, "_teacher_engine") and next(teacher.parameters()).device != input_ids.device:
             teacher.to(input_ids.device)
         with torch.no_grad():
-            t_hidden, t_logits, _ = teacher.masked(*inputs)
+            t_hidden, t_logits, _, _ = teacher.masked(*inputs, every_position=True)
         T = self.T
         kl = nn.functional.kl_div(nn.functional.log_softmax(logits / T, -1), nn.functional.log_softmax(t_logits / T, -1),
                                   reduction="batchmean", log_target=True) * T * T

@@ -62,7 +62,7 @@ class RTDModel(nn.Module):
                 nsp_labels=None):
         from orchestrator.model.families import backbone, encode
 
-        _, logits, targets = self.gen.masked(input_ids, token_type_ids, position_ids, attention_mask, mlm_labels)
+        _, logits, targets, _ = self.gen.masked(input_ids, token_type_ids, position_ids, attention_mask, mlm_labels)
         gen_loss = nn.functional.cross_entropy(logits, targets)
         flat = mlm_labels.reshape(-1)
         masked = (flat != -100).nonzero(as_tuple=True)[0]
