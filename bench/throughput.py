@@ -13,9 +13,9 @@ evaluation), tokenizer, model shape, sequence length and global batch:
       does), fp32, default dropout 0.1 (`--baseline-dropout`), texts tokenised and
       concatenated into full blocks as `run_mlm.py` does by default (so no padding). Runs in its own process
       with the same torch thread count.
-  (b) ours, `launcher=local engine=torch`: sparse MLM head, packing with position/segment resets and
-      block-diagonal masks, bf16 autocast when `bf16_supported(cpu)` (attention then `engine.attention=manual`,
-      else SDPA), fused AdamW, dropout 0.
+  (b) ours, `launcher=local engine=torch`: sparse MLM head, the last layer only at the masked positions (keys and
+      values everywhere), packing with position/segment resets and block-diagonal masks, bf16 autocast when
+      `bf16_supported(cpu)` (attention then `engine.attention=manual`, else SDPA), fused AdamW, dropout 0.
   (c) ours, `launcher=ray compute=cpu2 engine=zero2`: 2 CPU workers x 1 thread, DeepSpeed ZeRO-2.
 Throughput is real (non-padding) tokens per second over the steps after `--warmup-steps`, training only
 (no eval/checkpoint time). Held-out MLM accuracy of (a) and (b) is computed here by one function on the
@@ -592,7 +592,8 @@ def main() -> None:
 
         # -- FLOPs and MFU (matmul FLOPs per real token; backward = 2x forward)
         fpt_ours = flops_per_token(m.hidden_size, m.num_hidden_layers, m.intermediate_size, args.seq, vocab,
-                                   masked_fraction=job.task.mlm_probability, sparse_mlm=True, with_nsp=False)
+                                   masked_fraction=job.task.mlm_probability, sparse_mlm=True, with_nsp=False,
+                                   last_layer_at_loss=True)
         fpt_hf = flops_per_token(m.hidden_size, m.num_hidden_layers, m.intermediate_size, args.seq, vocab,
                                  sparse_mlm=False, with_nsp=False)
         result["flops_per_token"] = {"ours_sparse_mlm": fpt_ours, "hf_dense_mlm": fpt_hf, "ratio": fpt_hf / fpt_ours}

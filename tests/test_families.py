@@ -520,23 +520,30 @@ def _loss_and_grads(model, batch, extra):
     return out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("rows", ["packed", "padded"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_last_layer_at_the_loss_positions_gives_the_full_layers_loss_and_gradients(family, monkeypatch):
+def test_last_layer_at_the_loss_positions_gives_the_full_layers_loss_and_gradients(family, rows, monkeypatch):
     """The last layer run only where the loss reads it (masked positions, their span boundaries, each sample's
-    [CLS]: `encode_at`) gives the loss and every gradient of the whole last layer, on packed rows with padding,
-    with the span-boundary head and the family's sentence-pair head; and for BERT-layer families it did run on
-    fewer rows."""
+    [CLS]: `encode_at`) gives the loss and every gradient of the whole last layer, on packed rows (block-diagonal
+    mask) and on one padded sample per row (`task.packing=false`: a [B, T] mask), with the span-boundary head and
+    the family's sentence-pair head; and for BERT-layer families it did run on fewer rows."""
     from orchestrator.model import families
     from orchestrator.model.build import build_pretraining_model
 
     gen = torch.Generator().manual_seed(4)
-    batch = _rows([[_sample(9, gen), _sample(12, gen)], [_sample(20, gen)], [_sample(7, gen)]], 24)
+    if rows == "packed":
+        batch = _rows([[_sample(9, gen), _sample(12, gen)], [_sample(20, gen)], [_sample(7, gen)]], 24)
+        cls = [0, 9, 24, 48]
+    else:
+        batch = _rows([[_sample(21, gen)], [_sample(20, gen)], [_sample(7, gen)]], 24)
+        batch.update(attention_mask=(batch["input_ids"] != 0).long(), position_ids=None)
+        cls = [0, 24, 48]
     pair = family in ("bert", "albert")
     model = build_pretraining_model(_tiny(family), V, 0, nsp=pair, seed=0, special=SPECIAL, sbo_positions=8).train()
     flat = torch.arange(batch["input_ids"].numel()).view_as(batch["input_ids"])
     extra = dict(sbo_left=flat - 1, sbo_right=flat + 1)
     if pair:
-        extra.update(cls_index=torch.tensor([0, 9, 24, 48]), nsp_labels=torch.tensor([0, 1, 1, 0]))
+        extra.update(cls_index=torch.tensor(cls), nsp_labels=torch.tensor([0, 1, 1, 0][: len(cls)]))
     rows_seen = []
     last = families.backbone(model.hf)
     if family in families.LAST_LAYER_AT:

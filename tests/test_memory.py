@@ -267,3 +267,21 @@ def test_time_cost_errors_and_table():
     with pytest.raises(ConfigError):
         estimate_time_cost(1e9, 1e9, "A100", 8, mfu=1.5)
     assert math.isfinite(estimate_time_cost(1e9, 1e9, "L4", 1)["hours"])
+
+
+def test_flops_per_token_last_layer_at_the_loss_positions_hand_count():
+    """Ours (families.encode_at): the last layer's keys and values at every token, its query, attention, output
+    projection and FFN at the predicted 15% (and each sequence's [CLS] with NSP) only."""
+    h, L, i, s, V = 512, 4, 2048, 128, 12588
+    layer = 4 * 2 * h * h + 4 * s * h + 2 * 2 * h * i
+    kv = 2 * 2 * h * h
+    head = 0.15 * (2 * h * h + 2 * h * V)
+    last = kv + 0.15 * (layer - kv)
+    assert flops_per_token(h, L, i, s, V, sparse_mlm=True, training=False, with_nsp=False, last_layer_at_loss=True) \
+        == pytest.approx(3 * layer + last + head)
+    nsp = (2 * h * h + 2 * h * 2) / s
+    last_nsp = kv + (0.15 + 1 / s) * (layer - kv)
+    assert flops_per_token(h, L, i, s, V, sparse_mlm=True, training=True, with_nsp=True, last_layer_at_loss=True) \
+        == pytest.approx(3 * (3 * layer + last_nsp + head + nsp))
+    whole = flops_per_token(h, L, i, s, V, sparse_mlm=True, training=False, with_nsp=False)
+    assert whole - (3 * layer + last + head) == pytest.approx(layer - last)  # what it saves: 85% of a layer less KV

@@ -339,9 +339,13 @@ def _estimates(cfg: JobConfig, batch: BatchPlan, vocab_size: int, tokens: int) -
         sparse_mlm=True,
         counted=counted,
     ).to_dict()
+    from orchestrator.model.families import LAST_LAYER_AT
+
     fpt = flops_per_token(
         m.hidden_size, m.num_hidden_layers, m.intermediate_size, t.max_seq_length, vocab_size,
         masked_fraction=t.mlm_probability, sparse_mlm=True, training=True, with_nsp=t.nsp or t.sop,
+        # what PretrainingModel runs: the last layer only where the loss reads it (RTD and distillation read all)
+        last_layer_at_loss=m.family in LAST_LAYER_AT and t.objective == "mlm" and not t.distill_from,
     )
     cost = estimate_time_cost(
         tokens, fpt, cfg.compute.gpu_type, batch.world_size, mfu=cfg.compute.mfu,

@@ -307,6 +307,7 @@ def flops_per_token(
     sparse_mlm: bool = True,
     training: bool = True,
     with_nsp: bool = True,
+    last_layer_at_loss: bool = False,
 ) -> float:
     """Matmul FLOPs per input token (a matmul of m×k by k×n = 2·m·n·k FLOPs).
 
@@ -315,6 +316,9 @@ def flops_per_token(
     2·h·V — on masked tokens only (``masked_fraction``) when ``sparse_mlm`` (NVIDIA/MLPerf-style gather),
     on every token otherwise (HF ``BertForPreTraining``).  Pooler (2h²) + NSP (2·2h) once per sequence.
     Embedding lookups, LayerNorm, softmax, GeLU, bias adds are not matmuls and are ignored.
+    ``last_layer_at_loss`` (ours, BERT-layer families: ``families.encode_at``): the last layer projects keys and
+    values at every token and does the rest (query, attention, output projection, FFN) only at the predicted tokens
+    and, with NSP, each sequence's [CLS].
     ``training``: backward = 2x forward, so 3x forward in total.
     """
     h, i, s, v = hidden_size, intermediate_size, seq_length, vocab_size
@@ -322,7 +326,11 @@ def flops_per_token(
     mlm_tokens = masked_fraction if sparse_mlm else 1.0
     head = mlm_tokens * (2 * h * h + 2 * h * v)
     per_sequence = (2 * h * h + 2 * h * 2) if with_nsp else 0.0
-    forward = num_hidden_layers * per_layer + head + per_sequence / s
+    layers = num_hidden_layers * per_layer
+    if last_layer_at_loss and num_hidden_layers:
+        read = min(1.0, mlm_tokens + (1.0 / s if with_nsp else 0.0))  # tokens whose last-layer output a loss reads
+        layers += 2 * 2 * h * h + read * (per_layer - 2 * 2 * h * h) - per_layer
+    forward = layers + head + per_sequence / s
     return float(3 * forward if training else forward)
 
 
