@@ -163,8 +163,8 @@ def encode_at(fam: Family, encoder, input_ids, attention_mask, token_type_ids, p
     A pretraining loss reads the last layer at the masked positions (and [CLS], span boundaries) only, and every
     position's output in a layer depends on the others only through that layer's keys and values. So for BERT-layer
     families the last layer projects keys and values at all positions and runs its queries, attention output, and
-    feed-forward block at the N positions only (about 15% of a row): the same arithmetic on fewer rows, ~8/12 of a
-    layer's matmuls saved, and the same loss and gradients (tests/test_families.py). Every other family runs
+    feed-forward block at the N positions only (about 15% of a row): the same arithmetic on fewer rows, about 70% of
+    the layer's matmul FLOPs saved, and the same loss and gradients (tests/test_families.py). Every other family runs
     `encode` and picks the rows. The projections and the feed-forward block run on the N positions; only the
     attention itself needs each row's queries together, padded to the longest row's count with zero queries whose
     outputs are dropped.
