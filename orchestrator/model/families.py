@@ -178,6 +178,13 @@ def encode_at(fam: Family, encoder, input_ids, attention_mask, token_type_ids, p
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.bert.modeling_bert import eager_attention_forward
 
+    # where each position sits in its row's padded query block; the longest row's count is a host sync, taken here,
+    # next to the caller's `nonzero`, rather than after the first layers have been queued (on a GPU)
+    b, t = input_ids.shape
+    row, pos = positions // t, positions % t
+    counts = torch.bincount(row, minlength=b)
+    slot = torch.arange(len(positions), device=positions.device) - (torch.cumsum(counts, 0) - counts)[row]
+    rows = int(counts.max())
     if position_ids is not None and fam.position_offset:
         position_ids = position_ids + encoder.config.pad_token_id + 1
     h = encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids if fam.token_types else None,
@@ -189,11 +196,7 @@ def encode_at(fam: Family, encoder, input_ids, attention_mask, token_type_ids, p
     for layer in layers[:-1]:
         h = layer(h, mask)  # through each layer's own __call__: activation checkpointing applies as in `encode`
     last = layers[-1]
-    b, t, width = h.shape
-    row, pos = positions // t, positions % t
-    counts = torch.bincount(row, minlength=b)
-    slot = torch.arange(len(positions), device=positions.device) - (torch.cumsum(counts, 0) - counts)[row]
-    rows = int(counts.max())
+    width = h.shape[-1]
     at = h.reshape(-1, width).index_select(0, positions)  # [N, H]
     attn = last.attention.self
     d = attn.attention_head_size
