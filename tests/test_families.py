@@ -544,11 +544,10 @@ def test_last_layer_at_the_loss_positions_gives_the_full_layers_loss_and_gradien
     extra = dict(sbo_left=flat - 1, sbo_right=flat + 1)
     if pair:
         extra.update(cls_index=torch.tensor(cls), nsp_labels=torch.tensor([0, 1, 1, 0][: len(cls)]))
-    rows_seen = []
-    last = families.backbone(model.hf)
+    rows_seen = []  # rows the last layer's FFN ran on: the fast path, then the whole layer
     if family in families.LAST_LAYER_AT:
-        last = last.encoder.layer[-1].intermediate.dense
-        last.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[:-1].numel()))
+        ffn_in = families.backbone(model.hf).encoder.layer[-1].intermediate.dense
+        ffn_in.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[:-1].numel()))
     fast = _loss_and_grads(model, batch, extra)
     monkeypatch.setattr(families, "LAST_LAYER_AT", ())  # every family through `encode`: the whole last layer
     full = _loss_and_grads(model, batch, extra)

@@ -132,19 +132,30 @@ def backbone(hf_model):
     return getattr(hf_model, hf_model.base_model_prefix, hf_model)
 
 
+def _embedding_ids(fam: Family, encoder, token_type_ids, position_ids):
+    """(token_type_ids, position_ids) as the family's embeddings take them: no segment ids where it has no segment
+    embeddings, positions counted from padding_idx + 1 for RoBERTa."""
+    if not fam.token_types:
+        token_type_ids = None
+    if position_ids is not None and fam.position_offset:
+        position_ids = position_ids + encoder.config.pad_token_id + 1
+    return token_type_ids, position_ids
+
+
 def encode(fam: Family, encoder, input_ids, attention_mask, token_type_ids=None, position_ids=None) -> torch.Tensor:
     """Last hidden states [B, T, H] of `encoder` on one of our batches.
 
     attention_mask is [B, T] (padding) or [B, 1, T, T] boolean (packed rows: block-diagonal); position_ids restart
     per packed sample. Families without segment embeddings get no token_type_ids.
     """
-    kw: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if fam.token_types and token_type_ids is not None:
-        kw["token_type_ids"] = token_type_ids
+    token_type_ids, position_ids = _embedding_ids(fam, encoder, token_type_ids, position_ids)
     if fam.name == "deberta_v2":
-        return _deberta_encode(encoder, input_ids, attention_mask, kw.get("token_type_ids"))
+        return _deberta_encode(encoder, input_ids, attention_mask, token_type_ids)
+    kw: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None:
+        kw["token_type_ids"] = token_type_ids
     if position_ids is not None:
-        kw["position_ids"] = position_ids + (encoder.config.pad_token_id + 1 if fam.position_offset else 0)
+        kw["position_ids"] = position_ids
     if fam.name == "modernbert" and attention_mask is not None and attention_mask.dim() == 4:
         kw["attention_mask"] = _modernbert_masks(encoder.config, attention_mask)
     return encoder(**kw, return_dict=True).last_hidden_state
@@ -185,10 +196,8 @@ def encode_at(fam: Family, encoder, input_ids, attention_mask, token_type_ids, p
     counts = torch.bincount(row, minlength=b)
     slot = torch.arange(len(positions), device=positions.device) - (torch.cumsum(counts, 0) - counts)[row]
     rows = int(counts.max())
-    if position_ids is not None and fam.position_offset:
-        position_ids = position_ids + encoder.config.pad_token_id + 1
-    h = encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids if fam.token_types else None,
-                           position_ids=position_ids)
+    token_type_ids, position_ids = _embedding_ids(fam, encoder, token_type_ids, position_ids)
+    h = encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
     if hasattr(encoder, "embeddings_project"):  # ELECTRA's factorised embeddings
         h = encoder.embeddings_project(h)
     mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=h, attention_mask=attention_mask)
