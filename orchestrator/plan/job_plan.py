@@ -260,9 +260,10 @@ def build_plan(cfg: JobConfig, dataset: Optional[DatasetStats] = None) -> JobPla
         total = max(1, math.ceil(tr.token_budget / (batch.global_batch_size * mean_row)))
         notes.append(f"token_budget {tr.token_budget:,} at {mean_row:.1f} tokens/row -> {total:,} steps")
     warmup = warmup_steps(cfg.schedule, total)
-    ds_config = render_deepspeed_config(cfg.engine, batch, cfg.compute.use_gpu, cfg.model.hidden_size)
     vocab = dataset.vocab_size if dataset else (cfg.tokenizer.vocab_size or 30522)
     memory, cost = _estimates(cfg, batch, vocab, total * tokens_per_step)
+    ds_config = render_deepspeed_config(cfg.engine, batch, cfg.compute.use_gpu, cfg.model.hidden_size,
+                                        memory["num_params"])
     if cfg.compute.use_gpu and memory["total_bytes"] > cfg.compute.gpu_memory_gib * 2**30:
         raise ConfigError(
             "train.micro_batch_size_per_gpu",
@@ -338,6 +339,7 @@ def _estimates(cfg: JobConfig, batch: BatchPlan, vocab_size: int, tokens: int) -
         masked_fraction=t.mlm_probability,
         sparse_mlm=True,
         counted=counted,
+        on_gpu=cfg.compute.use_gpu,
     ).to_dict()
     from orchestrator.model.families import LAST_LAYER_AT
 

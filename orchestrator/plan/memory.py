@@ -36,7 +36,9 @@ s = sequence length, h = hidden, a = heads; dropout masks are 1 byte):
 With a fused/flash attention kernel the s² terms are not stored (``flash_attention=True``).  With activation
 checkpointing (one checkpoint per layer) only each layer's input (e·sbh) is kept plus one layer's full set
 during its recomputation.  The embedding output and MLM head (logits in fp32 for the loss) are added.
-Not included: CUDA context (~0.5-1 GB), allocator fragmentation, communication buckets.
+ZeRO's gradient-reduction bucket (``on_gpu`` given): hidden² elements on a GPU, two of them with overlap_comm; on
+a CPU one bucket as large as the gradients (plan/deepspeed_config.bucket_elements), in the working precision.
+Not included: CUDA context (~0.5-1 GB), allocator fragmentation.
 """
 
 from __future__ import annotations
@@ -175,8 +177,13 @@ def estimate_model_states(
     offload_optimizer: bool = False,
     offload_param: bool = False,
     optimizer: str = "adamw",
+    bucket_elements: int = 0,
+    bucket_buffers: int = 1,
 ) -> dict[str, int]:
-    """Per-GPU bytes of params / gradients / optimizer / buffers (and host ``cpu`` bytes) — see module docstring."""
+    """Per-GPU bytes of params / gradients / optimizer / buffers (and host ``cpu`` bytes) — see module docstring.
+
+    bucket_elements, bucket_buffers: ZeRO-1/2/3's gradient-reduction bucket and how many of them (2 with
+    overlap_comm), counted as buffers."""
     _check(zero_stage, world_size, precision, offload_optimizer, offload_param, optimizer)
     P, N, L = num_params, world_size, largest_layer
     moments = _OPTIMIZER_MOMENT_BYTES[optimizer]
@@ -193,6 +200,8 @@ def estimate_model_states(
     hp_grads = part(fp32_grad * P, zero_stage >= 1)
     optim = part((master + moments) * P, zero_stage >= 1)
     buffers = 2 * p_bytes * L if zero_stage == 3 else 0
+    if zero_stage >= 1:
+        buffers += bucket_buffers * bucket_elements * p_bytes
     cpu = 0.0
     if offload_optimizer:
         cpu += optim + hp_grads
@@ -267,21 +276,27 @@ def estimate_memory(
     masked_fraction: float = 0.15,
     sparse_mlm: bool = False,
     counted: Optional[tuple[int, int]] = None,
+    on_gpu: Optional[bool] = None,
 ) -> MemoryEstimate:
     """Per-GPU memory estimate for training a BERT encoder with DeepSpeed ZeRO ``zero_stage`` on ``world_size`` ranks.
 
     counted: (parameters, largest module's parameters) of the model when BERT's closed form does not describe it
     (another family, an RTD generator; model/families.counted_parameters); the activations keep the BERT layer
-    formula, which the families share (ALBERT's shared layer still runs num_hidden_layers times)."""
+    formula, which the families share (ALBERT's shared layer still runs num_hidden_layers times).
+    on_gpu: count ZeRO's gradient-reduction bucket as the plan renders it for a GPU (True) or CPU (False) worker;
+    None leaves it out."""
     if counted is not None:
         P, L = counted
     else:
         P = parameter_count(hidden_size, num_hidden_layers, intermediate_size, vocab_size,
                             max_position_embeddings, type_vocab_size, with_pretraining_heads)
         L = largest_layer_params(hidden_size, intermediate_size, vocab_size, with_pretraining_heads)
+    from orchestrator.plan.deepspeed_config import bucket_elements
+
+    bucket = 0 if on_gpu is None else bucket_elements(on_gpu, hidden_size, P)
     ms = estimate_model_states(P, L, zero_stage=zero_stage, world_size=world_size, precision=precision,
                                offload_optimizer=offload_optimizer, offload_param=offload_param,
-                               optimizer=optimizer)
+                               optimizer=optimizer, bucket_elements=bucket, bucket_buffers=2 if on_gpu else 1)
     act = activation_bytes(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
                            intermediate_size=intermediate_size, num_attention_heads=num_attention_heads,
                            vocab_size=vocab_size, micro_batch_size=micro_batch_size, seq_length=seq_length,
