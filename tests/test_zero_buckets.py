@@ -62,8 +62,8 @@ def _backward_reductions(plan, cfg, tmp_path) -> dict:
 @pytest.mark.slow  # 2 spawned ranks: ~7 s each
 @pytest.mark.parametrize("stage", [1, 2])
 def test_a_cpu_worker_reduces_its_gradients_in_one_bucket(stage, tmp_path):
-    """mini's 6.6M parameters are 13 buckets under HF's 500k-element rule. On a CPU each bucket is a blocking gloo
-    collective in the middle of backward, where every rank waits for the slowest, so the plan asks DeepSpeed for
+    """mini at this vocabulary (3.6M parameters) is 8 buckets under HF's 500k-element rule. On a CPU each is a gloo
+    collective that blocks in the middle of backward until every rank reaches it, so the plan asks DeepSpeed for
     one bucket: 2 ranks, one all_reduce in backward, of every gradient (BERT's pooler gets none in MLM)."""
     cfg, plan = _plan(["model=mini", "launcher=ray", "compute=cpu2", f"engine=zero{stage}",
                        "tokenizer.vocab_size=512"], tmp_path)
@@ -86,3 +86,9 @@ def test_a_gpu_plan_keeps_small_overlapped_buckets(tmp_path):
     assert zero["overlap_comm"] is True
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 768 * 768
     assert plan.memory["buffers_bytes"] == 2 * 2 * 768 * 768  # two bf16 buckets
+
+
+def test_zero3_on_a_cpu_keeps_small_buckets(tmp_path):
+    """ZeRO-3 is picked for memory: no gradient-sized bucket, on a CPU either."""
+    _, plan = _plan(["model=mini", "launcher=ray", "compute=cpu2", "engine=zero3"], tmp_path)
+    assert plan.deepspeed_config["zero_optimization"]["reduce_bucket_size"] == 500_000

@@ -13,17 +13,18 @@ from orchestrator.plan.batch import BatchPlan
 DEEPSPEED_DEFAULT_BUCKET = 500_000_000
 
 
-def bucket_elements(use_gpu: bool, hidden_size: int, num_params: int) -> int:
+def bucket_elements(use_gpu: bool, hidden_size: int, num_params: int, zero_stage: int) -> int:
     """Elements per ZeRO gradient-reduction bucket (and ZeRO-2's parameter all-gather bucket).
 
     On a GPU, DeepSpeed reduces each full bucket on a side stream while backward goes on (overlap_comm), so the
     buckets are small: HF's integration's rule, hidden size squared, at least 500k. A CPU has no streams. There,
     each bucket's reduction is a blocking gloo collective in the middle of backward: every rank stops until the
-    slowest one reaches the same bucket. So a CPU worker reduces all its gradients in one bucket, at the end of
-    backward: one rendezvous a step instead of one per bucket (14 on the bench's mini shape). The price is a bucket buffer
-    the size of the gradients (counted in the plan's memory estimate). Measured on 2 CPU workers x 1 thread, mini
-    shape, fp32: 5,520 tokens/s against 4,860-5,140 with 500k-element buckets (bench/README.md)."""
-    if use_gpu:
+    slowest one reaches the same bucket. So a CPU worker at ZeRO-1/2 reduces all its gradients in one bucket, at
+    the end of backward: one rendezvous a step instead of one per bucket (14 on the bench's mini shape). The price
+    is a bucket buffer the size of the gradients, counted in the plan's memory estimate. Measured on 2 CPU workers
+    x 1 thread, mini shape, fp32, 150 steps: (c)/(b) 0.929 against 0.802 (bench/README.md). ZeRO-3 keeps the small
+    buckets: it is picked for memory, and its own reduction path was not measured."""
+    if use_gpu or zero_stage >= 3:
         return max(hidden_size * hidden_size, 500_000)
     # 5% over the plan's parameter count, so that a head it does not count still lands in the same bucket; a
     # multiple of 1024 (DeepSpeed asserts the all-gather bucket is a multiple of its alignment factor)
@@ -34,7 +35,7 @@ def render_deepspeed_config(engine: EngineConfig, batch: BatchPlan, use_gpu: boo
                             num_params: int) -> dict[str, Any]:
     """The optimizer and LR scheduler are client objects built in the worker, so they are not in here."""
     zero: dict[str, Any] = {"stage": engine.zero_stage}
-    bucket = bucket_elements(use_gpu, hidden_size, num_params)
+    bucket = bucket_elements(use_gpu, hidden_size, num_params, engine.zero_stage)
     if engine.zero_stage >= 1:
         # overlap only pays on GPUs (see bucket_elements)
         zero.update(contiguous_gradients=True, overlap_comm=use_gpu, reduce_bucket_size=bucket)

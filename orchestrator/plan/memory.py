@@ -37,7 +37,8 @@ With a fused/flash attention kernel the s² terms are not stored (``flash_attent
 checkpointing (one checkpoint per layer) only each layer's input (e·sbh) is kept plus one layer's full set
 during its recomputation.  The embedding output and MLM head (logits in fp32 for the loss) are added.
 ZeRO's gradient-reduction bucket (``on_gpu`` given): hidden² elements on a GPU, two of them with overlap_comm; on
-a CPU one bucket as large as the gradients (plan/deepspeed_config.bucket_elements), in the working precision.
+a CPU at ZeRO-1/2 one bucket as large as the gradients (plan/deepspeed_config.bucket_elements), in the working
+precision.
 Not included: CUDA context (~0.5-1 GB), allocator fragmentation.
 """
 
@@ -293,7 +294,7 @@ def estimate_memory(
         L = largest_layer_params(hidden_size, intermediate_size, vocab_size, with_pretraining_heads)
     from orchestrator.plan.deepspeed_config import bucket_elements
 
-    bucket = 0 if on_gpu is None else bucket_elements(on_gpu, hidden_size, P)
+    bucket = 0 if on_gpu is None else bucket_elements(on_gpu, hidden_size, P, zero_stage)
     ms = estimate_model_states(P, L, zero_stage=zero_stage, world_size=world_size, precision=precision,
                                offload_optimizer=offload_optimizer, offload_param=offload_param,
                                optimizer=optimizer, bucket_elements=bucket, bucket_buffers=2 if on_gpu else 1)
