@@ -2,7 +2,8 @@
 rather look than read metrics.jsonl.
 
 * a run dir (plan.json, metrics.jsonl, summary.json): training loss, the task's training accuracy, every
-  evaluation metric, the learning rate and tokens/s against the step, in `<run dir>/report/`;
+  evaluation metric, the learning rate, tokens/s and (CPU runs) the time per step
+  by phase against the step, in `<run dir>/report/`;
 * a pipeline dir (experiment=quickstart: one run dir per stage): each stage's plots, and the compared stages'
   final metrics side by side;
 * a sweep dir (sweep_summary.json): the sweep's metric against each swept parameter, one point per member.
@@ -96,6 +97,9 @@ def run_plots(run_dir: Path, out_dir: Path, prefix: str = "") -> list[Path]:
     plots.append(_plot(out_dir / f"{prefix}lr.png", f"{name}: learning rate", "lr", {"lr": _series(train, "lr")}))
     plots.append(_plot(out_dir / f"{prefix}throughput.png", f"{name}: throughput", "tokens/s",
                        {"tokens/s": _series(train, "tokens_per_s")}))
+    # where a step's time goes (CPU runs log it: trainer.PhaseClock); a drop in tokens/s shows here by phase
+    plots.append(_plot(out_dir / f"{prefix}step_time.png", f"{name}: time per step (mean over ranks)", "ms",
+                       {p: _series(train, f"time_{p}_ms") for p in ("data", "forward", "sync", "backward", "step")}))
     return [p for p in plots if p is not None]
 
 

@@ -17,7 +17,9 @@ from orchestrator.report import write_report
 def _run_dir(root: Path, name: str, eval_key: str) -> Path:
     d = root / name
     d.mkdir(parents=True)
-    lines = [{"step": s, "loss": 5.0 / s, "mlm_acc": 0.1 * s, "lr": 1e-3, "tokens_per_s": 1000.0 + s} for s in range(1, 7)]
+    lines = [{"step": s, "loss": 5.0 / s, "mlm_acc": 0.1 * s, "lr": 1e-3, "tokens_per_s": 1000.0 + s,
+              "time_data_ms": 0.1, "time_forward_ms": 30.0 + s, "time_sync_ms": 2.0, "time_backward_ms": 60.0,
+              "time_step_ms": 5.0} for s in range(1, 7)]
     lines += [{"step": 3, eval_key: 0.3, "eval_loss": 2.0}, {"step": 6, eval_key: 0.6, "eval_loss": 1.0}]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 7, "lo')  # cut line
     (d / "summary.json").write_text(json.dumps({"status": "completed", "steps": 6, "final_eval": {eval_key: 0.6}}))
@@ -27,10 +29,11 @@ def _run_dir(root: Path, name: str, eval_key: str) -> Path:
     return d
 
 
-def test_a_run_report_plots_loss_accuracy_evaluation_lr_and_throughput(tmp_path):
+def test_a_run_report_plots_loss_accuracy_evaluation_lr_throughput_and_step_time(tmp_path):
     page = write_report(_run_dir(tmp_path, "run", "eval_mlm_acc"))
     links = assert_page_links_valid_pngs(page)
-    assert {"loss.png", "train_accuracy.png", "eval.png", "eval_loss.png", "lr.png", "throughput.png"} == set(links)
+    assert {"loss.png", "train_accuracy.png", "eval.png", "eval_loss.png", "lr.png", "throughput.png",
+            "step_time.png"} == set(links)
     assert "mlm_acc" in page.read_text() and "tiny (2 layers x 128 hidden)" in page.read_text()
 
 

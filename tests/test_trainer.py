@@ -477,3 +477,50 @@ def test_tensorboard_gets_every_logged_step_once_across_a_rollback(tmp_path):
     jsonl = {r["step"]: r["loss"] for r in read_jsonl(Path(plan.run_dir) / "metrics.jsonl") if "loss" in r}
     assert dict(scalars["train/loss"]) == pytest.approx(jsonl), "the same numbers as metrics.jsonl"
     assert [s for s, _ in scalars["eval/loss"]] == [8, 12] and "train/lr" in scalars
+
+
+# --------------------------------------------------------------------------------------- step time split
+def test_each_log_step_splits_the_step_time_by_phase(tmp_path):
+    """On a CPU every log record says where a step's time went: a 30 ms forward and a 15 ms backward (accum 2,
+    so 60 + 30 ms per optimizer step) land in their phases, and the phases never add up to more than the
+    window's wall time."""
+    import time as _time
+
+    class SlowEngine(FakeEngine):
+        def forward(self, **inputs):
+            _time.sleep(0.03)
+            return super().forward(**inputs)
+
+        def backward(self, loss):
+            _time.sleep(0.015)
+
+    plan = _plan(tmp_path, "train.global_batch_size=8", "train.micro_batch_size_per_gpu=4", "train.max_steps=8",
+                 "train.log_every_steps=4")
+    d = Dist(0, 1, 0)
+    t = Trainer(plan, dist=d, task=FakeTask(d), engine_factory=lambda model, p, dev, cfg: SlowEngine(model, dev))
+    t.run()
+    recs = [r for r in read_jsonl(Path(plan.run_dir) / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in recs] == [4, 8]
+    for r in recs:
+        assert 60 <= r["time_forward_ms"] < 90 and 30 <= r["time_backward_ms"] < 50, r
+        assert r["time_data_ms"] >= 0 and r["time_sync_ms"] >= 0 and r["time_step_ms"] >= 0
+        assert "slowest_rank" not in r, "one rank: nobody to wait for"
+    second = recs[1]  # a whole window of 4 steps (the first one includes the DataLoader's start)
+    phases = sum(second[f"time_{p}_ms"] for p in trainer_mod.PhaseClock.PHASES)
+    window_ms = 4 * 8 * 4 / second["tokens_per_s"] * 1000  # 4 steps of 8 rows x 4 tokens (FakeSource)
+    assert phases <= window_ms * 1.001, (phases, window_ms)
+
+
+def test_the_phase_record_names_the_rank_the_others_waited_for():
+    clock = trainer_mod.PhaseClock(True)
+    clock.steps = 10
+    # seconds over 10 steps, per rank: data, forward, sync, backward, step; rank 2 is slow to reach the sync
+    per_rank = [[0.01, 0.30, 0.20, 0.50, 0.05], [0.01, 0.31, 0.19, 0.50, 0.05], [0.02, 0.49, 0.00, 0.50, 0.05]]
+    import numpy as np
+
+    rec = clock.record(np.asarray(per_rank))
+    assert rec["slowest_rank"] == 2
+    assert rec["time_to_sync_spread_ms"] == pytest.approx(20.0)  # 51 ms against rank 0's 31 ms per step
+    assert rec["time_sync_max_ms"] == pytest.approx(20.0)
+    assert rec["time_forward_ms"] == pytest.approx(1000 * (0.30 + 0.31 + 0.49) / 3 / 10, abs=1e-3)  # rounded to µs
+    assert trainer_mod.PhaseClock(False).record(np.asarray(per_rank)) == {}, "no split off the CPU"

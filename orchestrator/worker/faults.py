@@ -11,6 +11,7 @@ passes both to the Train workers of a run started in-process; Ray Job submission
     nan_loss_sticky_at=...  as nan_loss_at, but again on every re-run of the step (bad data: rollbacks loop)
     spike_loss_at=A,B,...   the loss of steps A, B, ... is multiplied by 100 (rank 0, first micro batch; once)
     slow_step=S             sleep S seconds after every step (gives tests time to act mid-run)
+    straggler_rank=R@seconds=S  rank R sleeps S seconds in every forward (a slow rank the others wait for)
 
 kill/sigterm/nan_loss_at/spike_loss_at fire once per run dir: a marker `.faults/<spec>` (holding the time it fired) is written
 first, so the restarted attempt, or the steps redone after a rollback, run clean.
@@ -36,6 +37,7 @@ class Faults:
         self.nan_sticky: set[int] = set()
         self.spike_once: set[int] = set()
         self.slow = 0.0
+        self.straggle = 0.0
         for part in filter(None, (p.strip() for p in spec.split(";"))):
             key, _, val = part.partition("=")
             if key in ("kill_rank", "sigterm_rank"):
@@ -49,6 +51,9 @@ class Faults:
                 self.spike_once |= {int(x) for x in val.split(",") if x}
             elif key == "slow_step":
                 self.slow = float(val)
+            elif key == "straggler_rank":
+                r, _, secs = val.partition("@seconds=")
+                self.straggle = float(secs) if int(r) == rank else 0.0
             else:
                 raise ValueError(f"{ENV}: unknown fault '{part}'")
 
@@ -85,6 +90,10 @@ class Faults:
         if step in self.spike_once and self._fire_once(f"spike_loss_at={step}", step):
             return 100.0
         return 1.0
+
+    def in_forward(self) -> None:
+        if self.straggle:
+            time.sleep(self.straggle)
 
     def after_step(self, step: int) -> None:
         if self.slow:

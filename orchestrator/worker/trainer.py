@@ -65,6 +65,51 @@ class DivergenceError(RuntimeError):
     pass
 
 
+class PhaseClock:
+    """This rank's wall time per phase of its steps, summed over a metric window (Megatron's timers, min/max over
+    ranks, in a form that costs nothing): the wait for the batch, forward, the step's one sync (the all-reduce
+    that also shows how long this rank waited for the slowest), backward (with ZeRO's gradient reduction) and the
+    optimizer step. Kept on a CPU only: there ops run synchronously, so a phase's wall time is its work's; on a GPU
+    the host runs ahead of the device and the split would be launch times (use train.profile_steps there)."""
+
+    PHASES = ("data", "forward", "sync", "backward", "step")
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.seconds = np.zeros(len(self.PHASES))
+        self.steps = 0
+        self.t = 0.0
+
+    def start(self) -> None:
+        if self.enabled:
+            self.t = time.perf_counter()
+
+    def lap(self, phase: int) -> None:
+        if self.enabled:
+            now = time.perf_counter()
+            self.seconds[phase] += now - self.t
+            self.t = now
+
+    def reset(self) -> None:
+        self.seconds[:] = 0.0
+        self.steps = 0
+
+    def record(self, per_rank: np.ndarray) -> dict[str, Any]:
+        """Metrics of the window from every rank's seconds (world x phases): each phase's mean over ranks in ms
+        per step and, with several ranks, the slowest rank to reach the sync (its batch + forward), how much longer
+        it took than the fastest, and the longest sync wait of a rank."""
+        if not self.enabled or self.steps == 0:
+            return {}
+        ms = per_rank * 1000.0 / self.steps
+        out: dict[str, Any] = {f"time_{p}_ms": round(float(v), 3) for p, v in zip(self.PHASES, ms.mean(axis=0))}
+        if len(ms) > 1:
+            to_sync = ms[:, 0] + ms[:, 1]
+            out["slowest_rank"] = int(to_sync.argmax())
+            out["time_to_sync_spread_ms"] = round(float(to_sync.max() - to_sync.min()), 3)
+            out["time_sync_max_ms"] = round(float(ms[:, 2].max()), 3)
+        return out
+
+
 class StepBatches(torch.utils.data.Dataset):
     """Micro batch j of this rank, counted from the resume step: what a DataLoader prefetches."""
 
@@ -230,6 +275,7 @@ class Trainer:
         self.bad_in_row, self.bad_reasons, self.bad_reason = 0, [], ""
         self.stop_requested = False
         self.window = torch.zeros(3 + len(self.task.stat_keys), dtype=torch.float64, device=self.d.device)
+        self.clock = PhaseClock(torch.device(self.d.device).type == "cpu")
         self.window_t0 = time.perf_counter()
         self.run_tokens, self.run_time, self.first_step_s = 0.0, 0.0, None
         self.eval_every = self.job.train.eval_every_steps or (plan.steps_per_epoch or plan.total_steps)
@@ -421,6 +467,7 @@ class Trainer:
     def _reset_window(self) -> None:
         """The metric window (loss sum, micro count, tokens, task stats) stays on the device; read at log steps."""
         self.window.zero_()
+        self.clock.reset()
         self.window_t0 = time.perf_counter()
 
     # -- one optimizer step -----------------------------------------------------------------------------
@@ -431,24 +478,33 @@ class Trainer:
         step_window = torch.zeros_like(self.window)
         rows: list[torch.Tensor] = []
         bad = False
+        clock = self.clock
+        clock.start()
         for m in range(self.accum):
             batch = next(self.batches)
+            clock.lap(0)
             rows.append(batch["row_ids"])
             out = self.engine.forward(**self.task.model_inputs(batch, dev))
             loss = out["loss"]
+            self.faults.in_forward()
             factor = self.faults.loss_factor(step + 1, m)
             if factor != 1.0:
                 loss = loss * factor
             stats = [out[k].detach().reshape(()).to(dev, torch.float64) for k in self.stat_keys]
             step_window += torch.stack([loss.detach().to(torch.float64), torch.ones((), dtype=torch.float64, device=dev),
                                         batch["n_tokens"].to(dev, torch.float64), *stats])
+            clock.lap(1)
             if m == self.accum - 1:  # the step's one host sync, before the backward that applies the step
                 bad = self.decide(step_window)
+                clock.lap(2)
             # a skipped step still runs backward and step (DeepSpeed's micro-step counters stay aligned) with
             # non-finite gradients: ZeRO-1/2/3 (non-finite grad norm), our stage-0 guard and TorchEngine then
             # skip the optimizer and LR-schedule update and clear the gradients
             self.engine.backward(loss * float("nan") if bad else loss)
+            clock.lap(3)
             self.engine.step()
+            clock.lap(4)
+        clock.steps += 1
         if self.first_step_s is None:
             self.first_step_s = time.perf_counter() - self.t_start
         self.state.step = step + 1
@@ -488,7 +544,14 @@ class Trainer:
         done = self.state.step
         if done % self.job.train.log_every_steps != 0 and not last:
             return
-        s = self.d.all_reduce(self.window.clone()).tolist()
+        payload = self.window.clone()
+        n, world = payload.numel(), self.d.world_size
+        if self.clock.enabled:  # every rank's phase seconds in its own slot: the same one all-reduce carries them
+            mine = np.zeros((world, len(PhaseClock.PHASES)))
+            mine[self.d.rank] = self.clock.seconds
+            payload = torch.cat([payload, torch.from_numpy(mine.ravel()).to(payload)])
+        reduced = self.d.all_reduce(payload).tolist()
+        s, per_rank = reduced[:n], np.asarray(reduced[n:]).reshape(world, -1)
         elapsed = time.perf_counter() - self.window_t0
         self.run_tokens += s[2]
         self.run_time += elapsed
@@ -504,6 +567,7 @@ class Trainer:
             "world_size": self.d.world_size,
             "grad_accum_steps": self.accum,
             "skipped_steps": self.state.skipped_steps,
+            **self.clock.record(per_rank),
             "time": time.time(),
         }
         self.state.last_metrics = record
