@@ -32,6 +32,7 @@ import json
 import os
 import subprocess
 import sys
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -191,6 +192,7 @@ def run_cli(name: str, overrides: list[str], run_dir: Path, warmup_steps: int) -
         "measured_steps": steady["steps"],
         "measured_seconds": steady["seconds"],
         "window_tokens_per_s": steady["windows"],
+        "median_ms_per_step": steady["split"],  # data / forward / sync / backward / step, mean over ranks
         "time_to_first_step_s": first_step_wall - t0_wall,
         "worker_time_to_first_step_s": s["time_to_first_step_s"],
         "command_wall_time_s": wall,
@@ -206,12 +208,14 @@ def run_cli(name: str, overrides: list[str], run_dir: Path, warmup_steps: int) -
 
 
 def steady_from_metrics(path: Path, warmup_steps: int) -> dict:
-    """Tokens/s over the logged windows after warm-up: sum(tokens) / sum(seconds) of those windows."""
+    """Tokens/s over the logged windows after warm-up: sum(tokens) / sum(seconds) of those windows; and the median
+    over those windows of each phase's ms per step (the trainer's time_<phase>_ms)."""
     recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     recs = [r for r in recs if "tokens_per_s" in r]
     tokens = seconds = 0.0
     steps = 0
     windows = []
+    phases: dict[str, list[float]] = {}  # the trainer's per-window split of a step (CPU workers)
     for prev, cur in zip(recs, recs[1:]):
         if prev["step"] < warmup_steps:
             continue
@@ -222,9 +226,14 @@ def steady_from_metrics(path: Path, warmup_steps: int) -> dict:
         seconds += dt
         steps += cur["step"] - prev["step"]
         windows.append(round(cur["tokens_per_s"], 1))
+        for k, v in cur.items():
+            if k.startswith("time_") and k.endswith("_ms"):
+                phases.setdefault(k[len("time_"):-len("_ms")], []).append(v)
+    split = {k: round(statistics.median(v), 2) for k, v in phases.items()}
     if seconds == 0:  # too few windows: fall back to everything
-        return {"tokens_per_s": recs[-1]["tokens_per_s"], "steps": recs[-1]["step"], "seconds": None, "windows": windows}
-    return {"tokens_per_s": tokens / seconds, "steps": steps, "seconds": seconds, "windows": windows}
+        return {"tokens_per_s": recs[-1]["tokens_per_s"], "steps": recs[-1]["step"], "seconds": None, "windows": windows,
+                "split": split}
+    return {"tokens_per_s": tokens / seconds, "steps": steps, "seconds": seconds, "windows": windows, "split": split}
 
 
 def tokens_seen_by_ours(data_dir: str, n_rows: int, global_batch: int, seed: int, steps: int) -> int:

@@ -99,6 +99,10 @@ def test_throughput_bench_tiny_all_three_phases(tmp_path):
         assert 0.0 <= scores["mlm_acc_mask_only"] <= 1.0
     assert r["heldout_eval"]["mask_replaced_tokens"] < r["heldout_eval"]["masked_tokens"]
     assert r["runs"]["c_ray_zero2"]["world_size"] == 2
+    for run in ("b_local", "c_ray_zero2"):  # where our steps went, from the trainer's own split
+        split = r["runs"][run]["median_ms_per_step"]
+        assert {"data", "forward", "sync", "backward", "step"} <= split.keys() and split["forward"] > 0, split
+    assert "to_sync_spread" in r["runs"]["c_ray_zero2"]["median_ms_per_step"]
     assert {"b_over_a", "c_over_b"} <= r["ratios"].keys()
     assert r["mfu"]["b_local"]["mfu"] > 0
     assert r["data_prep"]["tokens_per_s_cold"] > 0

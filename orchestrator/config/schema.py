@@ -494,6 +494,9 @@ class ComputeConfig:
     kept: grad accumulation = global / (micro x current workers), so every size in [min, max] must divide it."""
     elastic_resize_interval_s: float = rule(60.0, gt=0.0)
     """Elastic: how often Ray Train considers growing the worker group (each resize restarts from a checkpoint)."""
+    pin_cpu_workers: bool = True
+    """launcher=ray CPU workers: each pins its threads to cores of its own when the job's workers reserve every Ray
+    CPU of their node (no other job can then be given those cores); false leaves placement to the kernel."""
 
     def resolved_workers_per_node(self) -> int:
         if self.workers_per_node is not None:

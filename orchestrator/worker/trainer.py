@@ -249,6 +249,12 @@ class Trainer:
         self.plan, self.job, self.reporter = plan, plan.job, reporter
         self.run_dir = Path(plan.run_dir)
         self.d = dist or self._init_dist()
+        self.affinity: Optional[dict[str, Any]] = None  # this rank's CPU pinning decision (Ray CPU workers)
+        if dist is None and self.job.launcher.name == "ray" and not self.job.compute.use_gpu:
+            if self.job.compute.pin_cpu_workers:
+                from orchestrator.worker.affinity import pin_ray_cpu_worker
+
+                self.affinity = pin_ray_cpu_worker(self.job.compute.cpus_per_worker)
         self.accum = plan.grad_accum_at(self.d.world_size)
         self.task = task or make_task(plan, self.d)
         self.source = self.task.train_source()
@@ -399,6 +405,8 @@ class Trainer:
         self.sinks = Sinks(self, self.start_step)
         for msg in self.skipped_ckpts:
             self.sinks.event({"event": "checkpoint_skipped", "step": self.start_step, "reason": msg})
+        if self.affinity is not None:  # every rank's pinning decision, in rank order
+            self.sinks.event({"event": "cpu_affinity", "step": self.start_step, "ranks": self.d.gather(self.affinity)})
         for ev in getattr(self.model, "events", ()):  # the model's own start-up facts (a sharded teacher)
             self.sinks.event({**ev, "step": self.start_step})
         if self.latest is not None:
