@@ -193,6 +193,7 @@ def run_cli(name: str, overrides: list[str], run_dir: Path, warmup_steps: int) -
         "measured_seconds": steady["seconds"],
         "window_tokens_per_s": steady["windows"],
         "median_ms_per_step": steady["split"],  # data / forward / sync / backward / step, mean over ranks
+        "window_ms_per_step": steady["window_split"],  # the same per window, beside window_tokens_per_s
         "time_to_first_step_s": first_step_wall - t0_wall,
         "worker_time_to_first_step_s": s["time_to_first_step_s"],
         "command_wall_time_s": wall,
@@ -216,6 +217,7 @@ def steady_from_metrics(path: Path, warmup_steps: int) -> dict:
     steps = 0
     windows = []
     phases: dict[str, list[float]] = {}  # the trainer's per-window split of a step (CPU workers)
+    window_split: list[dict] = []
     for prev, cur in zip(recs, recs[1:]):
         if prev["step"] < warmup_steps:
             continue
@@ -226,14 +228,18 @@ def steady_from_metrics(path: Path, warmup_steps: int) -> dict:
         seconds += dt
         steps += cur["step"] - prev["step"]
         windows.append(round(cur["tokens_per_s"], 1))
-        for k, v in cur.items():
-            if k.startswith("time_") and k.endswith("_ms"):
-                phases.setdefault(k[len("time_"):-len("_ms")], []).append(v)
+        split = {k[len("time_"):-len("_ms")]: v for k, v in cur.items() if k.startswith("time_") and k.endswith("_ms")}
+        for k, v in split.items():
+            phases.setdefault(k, []).append(v)
+        if split:
+            window_split.append({"step": cur["step"], **split, **({"slowest_rank": cur["slowest_rank"]}
+                                                                  if "slowest_rank" in cur else {})})
     split = {k: round(statistics.median(v), 2) for k, v in phases.items()}
     if seconds == 0:  # too few windows: fall back to everything
         return {"tokens_per_s": recs[-1]["tokens_per_s"], "steps": recs[-1]["step"], "seconds": None, "windows": windows,
-                "split": split}
-    return {"tokens_per_s": tokens / seconds, "steps": steps, "seconds": seconds, "windows": windows, "split": split}
+                "split": split, "window_split": window_split}
+    return {"tokens_per_s": tokens / seconds, "steps": steps, "seconds": seconds, "windows": windows, "split": split,
+            "window_split": window_split}
 
 
 def tokens_seen_by_ours(data_dir: str, n_rows: int, global_batch: int, seed: int, steps: int) -> int:

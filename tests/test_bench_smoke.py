@@ -103,6 +103,8 @@ def test_throughput_bench_tiny_all_three_phases(tmp_path):
         split = r["runs"][run]["median_ms_per_step"]
         assert {"data", "forward", "sync", "backward", "step"} <= split.keys() and split["forward"] > 0, split
     assert "to_sync_spread" in r["runs"]["c_ray_zero2"]["median_ms_per_step"]
+    c = r["runs"]["c_ray_zero2"]
+    assert len(c["window_ms_per_step"]) == len(c["window_tokens_per_s"]) and c["window_ms_per_step"][0]["slowest_rank"] in (0, 1)
     assert {"b_over_a", "c_over_b"} <= r["ratios"].keys()
     assert r["mfu"]["b_local"]["mfu"] > 0
     assert r["data_prep"]["tokens_per_s_cold"] > 0

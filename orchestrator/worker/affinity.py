@@ -7,7 +7,8 @@ waits for the slowest at every collective, so any such stall holds back every ra
 the figures are in the bench README.
 
 When: pinning is safe only if no other job's workers can be given the same cores. So a worker pins itself
-only when this job's workers on its node reserve every CPU Ray counts on that node. Then Ray schedules no
+only when this job's workers on its node reserve every CPU Ray counts on that node (all live Ray
+nodes at the worker's IP, as Ray Train counts local ranks per IP). Then Ray schedules no
 other CPU task or actor there while they run. The process must also be allowed on at least that many cores.
 Local rank r then takes cores [r*c, (r+1)*c) of the cores it may use, where c = compute.cpus_per_worker. In
 every other case (a node shared with other jobs' workers, or fewer usable cores) nothing is pinned, and the
@@ -59,9 +60,13 @@ def pin_ray_cpu_worker(cpus_per_worker: int) -> dict[str, Any]:
     rec: dict[str, Any] = {"rank": ctx.get_world_rank(), "local_rank": local_rank, "pid": os.getpid()}
     if not hasattr(os, "sched_setaffinity") or not os.path.isdir("/proc/self/task"):
         return {**rec, "cores": None, "why": "this OS has no per-thread CPU affinity (Linux only)"}
+    # Ray Train numbers local ranks per IP, so "the node" is every live Ray node at this worker's IP (a test
+    # cluster can start several on one host); their CPUs together are what the local ranks could share
     node_id = ray.get_runtime_context().get_node_id()
-    node_cpus = next((n.get("Resources", {}).get("CPU") for n in ray.nodes()
-                      if n.get("NodeID") == node_id and n.get("Alive")), None)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    ip = next((n.get("NodeManagerAddress") for n in nodes if n.get("NodeID") == node_id), None)
+    node_cpus = (sum(n.get("Resources", {}).get("CPU", 0.0) for n in nodes if n.get("NodeManagerAddress") == ip)
+                 if ip is not None else None)
     cores, why = choose_cores(sorted(os.sched_getaffinity(0)), local_rank, local_world, cpus_per_worker, node_cpus)
     if cores is not None:
         rec["cores"] = pin_process(cores)
