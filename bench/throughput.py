@@ -232,8 +232,8 @@ def steady_from_metrics(path: Path, warmup_steps: int) -> dict:
         for k, v in split.items():
             phases.setdefault(k, []).append(v)
         if split:
-            window_split.append({"step": cur["step"], **split, **({"slowest_rank": cur["slowest_rank"]}
-                                                                  if "slowest_rank" in cur else {})})
+            window_split.append({"at_step": cur["step"], **split, **({"slowest_rank": cur["slowest_rank"]}
+                                                                     if "slowest_rank" in cur else {})})
     split = {k: round(statistics.median(v), 2) for k, v in phases.items()}
     if seconds == 0:  # too few windows: fall back to everything
         return {"tokens_per_s": recs[-1]["tokens_per_s"], "steps": recs[-1]["step"], "seconds": None, "windows": windows,

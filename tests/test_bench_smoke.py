@@ -104,7 +104,9 @@ def test_throughput_bench_tiny_all_three_phases(tmp_path):
         assert {"data", "forward", "sync", "backward", "step"} <= split.keys() and split["forward"] > 0, split
     assert "to_sync_spread" in r["runs"]["c_ray_zero2"]["median_ms_per_step"]
     c = r["runs"]["c_ray_zero2"]
-    assert len(c["window_ms_per_step"]) == len(c["window_tokens_per_s"]) and c["window_ms_per_step"][0]["slowest_rank"] in (0, 1)
+    rows = c["window_ms_per_step"]
+    assert len(rows) == len(c["window_tokens_per_s"]) and rows[0]["slowest_rank"] in (0, 1)
+    assert [row["at_step"] for row in rows] == [4, 6] and all(row["step"] >= 0 for row in rows)  # the step phase's ms
     assert {"b_over_a", "c_over_b"} <= r["ratios"].keys()
     assert r["mfu"]["b_local"]["mfu"] > 0
     assert r["data_prep"]["tokens_per_s_cold"] > 0
