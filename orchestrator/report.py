@@ -99,7 +99,8 @@ def run_plots(run_dir: Path, out_dir: Path, prefix: str = "") -> list[Path]:
                        {"tokens/s": _series(train, "tokens_per_s")}))
     # where a step's time goes (CPU runs log it: trainer.PhaseClock); a drop in tokens/s shows here by phase
     plots.append(_plot(out_dir / f"{prefix}step_time.png", f"{name}: time per step (mean over ranks)", "ms",
-                       {p: _series(train, f"time_{p}_ms") for p in ("data", "forward", "sync", "backward", "step")}))
+                       {"optimizer step" if p == "step" else p: _series(train, f"time_{p}_ms")
+                        for p in ("data", "forward", "sync", "backward", "step")}))
     return [p for p in plots if p is not None]
 
 
