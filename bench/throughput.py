@@ -216,8 +216,7 @@ def steady_from_metrics(path: Path, warmup_steps: int) -> dict:
     tokens = seconds = 0.0
     steps = 0
     windows = []
-    phases: dict[str, list[float]] = {}  # the trainer's per-window split of a step (CPU workers)
-    window_split: list[dict] = []
+    window_split: list[dict] = []  # the trainer's per-window split of a step (CPU workers)
     for prev, cur in zip(recs, recs[1:]):
         if prev["step"] < warmup_steps:
             continue
@@ -228,18 +227,16 @@ def steady_from_metrics(path: Path, warmup_steps: int) -> dict:
         seconds += dt
         steps += cur["step"] - prev["step"]
         windows.append(round(cur["tokens_per_s"], 1))
-        split = {k[len("time_"):-len("_ms")]: v for k, v in cur.items() if k.startswith("time_") and k.endswith("_ms")}
-        for k, v in split.items():
-            phases.setdefault(k, []).append(v)
-        if split:
-            window_split.append({"at_step": cur["step"], **split, **({"slowest_rank": cur["slowest_rank"]}
-                                                                     if "slowest_rank" in cur else {})})
-    split = {k: round(statistics.median(v), 2) for k, v in phases.items()}
+        phase_ms = {k[len("time_"):-len("_ms")]: v for k, v in cur.items() if k.startswith("time_") and k.endswith("_ms")}
+        if phase_ms:
+            window_split.append({"at_step": cur["step"], **phase_ms, **({"slowest_rank": cur["slowest_rank"]}
+                                                                        if "slowest_rank" in cur else {})})
+    phases = {k for row in window_split for k in row} - {"at_step", "slowest_rank"}
+    split = {k: round(statistics.median(row[k] for row in window_split if k in row), 2) for k in sorted(phases)}
+    out = {"windows": windows, "split": split, "window_split": window_split}
     if seconds == 0:  # too few windows: fall back to everything
-        return {"tokens_per_s": recs[-1]["tokens_per_s"], "steps": recs[-1]["step"], "seconds": None, "windows": windows,
-                "split": split, "window_split": window_split}
-    return {"tokens_per_s": tokens / seconds, "steps": steps, "seconds": seconds, "windows": windows, "split": split,
-            "window_split": window_split}
+        return {"tokens_per_s": recs[-1]["tokens_per_s"], "steps": recs[-1]["step"], "seconds": None, **out}
+    return {"tokens_per_s": tokens / seconds, "steps": steps, "seconds": seconds, **out}
 
 
 def tokens_seen_by_ours(data_dir: str, n_rows: int, global_batch: int, seed: int, steps: int) -> int:

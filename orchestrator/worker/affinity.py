@@ -52,7 +52,8 @@ def pin_process(cores: list[int]) -> list[int]:
 
 
 def pin_ray_cpu_worker(cpus_per_worker: int) -> dict[str, Any]:
-    """Called once by each Ray Train CPU worker before training starts. Returns what it decided, as a record."""
+    """Called once by each Ray Train CPU worker before training starts (trainer.run). Returns what it decided, as a
+    record."""
     import ray
     import ray.train
 
@@ -69,8 +70,4 @@ def pin_ray_cpu_worker(cpus_per_worker: int) -> dict[str, Any]:
     node_cpus = (sum(n.get("Resources", {}).get("CPU", 0.0) for n in nodes if n.get("NodeManagerAddress") == ip)
                  if ip is not None else None)
     cores, why = choose_cores(sorted(os.sched_getaffinity(0)), local_rank, local_world, cpus_per_worker, node_cpus)
-    if cores is not None:
-        rec["cores"] = pin_process(cores)
-    else:
-        rec["cores"] = None
-    return {**rec, "why": why}
+    return {**rec, "cores": pin_process(cores) if cores is not None else None, "why": why}

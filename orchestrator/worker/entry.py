@@ -28,7 +28,7 @@ def ray_train_loop(config: dict[str, Any]) -> None:
     from orchestrator.worker.trainer import run
 
     # a Ray worker's parent is its node's raylet: when that is gone, so is the job this worker belonged to
-    run(config["plan"], reporter=RayReporter(), interactive=False, parent_pid=os.getppid())
+    run(config["plan"], reporter=RayReporter(), interactive=False, parent_pid=os.getppid(), ray_worker=True)
 
 
 def local_run(plan_dict: dict[str, Any], interactive: bool = True) -> dict[str, Any]:

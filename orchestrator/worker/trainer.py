@@ -243,18 +243,14 @@ class Trainer:
 
     def __init__(self, plan: JobPlan, reporter: Optional[Reporter] = None, interactive: bool = False, *,
                  dist: Optional[Dist] = None, task: Optional[Task] = None,
-                 engine_factory: Optional[Callable[..., Any]] = None, parent_pid: Optional[int] = None):
+                 engine_factory: Optional[Callable[..., Any]] = None, parent_pid: Optional[int] = None,
+                 affinity: Optional[dict[str, Any]] = None):
         self.t_start = time.perf_counter()
         self.parent_pid = parent_pid
         self.plan, self.job, self.reporter = plan, plan.job, reporter
         self.run_dir = Path(plan.run_dir)
         self.d = dist or self._init_dist()
-        self.affinity: Optional[dict[str, Any]] = None  # this rank's CPU pinning decision (Ray CPU workers)
-        if dist is None and self.job.launcher.name == "ray" and not self.job.compute.use_gpu:
-            if self.job.compute.pin_cpu_workers:
-                from orchestrator.worker.affinity import pin_ray_cpu_worker
-
-                self.affinity = pin_ray_cpu_worker(self.job.compute.cpus_per_worker)
+        self.affinity = affinity  # this rank's CPU pinning decision (Ray CPU workers), logged at the start
         self.accum = plan.grad_accum_at(self.d.world_size)
         self.task = task or make_task(plan, self.d)
         self.source = self.task.train_source()
@@ -731,9 +727,10 @@ def _build_engine(model, plan, device, ds_config):
 
 
 def run(plan_dict: dict[str, Any], reporter: Optional[Reporter] = None, interactive: bool = False,
-        parent_pid: Optional[int] = None) -> dict[str, Any]:
+        parent_pid: Optional[int] = None, ray_worker: bool = False) -> dict[str, Any]:
     """Train from the plan dict (the launchers' entry). Returns the summary on rank 0. The worker holds the run dir
-    (shared) while it trains; with parent_pid it stops at its next step once that parent is gone.
+    (shared) while it trains; with parent_pid it stops at its next step once that parent is gone. A Ray Train CPU
+    worker (ray_worker) first pins itself to cores of its own where that is safe (worker/affinity.py).
 
     SIGTERM (launcher=local) saves a checkpoint at the end of the current step and returns status "preempted".
     """
@@ -745,10 +742,15 @@ def run(plan_dict: dict[str, Any], reporter: Optional[Reporter] = None, interact
     if not plan.job.compute.use_gpu:
         pin_cpu_accelerator()
     quiet_libraries(plan.job.verbose)
+    affinity = None
+    if ray_worker and not plan.job.compute.use_gpu and plan.job.compute.pin_cpu_workers:
+        from orchestrator.worker.affinity import pin_ray_cpu_worker
+
+        affinity = pin_ray_cpu_worker(plan.job.compute.cpus_per_worker)
     previous = install_sigterm()
     try:
         with worker_hold(plan.run_dir):
-            return Trainer(plan, reporter, interactive, parent_pid=parent_pid).run()
+            return Trainer(plan, reporter, interactive, parent_pid=parent_pid, affinity=affinity).run()
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
