@@ -194,6 +194,8 @@ def run_cli(name: str, overrides: list[str], run_dir: Path, warmup_steps: int) -
         "window_tokens_per_s": steady["windows"],
         "median_ms_per_step": steady["split"],  # data / forward / sync / backward / step, mean over ranks
         "window_ms_per_step": steady["window_split"],  # the same per window, beside window_tokens_per_s
+        "median_window_tokens_per_s": steady.get("median_window_tokens_per_s"),
+        "slow_windows": steady.get("slow_windows"),
         "time_to_first_step_s": first_step_wall - t0_wall,
         "worker_time_to_first_step_s": s["time_to_first_step_s"],
         "command_wall_time_s": wall,
@@ -233,10 +235,25 @@ def steady_from_metrics(path: Path, warmup_steps: int) -> dict:
                                                                         if "slowest_rank" in cur else {})})
     phases = {k for row in window_split for k in row} - {"at_step", "slowest_rank"}
     split = {k: round(statistics.median(row[k] for row in window_split if k in row), 2) for k in sorted(phases)}
-    out = {"windows": windows, "split": split, "window_split": window_split}
+    out = {"windows": windows, "split": split, "window_split": window_split, **window_spread(windows)}
     if seconds == 0:  # too few windows: fall back to everything
         return {"tokens_per_s": recs[-1]["tokens_per_s"], "steps": recs[-1]["step"], "seconds": None, **out}
     return {"tokens_per_s": tokens / seconds, "steps": steps, "seconds": seconds, **out}
+
+
+SLOW_WINDOW = 0.85  # a window below this fraction of its run's median window is a slow stretch
+
+
+def window_spread(windows: list[float]) -> dict:
+    """The run's median window (tokens/s) and its slow windows. On a shared host a run has minutes-long stretches
+    where every core computes ~30% slower (bench/README.md: forward and backward slow alike, no steal time, no
+    other process busy); tokens_per_s counts them, the median window does not, and the count says how many."""
+    if not windows:
+        return {}
+    median = statistics.median(windows)
+    return {"median_window_tokens_per_s": round(median, 1),
+            "slow_windows": {"below_fraction_of_median": SLOW_WINDOW, "of": len(windows),
+                             "count": sum(w < SLOW_WINDOW * median for w in windows)}}
 
 
 def tokens_seen_by_ours(data_dir: str, n_rows: int, global_batch: int, seed: int, steps: int) -> int:
@@ -636,6 +653,10 @@ def main() -> None:
             ratios["b_over_a_bf16"] = tp["b_local"] / tp["a_hf_bf16"]
         if "b_local" in tp and "c_ray_zero2" in tp:
             ratios["c_over_b"] = tp["c_ray_zero2"] / tp["b_local"]
+            if runs["b_local"]["median_window_tokens_per_s"] and runs["c_ray_zero2"]["median_window_tokens_per_s"]:
+                # the same outside the host's slow stretches (window_spread), which fall unevenly on the two runs
+                ratios["c_over_b_median_windows"] = (runs["c_ray_zero2"]["median_window_tokens_per_s"]
+                                                     / runs["b_local"]["median_window_tokens_per_s"])
         result["ratios"] = ratios
         result["tokens_per_s"] = tp
         result["time_to_first_step_s"] = {k: v["time_to_first_step_s"] for k, v in runs.items()}

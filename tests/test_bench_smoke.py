@@ -107,9 +107,25 @@ def test_throughput_bench_tiny_all_three_phases(tmp_path):
     rows = c["window_ms_per_step"]
     assert len(rows) == len(c["window_tokens_per_s"]) and rows[0]["slowest_rank"] in (0, 1)
     assert [row["at_step"] for row in rows] == [4, 6] and all(row["step"] >= 0 for row in rows)  # the step phase's ms
-    assert {"b_over_a", "c_over_b"} <= r["ratios"].keys()
+    assert {"b_over_a", "c_over_b", "c_over_b_median_windows"} <= r["ratios"].keys()
+    assert c["slow_windows"]["of"] == len(c["window_tokens_per_s"]) == 2
     assert r["mfu"]["b_local"]["mfu"] > 0
     assert r["data_prep"]["tokens_per_s_cold"] > 0
+
+
+def test_the_bench_counts_a_runs_slow_windows_against_its_median_window():
+    """A host's slow stretch lowers a run's tokens/s but not its median window; the bench says how many windows it
+    held (below 0.85 of the median)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_throughput", REPO / "bench" / "throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    steady = [6000.0, 6100.0, 5900.0, 6050.0, 5950.0]
+    got = bench.window_spread(steady + [4000.0, 4200.0, 5200.0])  # 5200 is within 0.85 of the median (5925)
+    assert got["median_window_tokens_per_s"] == 5925.0
+    assert got["slow_windows"] == {"below_fraction_of_median": 0.85, "of": 8, "count": 2}
+    assert bench.window_spread([]) == {}
 
 
 @pytest.mark.slow  # a bench subprocess
