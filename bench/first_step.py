@@ -3,11 +3,15 @@ a `git worktree` of an older commit), alternating run by run so both see the sam
 
     .venv/bin/python bench/first_step.py [--baseline-tree DIR] [--runs 3] [--out bench/results/first_step.json]
     .venv/bin/python bench/first_step.py --join [--runs 3] [--out bench/results/first_step_join.json]
+    .venv/bin/python bench/first_step.py --cold [--runs 3] [--out bench/results/first_step_cold.json]
 
 A run is `python -m orchestrator experiment=quickstart_pretrain train.max_steps=2 train.log_every_steps=1` in a new
 run dir, starting its own local Ray as README command 1 does, or with `--join` connecting to a running cluster
 (RAY_ADDRESS of a `ray start --head` this bench starts on its own ports and stops at the end: a user's second
-job on a cluster that is up); the token cache is warm (one unmeasured run of each tree first). Timed from the command's start to rank 0's first progress line ("step 1/2"), and to its exit, with
+job on a cluster that is up); the token cache is warm (one unmeasured run of each tree first). With `--cold` there is
+no unmeasured run and every run starts with an empty token cache (BERT_ORCH_CACHE) and an empty DeepSpeed op cache
+(TORCH_EXTENSIONS_DIR): a user's first job on a machine where the package is installed (run this with a fresh
+venv's python to include its first imports). Timed from the command's start to rank 0's first progress line ("step 1/2"), and to its exit, with
 the whole machine's busy CPU-s (/proc/stat) over the run. Prints one JSON object: every run, medians, and the ratio
 this tree / baseline of the medians.
 """
@@ -39,7 +43,9 @@ def busy_cpu_s() -> float:
     return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
 
 
-def one_run(tree: Path, run_dir: Path, env: dict) -> dict:
+def one_run(tree: Path, run_dir: Path, env: dict, cold_dir: Path | None = None) -> dict:
+    if cold_dir is not None:  # nothing cached: a new token cache and DeepSpeed op cache for this run alone
+        env = {**env, "BERT_ORCH_CACHE": str(cold_dir / "cache"), "TORCH_EXTENSIONS_DIR": str(cold_dir / "ops")}
     c0, t0 = busy_cpu_s(), time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *JOB, f"hydra.run.dir={run_dir}"], cwd=tree,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -61,8 +67,12 @@ def main() -> None:
     ap.add_argument("--join", action="store_true",
                     help="join a running Ray cluster (one this bench starts with `ray start --head`) instead of "
                          "starting a local Ray per run")
+    ap.add_argument("--cold", action="store_true",
+                    help="every run with empty caches (token arrays, tokenizer, DeepSpeed ops) and no warm-up run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.cold and args.join:
+        ap.error("--cold measures a first job with its own local Ray; --join measures the next one on a running cluster")
     from orchestrator.launch.ray_job import LocalHead
     from orchestrator.serve.measure import emit_bench_result
 
@@ -76,10 +86,12 @@ def main() -> None:
             env["RAY_ADDRESS"] = head.gcs_address
         rows: dict[str, list] = {name: [] for name in trees}
         for name, tree in trees.items():  # warm-up: token cache, page cache, DeepSpeed's op cache
-            one_run(tree, work / f"warm_{name}", env)
+            if not args.cold:
+                one_run(tree, work / f"warm_{name}", env)
         for i in range(args.runs):
             for name, tree in trees.items():
-                rows[name].append(one_run(tree, work / f"{name}_{i}", env))
+                rows[name].append(one_run(tree, work / f"{name}_{i}", env,
+                                          work / f"cold_{name}_{i}" if args.cold else None))
     finally:
         if head is not None:
             head.stop()
@@ -87,7 +99,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in rows.items()}
     out = {"bench": "first_step", "job": JOB, "ray": "joined a running cluster" if args.join else "local, started per run",
-           "runs": rows, "median": med}
+           "caches": "empty at every run (--cold)" if args.cold else "warm (one unmeasured run first)",
+           "python": sys.executable, "runs": rows, "median": med}
     if "baseline" in med:
         out["ratio_this_over_baseline"] = {k: round(med["this"][k] / med["baseline"][k], 3) for k in med["this"]}
     emit_bench_result(out, args.out)
