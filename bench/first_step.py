@@ -10,10 +10,11 @@ run dir, starting its own local Ray as README command 1 does, or with `--join` c
 (RAY_ADDRESS of a `ray start --head` this bench starts on its own ports and stops at the end: a user's second
 job on a cluster that is up); the token cache is warm (one unmeasured run of each tree first). With `--cold` there is
 no unmeasured run and every run starts with an empty token cache (BERT_ORCH_CACHE) and an empty DeepSpeed op cache
-(TORCH_EXTENSIONS_DIR): a user's first job on a machine where the package is installed (run this with a fresh
-venv's python to include its first imports). Timed from the command's start to rank 0's first progress line ("step 1/2"), and to its exit, with
-the whole machine's busy CPU-s (/proc/stat) over the run. Prints one JSON object: every run, medians, and the ratio
-this tree / baseline of the medians.
+(TORCH_EXTENSIONS_DIR): a user's first job on a machine where the package is installed (run this with a new venv's
+python to include its first imports). Timed from the command's start to rank 0's first progress line ("step 1/2"),
+and to its exit, with the whole machine's busy CPU-s (/proc/stat) over the run: the same job costing more CPU-s
+means slower cores, not more work. Prints one JSON object: every run, medians, and the ratio this tree / baseline of
+the medians.
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ def main() -> None:
             head = LocalHead(num_cpus=os.cpu_count()).start()
             env["RAY_ADDRESS"] = head.gcs_address
         rows: dict[str, list] = {name: [] for name in trees}
-        for name, tree in trees.items():  # warm-up: token cache, page cache, DeepSpeed's op cache
-            if not args.cold:
+        if not args.cold:  # warm-up: token cache, page cache, DeepSpeed's op cache
+            for name, tree in trees.items():
                 one_run(tree, work / f"warm_{name}", env)
         for i in range(args.runs):
             for name, tree in trees.items():
