@@ -48,6 +48,27 @@ def _session_ray_token() -> None:
 _session_ray_token()
 
 
+def _threads_per_xdist_worker() -> int:
+    """The cores this process may use, shared out among pytest-xdist's workers (0 outside xdist). torch's default
+    is every core in every worker: on 2 cores and 2 workers, 4 OpenMP threads that spin while they wait for each
+    other. tests/test_families.py's fast tests took 47 s that way and 12.7 s with one thread per worker."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if not os.environ.get("PYTEST_XDIST_WORKER") or workers < 1:
+        return 0
+    return max(1, len(os.sched_getaffinity(0)) // workers)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Each test starts with its worker's share of the cores (a job run in-process sets its own count)."""
+    n = _threads_per_xdist_worker()
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+    yield
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _session_cache(tmp_path_factory):
     """Vocabularies and token arrays are cached once per session (what users get across runs)."""

@@ -3,6 +3,7 @@ torch (CPU commands name it, GPU users keep their CUDA build), and README's two 
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -50,3 +51,18 @@ def test_readme_commands_and_ci_install_with_the_constraints():
     assert any("-c constraints.txt" in c and c.endswith("python -m orchestrator") for c in cmds), cmds
     ci = (REPO / ".ci" / "run").read_text()
     assert command2.strip() in ci, "`.ci/run` runs README command 2 as written"
+
+
+def test_each_xdist_worker_gets_its_share_of_the_cores(monkeypatch):
+    """The suite's 2 xdist workers share the machine's cores instead of each running torch on all of them
+    (tests/conftest.py); outside xdist nothing is changed."""
+    from conftest import _threads_per_xdist_worker
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    assert _threads_per_xdist_worker() == max(1, cores // 2)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", str(4 * cores))
+    assert _threads_per_xdist_worker() == 1
+    monkeypatch.delenv("PYTEST_XDIST_WORKER")
+    assert _threads_per_xdist_worker() == 0
