@@ -56,6 +56,10 @@ def probe(config: dict) -> None:
     # one collective over all 8 ranks: the process group really spans both simulated nodes
     t = torch.tensor([float(rank)])
     dist.all_reduce(t)
+    # the GPU worker's NUMA binding as trainer.run calls it; Ray's GPU count of the simulated node decides the mode
+    from orchestrator.worker.affinity import pin_gpu_worker
+
+    affinity = pin_gpu_worker("exclusive", ray_worker=True)
     rec = {
         "world_rank": rank,
         "world_size": ctx.get_world_size(),
@@ -70,6 +74,7 @@ def probe(config: dict) -> None:
         "backend": dist.get_backend(),
         "all_reduce_sum": t.item(),
         "pid": os.getpid(),
+        "affinity": affinity,
     }
     out = Path(config["out_dir"]) / f"rank{rank}.json"
     out.write_text(json.dumps(rec))
@@ -185,6 +190,13 @@ def test_two_nodes_of_four_gpus_one_worker_per_gpu(tmp_path, monkeypatch):
         assert (e["RANK"], e["LOCAL_RANK"], e["WORLD_SIZE"], e["LOCAL_WORLD_SIZE"], e["NODE_RANK"]) == (
             str(r["world_rank"]), str(r["local_rank"]), "8", "4", str(r["node_rank"]))
         assert e["MASTER_ADDR"] == recs[0]["node_ip"]
+    # GPU NUMA binding: each node's 4 workers hold all 4 of its Ray GPUs, so exclusive stays exclusive; each worker
+    # asks torch.numa for its own device, cuda:<local rank>, which this CPU torch cannot read: it runs unpinned
+    for r in recs:
+        a = r["affinity"]
+        assert (a["rank"], a["local_rank"], a["gpu"], a["mode"], a["cores"]) == (
+            r["world_rank"], r["local_rank"], r["local_rank"], "exclusive", None), a
+        assert a["why"].startswith(f"torch.numa could not place cuda:{r['local_rank']} ("), a
     # the network profile (infiniband) and the launcher's worker env reached every worker
     for r in recs:
         for k, v in EXPECTED_NETWORK_ENV.items():

@@ -26,6 +26,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 ENGINES = ("deepspeed", "torch")
 ATTENTION_KERNELS = ("auto", "default", "flash", "efficient", "math", "cudnn", "manual")
 PLACEMENTS = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
+GPU_NUMA_MODES = ("none", "node", "socket", "exclusive", "core-complex")  # worker/affinity.py
 
 Choices = Union[tuple, Callable[[], tuple]]
 
@@ -497,6 +498,10 @@ class ComputeConfig:
     pin_cpu_workers: bool = True
     """launcher=ray CPU workers: each pins its threads to cores of its own when the job's workers reserve every Ray
     CPU of their node (no other job can then be given those cores); false leaves placement to the kernel."""
+    gpu_numa_binding: str = rule("node", choices=GPU_NUMA_MODES)
+    """GPU workers bind their threads to their GPU's NUMA cores (torch.numa.binding): node | socket | exclusive |
+    core-complex (a node's cores split among its GPUs; only when the job holds every GPU of the node, else node)
+    | none. The decision is the cpu_affinity line in metrics.jsonl."""
 
     def resolved_workers_per_node(self) -> int:
         if self.workers_per_node is not None:

@@ -730,7 +730,8 @@ def run(plan_dict: dict[str, Any], reporter: Optional[Reporter] = None, interact
         parent_pid: Optional[int] = None, ray_worker: bool = False) -> dict[str, Any]:
     """Train from the plan dict (the launchers' entry). Returns the summary on rank 0. The worker holds the run dir
     (shared) while it trains; with parent_pid it stops at its next step once that parent is gone. A Ray Train CPU
-    worker (ray_worker) first pins itself to cores of its own where that is safe (worker/affinity.py).
+    worker (ray_worker) first pins itself to cores of its own where that is safe, a GPU worker to its GPU's NUMA
+    cores (worker/affinity.py).
 
     SIGTERM (launcher=local) saves a checkpoint at the end of the current step and returns status "preempted".
     """
@@ -742,11 +743,15 @@ def run(plan_dict: dict[str, Any], reporter: Optional[Reporter] = None, interact
     if not plan.job.compute.use_gpu:
         pin_cpu_accelerator()
     quiet_libraries(plan.job.verbose)
-    affinity = None
-    if ray_worker and not plan.job.compute.use_gpu and plan.job.compute.pin_cpu_workers:
+    affinity, compute = None, plan.job.compute
+    if ray_worker and not compute.use_gpu and compute.pin_cpu_workers:
         from orchestrator.worker.affinity import pin_ray_cpu_worker
 
-        affinity = pin_ray_cpu_worker(plan.job.compute.cpus_per_worker)
+        affinity = pin_ray_cpu_worker(compute.cpus_per_worker)
+    elif compute.use_gpu and compute.gpu_numa_binding != "none":
+        from orchestrator.worker.affinity import pin_gpu_worker
+
+        affinity = pin_gpu_worker(compute.gpu_numa_binding, ray_worker)
     previous = install_sigterm()
     try:
         with worker_hold(plan.run_dir):
