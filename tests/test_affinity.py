@@ -1,5 +1,6 @@
-"""Ray CPU workers pin themselves to cores of their own only when their job holds every Ray CPU of the node
-(orchestrator/worker/affinity.py); the run's metrics.jsonl records each rank's decision."""
+"""Ray CPU workers pin themselves to cores of their own only when their job holds every Ray CPU of the node, and
+GPU workers bind to their GPU's NUMA cores (orchestrator/worker/affinity.py); the run's metrics.jsonl records each
+rank's decision."""
 
 from __future__ import annotations
 
