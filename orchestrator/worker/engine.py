@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import types
@@ -103,41 +104,49 @@ def lr_lambda_factory(schedule_name: str, warmup_steps: int, total_steps: int):
     return make
 
 
-class Engine:
+class Engine(abc.ABC):
     """What the loop needs: forward, backward, step at accumulation boundaries, save and load."""
 
     module: nn.Module
     device: torch.device
 
+    @abc.abstractmethod
     def forward(self, **batch) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def step(self) -> None:
         """Called after every micro batch; the optimizer steps at the accumulation boundary.
 
         A boundary whose gradients are non-finite is skipped (no optimizer or LR-schedule update, gradients
         cleared): the divergence guard poisons the gradients of a step it wants skipped.
         """
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def step_applied(self) -> bool:
         """Whether the last accumulation boundary updated the weights."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def lr(self) -> float:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def grad_norm(self) -> Optional[float]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def save(self, directory: Path) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def load(self, directory: Path, universal: bool = False) -> None:
-        raise NotImplementedError
+        ...
 
     @contextlib.contextmanager
     def full_weights(self):
