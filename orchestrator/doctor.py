@@ -4,7 +4,8 @@
     python -m orchestrator.doctor --num-workers 16 --use-gpu --network infiniband --address auto
 
 Each worker reports its hostname and GPUs, runs ``nvidia-smi topo -m`` and ``ibstat`` when present (parsed with
-``orchestrator.cluster.topology``), then times ``all_reduce`` over several message sizes on the process group
+``orchestrator.cluster.topology``), the cores of its GPU's NUMA node a job's worker would bind to
+(``compute.gpu_numa_binding=node``, orchestrator/worker/affinity.py; a note says why when none), then times ``all_reduce`` over several message sizes on the process group
 Ray Train created (NCCL on GPU, gloo on CPU).  Bandwidths follow nccl-tests (``doc/PERFORMANCE.md``):
 algbw = bytes / time, busbw = algbw * 2(n-1)/n for all-reduce.
 
@@ -121,6 +122,26 @@ def _probe_host() -> dict:
     return info
 
 
+def _numa_cores(gpu_index: int) -> dict:
+    """cuda:`gpu_index`'s NUMA node cores as a job's worker would bind to them (worker/affinity.py, mode node), as
+    a sysfs-style range string, or None with the reason."""
+    from orchestrator.worker.affinity import choose_gpu_cores
+
+    cores, _, why = choose_gpu_cores(gpu_index, "node", 1, None)
+    return {"numa_cores": format_cores(cores) if cores is not None else None, "numa_why": why}
+
+
+def format_cores(cores: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8" (the notation of sysfs cpulist and numactl)."""
+    runs: list[list[int]] = []
+    for c in sorted(cores):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def _nccl_transports(log_dir: str | None) -> list[str]:
     """Transport markers in this process's NCCL debug log (NCCL_DEBUG_FILE=<dir>/nccl.%h.%p.log)."""
     if not log_dir:
@@ -182,6 +203,8 @@ def doctor_worker(config: dict) -> dict | None:
     info = _probe_host()
     info.update(rank=rank, local_rank=ctx.get_local_rank(), node_rank=ctx.get_node_rank(),
                 device=str(device), backend=dist.get_backend())
+    if device.type == "cuda":  # the cores a job's worker on this GPU binds to (compute.gpu_numa_binding=node)
+        info.update(_numa_cores(device.index or 0))
 
     results = [_time_all_reduce(s, device, config["iters"], config["warmup"]) for s in config["sizes"]]
     info["transports"] = _nccl_transports(config.get("nccl_log_dir"))
@@ -302,6 +325,9 @@ def evaluate(summary: dict) -> tuple[list[str], list[str]]:
         failures.append(f"bus bandwidth {largest['busbw_gbps']:.1f} GB/s is below "
                         f"{MIN_FRACTION_OF_EXPECTED:.0%} of the '{network}' expectation ({expected:g} GB/s)")
     for w in workers:
+        if "numa_cores" in w and w["numa_cores"] is None:
+            notes.append(f"{w['hostname']} rank {w['rank']}: a job's worker on {w['device']} would run unbound:"
+                         f" {w['numa_why']}")
         topo = w.get("topology")
         if network == "nvlink_single_node" and topo and not topo.get("all_gpus_nvlink"):
             notes.append(f"{w['hostname']}: not all GPU pairs are NVLink-connected (nvidia-smi topo -m)")
@@ -318,14 +344,16 @@ def format_report(summary: dict) -> list[str]:
     hosts = sorted({w["hostname"] for w in workers})
     lines = [f"doctor: {summary['world_size']} workers, backend {summary['backend']}, "
              f"{len(hosts)} node(s), network profile '{summary['network']}'", ""]
-    lines.append(f"{'rank':>4}  {'host':<24} {'device':<8} {'gpus':>4}  {'nvlink-all':<10} {'ib-active':<9} transports")
+    lines.append(f"{'rank':>4}  {'host':<24} {'device':<8} {'gpus':>4}  {'nvlink-all':<10} {'ib-active':<9} "
+                 f"{'numa-cores':<16} transports")
     for w in sorted(workers, key=lambda w: w["rank"]):
         topo = w.get("topology")
         nv = "-" if not topo else ("yes" if topo["all_gpus_nvlink"] else "no")
         ib = w.get("ibstat")
         ib_s = "-" if ib is None else str(sum(p["active"] for ca in ib for p in ca["ports"]))
+        numa = w.get("numa_cores") or "-"
         lines.append(f"{w['rank']:>4}  {w['hostname'][:24]:<24} {w['device']:<8} {w['gpu_count']:>4}  {nv:<10} "
-                     f"{ib_s:<9} {','.join(w.get('transports') or []) or '-'}")
+                     f"{ib_s:<9} {numa:<16} {','.join(w.get('transports') or []) or '-'}")
     lines.append("")
     lines.append(f"all_reduce float32, {summary['world_size']} ranks ({summary['backend']})")
     lines.append(f"{'size':>8} {'time(us)':>12} {'algbw(GB/s)':>12} {'busbw(GB/s)':>12}  ok")

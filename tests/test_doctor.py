@@ -83,6 +83,24 @@ def test_report_table():
     assert table[1].split()[3] == "170.000"
 
 
+def test_the_report_shows_each_gpus_numa_cores_and_says_why_when_there_are_none():
+    summary = _summary(True, 170.0, transports=["NET/IB"], hosts=("n1",))
+    for w in summary["workers"]:
+        w["device"], w["numa_cores"], w["numa_why"] = f"cuda:{w['rank']}", "0-15,32-47", "cuda's NUMA node cores"
+    summary["workers"][3].update(numa_cores=None, numa_why="torch.numa could not place cuda:3 (RuntimeError: x)")
+    rows = {int(x.split()[0]): x.split() for x in doctor.format_report(summary)[3:7]}
+    assert doctor.format_report(summary)[2].split()[6] == "numa-cores"
+    assert [rows[r][6] for r in range(4)] == ["0-15,32-47"] * 3 + ["-"]
+    failures, notes = doctor.evaluate(summary)
+    assert failures == []
+    assert [n for n in notes if "unbound" in n] == [
+        "n1 rank 3: a job's worker on cuda:3 would run unbound: torch.numa could not place cuda:3 (RuntimeError: x)"]
+    # this CPU torch has no CUDA: the worker-side probe says so rather than failing the doctor
+    probe = doctor._numa_cores(0)
+    assert probe["numa_cores"] is None and probe["numa_why"].startswith("torch.numa could not place cuda:0")
+    assert doctor.format_cores([7, 0, 1, 2, 5, 8, 32]) == "0-2,5,7-8,32"
+
+
 def test_cli_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         doctor.main(["--num-workers", "1"])
