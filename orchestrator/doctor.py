@@ -4,10 +4,11 @@
     python -m orchestrator.doctor --num-workers 16 --use-gpu --network infiniband --address auto
 
 Each worker reports its hostname and GPUs, runs ``nvidia-smi topo -m`` and ``ibstat`` when present (parsed with
-``orchestrator.cluster.topology``), the cores of its GPU's NUMA node a job's worker would bind to
-(``compute.gpu_numa_binding=node``, orchestrator/worker/affinity.py; a note says why when none), then times ``all_reduce`` over several message sizes on the process group
-Ray Train created (NCCL on GPU, gloo on CPU).  Bandwidths follow nccl-tests (``doc/PERFORMANCE.md``):
-algbw = bytes / time, busbw = algbw * 2(n-1)/n for all-reduce.
+``orchestrator.cluster.topology``), names the cores of its GPU's NUMA node that a job's worker would bind to
+(``compute.gpu_numa_binding=node``, orchestrator/worker/affinity.py; a note says why when there are none), then
+times ``all_reduce`` over several message sizes on the process group Ray Train created (NCCL on GPU, gloo on CPU).
+Bandwidths follow nccl-tests (``doc/PERFORMANCE.md``): algbw = bytes / time, busbw = algbw * 2(n-1)/n for
+all-reduce.
 
 On GPU the doctor exits non-zero when NCCL fell back to sockets on an RDMA profile (seen in the
 NCCL_DEBUG=INFO log: ``NET/Socket``), or when the bus bandwidth is far below the profile's expectation.

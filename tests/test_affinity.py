@@ -77,8 +77,10 @@ def two_socket_node(monkeypatch):
     monkeypatch.setattr(binding, "_get_allowed_cpu_indices_for_current_thread", lambda: set(range(64)))
     monkeypatch.setattr(binding, "_get_logical_cpu_indices_sharing_same_physical_core_as",
                         lambda *, logical_cpu_index: {logical_cpu_index % 32, logical_cpu_index % 32 + 32})
-    monkeypatch.setattr(binding, "_get_logical_cpus_sharing_same_max_level_cache_as",
-                        lambda *, logical_cpu_index: {c for c in range(64) if c % 32 // 8 == logical_cpu_index % 32 // 8})
+    def l3(*, logical_cpu_index):  # the CPUs sharing its last-level cache: 8 physical cores per L3
+        return {c for c in range(64) if c % 32 // 8 == logical_cpu_index % 32 // 8}
+
+    monkeypatch.setattr(binding, "_get_logical_cpus_sharing_same_max_level_cache_as", l3)
     monkeypatch.setattr(binding, "_get_socket_index_for_cpu", lambda *, cpu_index: cpu_index % 32 // 16)
     monkeypatch.setattr(binding, "_get_systemwide_numa_node_indices", lambda: {0, 1})
     return cpus
