@@ -82,16 +82,28 @@ def _node_resource(name: str) -> Optional[float]:
     return sum(n.get("Resources", {}).get(name, 0.0) for n in nodes if n.get("NodeManagerAddress") == ip)
 
 
-def pin_ray_cpu_worker(cpus_per_worker: int) -> dict[str, Any]:
-    """Called once by each Ray Train CPU worker before training starts (trainer.run). Returns what it decided, as a
-    record."""
+def _no_thread_affinity() -> Optional[str]:
+    """Why this process cannot pin its threads, or None where it can (Linux)."""
+    if not hasattr(os, "sched_setaffinity") or not os.path.isdir("/proc/self/task"):
+        return "this OS has no per-thread CPU affinity (Linux only)"
+    return None
+
+
+def _ray_ranks() -> tuple[int, int, int]:
+    """This Ray Train worker's (world rank, local rank, local world size)."""
     import ray.train
 
     ctx = ray.train.get_context()
-    local_rank, local_world = ctx.get_local_rank(), ctx.get_local_world_size()
-    rec: dict[str, Any] = {"rank": ctx.get_world_rank(), "local_rank": local_rank, "pid": os.getpid()}
-    if not hasattr(os, "sched_setaffinity") or not os.path.isdir("/proc/self/task"):
-        return {**rec, "cores": None, "why": "this OS has no per-thread CPU affinity (Linux only)"}
+    return ctx.get_world_rank(), ctx.get_local_rank(), ctx.get_local_world_size()
+
+
+def pin_ray_cpu_worker(cpus_per_worker: int) -> dict[str, Any]:
+    """Called once by each Ray Train CPU worker before training starts (trainer.run). Returns what it decided, as a
+    record."""
+    rank, local_rank, local_world = _ray_ranks()
+    rec: dict[str, Any] = {"rank": rank, "local_rank": local_rank, "pid": os.getpid()}
+    if (why := _no_thread_affinity()) is not None:
+        return {**rec, "cores": None, "why": why}
     cores, why = choose_cores(sorted(os.sched_getaffinity(0)), local_rank, local_world, cpus_per_worker,
                               _node_resource("CPU"))
     return {**rec, "cores": pin_process(cores) if cores is not None else None, "why": why}
@@ -128,19 +140,15 @@ def choose_gpu_cores(gpu_index: int, mode: str, local_world_size: int,
 def pin_gpu_worker(mode: str, ray_worker: bool) -> dict[str, Any]:
     """Called once by each GPU worker before training starts (trainer.run): bind every thread of the process to its
     GPU's NUMA cores (cuda:<local rank>, see tests/test_gpu_placement.py). Returns what it decided, as a record."""
+    rank, local_rank, local_world = _ray_ranks() if ray_worker else (0, 0, 1)  # launcher=local: one process, cuda:0
+    rec: dict[str, Any] = {"rank": rank, "local_rank": local_rank, "pid": os.getpid(), "gpu": local_rank}
+    if (why := _no_thread_affinity()) is not None:
+        return {**rec, "mode": mode, "cores": None, "why": why}
     if ray_worker:
-        import ray.train
-
-        ctx = ray.train.get_context()
-        rank, local_rank, local_world = ctx.get_world_rank(), ctx.get_local_rank(), ctx.get_local_world_size()
         node_gpus = _node_resource("GPU")
-    else:  # launcher=local: one process on cuda:0; the node's GPUs are those it can see
+    else:  # the node's GPUs are those the process can see
         import torch
 
-        rank, local_rank, local_world = 0, 0, 1
         node_gpus = float(torch.cuda.device_count()) if torch.cuda.is_available() else None
-    rec: dict[str, Any] = {"rank": rank, "local_rank": local_rank, "pid": os.getpid(), "gpu": local_rank}
-    if not hasattr(os, "sched_setaffinity") or not os.path.isdir("/proc/self/task"):
-        return {**rec, "mode": mode, "cores": None, "why": "this OS has no per-thread CPU affinity (Linux only)"}
     cores, used, why = choose_gpu_cores(local_rank, mode, local_world, node_gpus)
     return {**rec, "mode": used, "cores": pin_process(cores) if cores is not None else None, "why": why}
